@@ -1,0 +1,51 @@
+"""What the API process shares between requests: settings and lazily made clients."""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+
+import redis
+from confluent_kafka.admin import AdminClient
+from flask import current_app
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from outbox.db import make_engine, make_sessionmaker
+from outbox.errors import SettingsError
+from outbox.health import redis_client
+from outbox.kafka import admin_client
+from outbox.settings import Settings, env_name
+
+
+class ApiState:
+    """Clients are made on first use, so a gunicorn worker makes its own after fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+
+    @cached_property
+    def engine(self) -> Engine:
+        with self._lock:
+            return make_engine(self.settings)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        if self.settings.redis_url is None:
+            raise SettingsError(f"{env_name('redis_url')} is not set")
+        return redis_client(self.settings.redis_url)
+
+    @cached_property
+    def kafka_admin(self) -> AdminClient:
+        return admin_client(self.settings)
+
+
+def state() -> ApiState:
+    """The current app's shared state."""
+    result: ApiState = current_app.extensions["outbox"]
+    return result

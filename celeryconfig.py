@@ -1,0 +1,58 @@
+"""Celery settings, made from the ``OUTBOX_*`` settings object.
+
+Correctness does not depend on Redis keeping anything: tasks carry ids or a
+bare "go", acks are late and a task whose worker dies is redelivered, and beat
+sweeps the tables for whatever a lost task would have done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from outbox.errors import SettingsError
+from outbox.settings import Settings, env_name
+
+BEAT_TASKS = ("outbox.publish", "outbox.retry_targeted", "outbox.heartbeat", "outbox.cleanup")
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every periodic task; each tick expires after one interval so a backlog never piles up."""
+    intervals = {
+        "outbox.publish": settings.publish_interval_s,
+        "outbox.retry_targeted": settings.retry_interval_s,
+        "outbox.heartbeat": settings.heartbeat_interval_s,
+        "outbox.cleanup": settings.cleanup_interval_s,
+    }
+    return {
+        name: {"task": name, "schedule": interval, "options": {"expires": interval}}
+        for name, interval in intervals.items()
+    }
+
+
+def from_settings(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings``."""
+    if settings.redis_url is None:
+        raise SettingsError(
+            f"{env_name('redis_url')} is not set: run `outbox dev` or point it at Redis"
+        )
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        # Countdowns must stay below this, or Redis redelivers the task early.
+        "broker_transport_options": {"visibility_timeout": settings.celery_visibility_timeout_s},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.worker_concurrency or None,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_direct": True,
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "beat_schedule": beat_schedule(settings),
+    }

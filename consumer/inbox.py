@@ -1,0 +1,64 @@
+"""Recording received Kafka messages in ``inbox_messages``, once per group."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from confluent_kafka import Message
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from outbox.models import InboxMessage
+from outbox.wire import (
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_MESSAGE_ID,
+    bucket_for,
+    foreign_message_id,
+)
+
+
+def inbox_row(group: str, msg: Message, lanes: int) -> dict[str, Any]:
+    """The inbox row for one Kafka message; a payload that is not JSON is dead on arrival."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    headers = {k: v.decode(errors="replace") for k, v in (msg.headers() or []) if v is not None}
+    raw_key = msg.key()
+    key = raw_key.decode(errors="replace") if raw_key is not None else None
+    try:
+        message_id = uuid.UUID(headers[HEADER_MESSAGE_ID])
+    except (KeyError, ValueError):
+        message_id = foreign_message_id(topic, partition, offset)
+    row: dict[str, Any] = {
+        "consumer_group": group,
+        "message_id": message_id,
+        "idempotency_key": headers.get(HEADER_IDEMPOTENCY_KEY),
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "key": key,
+        "lane": bucket_for(key, message_id, lanes),
+        "headers": headers,
+    }
+    try:
+        payload = json.loads(msg.value() or b"null")
+        row["payload"] = payload if isinstance(payload, dict) else {"value": payload}
+    except ValueError as exc:
+        row["payload"] = {"raw": (msg.value() or b"").decode(errors="replace")}
+        row["status"] = "dead"
+        row["last_error"] = f"payload is not JSON: {exc}"
+    return row
+
+
+def record(session: Session, rows: list[dict[str, Any]]) -> int:
+    """Insert rows, skipping any this group already holds (by message id or idempotency key).
+
+    Returns how many rows were new. The caller commits; only then may offsets be stored.
+    """
+    if not rows:
+        return 0
+    # No conflict target: both unique keys (message id, idempotency key) absorb duplicates.
+    result = session.execute(
+        insert(InboxMessage).on_conflict_do_nothing().returning(InboxMessage.id), rows
+    )
+    return len(result.all())

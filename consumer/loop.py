@@ -1,0 +1,133 @@
+"""The consumer process: poll Kafka, record each batch in the inbox, then store offsets.
+
+Offsets are stored only after the inbox transaction commits
+(``enable.auto.offset.store=false``), so a crash between the two re-reads the
+batch and the inbox's unique keys absorb the repeat. Committing stored offsets
+is left to librdkafka's periodic auto-commit, plus an explicit commit when
+partitions are revoked and on close.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from sqlalchemy.orm import Session, sessionmaker
+
+from consumer.inbox import inbox_row, record
+from outbox.agents import instance_id, upsert_agent
+from outbox.db import make_engine, make_sessionmaker
+from outbox.kafka import admin_client, consumer_config, ensure_topics
+from outbox.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_BATCH = 500
+POLL_TIMEOUT_S = 0.5
+
+
+class Consumer:
+    """One member of consumer group ``group`` reading ``topics`` into the inbox."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        topics: Sequence[str],
+        *,
+        sessions: sessionmaker[Session] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.group = group
+        self.topics = list(topics)
+        self.instance = instance_id("consumer")
+        self.sessions = sessions or make_sessionmaker(make_engine(settings, pool_size=2))
+        self.stopping = threading.Event()
+        self.received = 0
+        self._kafka: KafkaConsumer | None = None
+        self._last_heartbeat = 0.0
+
+    def stop(self, *_: object) -> None:
+        """Ask the loop to finish its batch, commit and close."""
+        self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT finish the current batch instead of killing it."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("consumer %s: signal %d, finishing the batch", self.instance, signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> None:
+        """Poll until stopped."""
+        ensure_topics(admin_client(self.settings), self.topics,
+                      self.settings.kafka_topic_partitions)
+        kafka = KafkaConsumer(consumer_config(self.settings, self.group))
+        self._kafka = kafka
+        kafka.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._heartbeat(force=True)
+        log.info("consumer %s ready: group=%s topics=%s", self.instance, self.group,
+                 ",".join(self.topics))
+        try:
+            while not self.stopping.is_set():
+                batch = kafka.consume(POLL_BATCH, POLL_TIMEOUT_S)
+                self._ingest(kafka, batch)
+                self._heartbeat()
+        finally:
+            log.info("consumer %s: closing after %d messages", self.instance, self.received)
+            kafka.close()
+            self._kafka = None
+
+    def _ingest(self, kafka: KafkaConsumer, batch: list[Message]) -> None:
+        messages = []
+        for msg in batch:
+            err = msg.error()
+            if err is None:
+                messages.append(msg)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("consumer %s: %s", self.instance, err)
+        if not messages:
+            return
+        rows = [inbox_row(self.group, m, self.settings.buckets) for m in messages]
+        with self.sessions.begin() as session:
+            new = record(session, rows)
+        # Only now is the batch safe in PostgreSQL: let its offsets be committed.
+        for msg in messages:
+            kafka.store_offsets(message=msg)
+        self.received += len(messages)
+        log.debug("consumer %s: %d messages, %d new", self.instance, len(messages), new)
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < self.settings.heartbeat_interval_s:
+            return
+        self._last_heartbeat = now
+        with self.sessions.begin() as session:
+            upsert_agent(session, self.instance, "consumer", consumer_group=self.group,
+                         health={"received": self.received})
+
+    def _on_assign(self, kafka: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+        log.info("consumer %s: assigned %s", self.instance, _names(partitions))
+
+    def _on_revoke(self, kafka: KafkaConsumer, partitions: list[TopicPartition]) -> None:
+        log.info("consumer %s: revoked %s", self.instance, _names(partitions))
+        try:
+            kafka.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("consumer %s: commit on revoke failed: %s", self.instance, exc)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ",".join(f"{p.topic}[{p.partition}]" for p in partitions) or "-"

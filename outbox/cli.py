@@ -1,0 +1,150 @@
+"""The ``outbox`` command. It is the composition root, so its commands may reach
+every layer; everything they do is a call into a module that tests call directly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from outbox.errors import OutboxError
+from outbox.logs import setup_logging
+from outbox.settings import Settings, describe, env_name
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Transactional outbox and inbox on PostgreSQL, Kafka and Celery.
+
+    Every setting comes from an OUTBOX_* environment variable: `outbox settings` lists them.
+    """
+    try:
+        ctx.obj = Settings.from_env()
+    except OutboxError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@cli.command()
+@click.option("--dir", "dev_dir", type=click.Path(file_okay=False), envvar=env_name("dev_dir"),
+              show_envvar=True, help="Data directory of the embedded services.")
+@click.option("--api-port", type=int, envvar=env_name("api_port"), show_envvar=True,
+              help="API port (0: a free port).")
+@click.option("--flower-port", type=int, envvar=env_name("flower_port"), show_envvar=True,
+              help="Flower port (0: a free port).")
+@click.pass_context
+def dev(ctx: click.Context, dev_dir: str | None, api_port: int | None,
+        flower_port: int | None) -> None:
+    """Run everything on this machine: services, API, worker, beat, consumer, Flower."""
+    from outbox import dev as dev_mod
+
+    settings = _settings(ctx)
+    changes = {k: v for k, v in {"dev_dir": dev_dir, "api_port": api_port,
+                                 "flower_port": flower_port}.items() if v is not None}
+    settings = settings.replace(**changes)
+    setup_logging(settings, "dev")
+    sys.exit(dev_mod.run(settings))
+
+
+@cli.command()
+@click.option("--group", required=True, envvar=env_name("consumer_group"), show_envvar=True,
+              help="Kafka consumer group.")
+@click.option("--topics", required=True, envvar=env_name("consumer_topics"), show_envvar=True,
+              help="Comma-separated topics.")
+@click.pass_context
+def consume(ctx: click.Context, group: str, topics: str) -> None:
+    """Read TOPICS as a member of GROUP into the inbox, until SIGTERM."""
+    from consumer import Consumer
+
+    settings = _settings(ctx)
+    setup_logging(settings, "consumer")
+    names = [t.strip() for t in topics.split(",") if t.strip()]
+    if not names:
+        raise click.BadParameter("needs at least one topic", param_hint="--topics")
+    consumer = Consumer(settings, group, names)
+    consumer.install_signal_handlers()
+    consumer.run()
+
+
+@cli.group()
+def db() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db.command()
+@click.argument("revision", default="head")
+@click.pass_context
+def upgrade(ctx: click.Context, revision: str) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from outbox import migrate
+
+    migrate.upgrade(_settings(ctx), revision)
+    click.echo(f"database upgraded to {revision}")
+
+
+@db.command()
+@click.argument("revision", default="base")
+@click.pass_context
+def downgrade(ctx: click.Context, revision: str) -> None:
+    """Revert migrations down to REVISION (default: base, an empty schema)."""
+    from outbox import migrate
+
+    migrate.downgrade(_settings(ctx), revision)
+    click.echo(f"database downgraded to {revision}")
+
+
+@db.command()
+@click.pass_context
+def current(ctx: click.Context) -> None:
+    """Show the database's migration revision."""
+    from outbox import migrate
+
+    migrate.current(_settings(ctx))
+
+
+@cli.command()
+@click.option("--dir", "dev_dir", type=click.Path(file_okay=False), envvar=env_name("dev_dir"),
+              show_envvar=True, help="Data directory of the embedded services.")
+@click.pass_context
+def services(ctx: click.Context, dev_dir: str | None) -> None:
+    """Run only the embedded services (for pointing other processes at them)."""
+    import signal
+    import threading
+
+    from outbox.embedded import EmbeddedServices
+
+    settings = _settings(ctx)
+    root = Path(dev_dir or settings.dev_dir).resolve()
+    setup_logging(settings, "services")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with EmbeddedServices(settings, root).running() as live:
+        for name in ("database_url", "redis_url", "kafka_bootstrap"):
+            click.echo(f"export {env_name(name)}={getattr(live, name)}")
+        click.echo("# Ctrl-C stops the services.")
+        stop.wait()
+
+
+@cli.command("settings")
+def settings_cmd() -> None:
+    """Print every OUTBOX_* setting with its default and meaning (a Markdown table)."""
+    click.echo("| variable | default | meaning |")
+    click.echo("| --- | --- | --- |")
+    for name, default, doc in describe():
+        click.echo(f"| `{name}` | `{default}` | {doc} |")
+
+
+def main() -> None:
+    """Console-script entry point; a bad setting exits 2 with its message."""
+    try:
+        cli(standalone_mode=True)
+    except OutboxError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

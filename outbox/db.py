@@ -1,0 +1,34 @@
+"""Engines and sessions, made from settings; nothing connects at import time."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from outbox.errors import SettingsError
+from outbox.settings import Settings, env_name
+
+
+def database_url(settings: Settings) -> str:
+    """The configured PostgreSQL URL, or an error naming the variable to set."""
+    if settings.database_url is None:
+        raise SettingsError(
+            f"{env_name('database_url')} is not set: run `outbox dev` or point it at PostgreSQL"
+        )
+    return settings.database_url
+
+
+def make_engine(settings: Settings, **kwargs: object) -> Engine:
+    """An engine with pre-ping on, sized from settings."""
+    options: dict[str, object] = {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_pool_size,
+        "pool_pre_ping": True,
+    }
+    options.update(kwargs)
+    return create_engine(database_url(settings), **options)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded values after commit (callers read ids back)."""
+    return sessionmaker(engine, expire_on_commit=False)

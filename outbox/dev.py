@@ -1,0 +1,264 @@
+"""``outbox dev``: the whole system on one machine, as real child processes.
+
+It starts the embedded services (or uses the configured ones), applies the
+migrations, then runs the API, a Celery worker, Celery beat, a consumer and
+Flower. Each child runs in its own session so that a terminal's Ctrl-C reaches
+only this supervisor, which then stops the children (whole process groups,
+so prefork pool processes go too) and the services, in reverse order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TextIO
+
+from outbox import migrate
+from outbox.embedded import EmbeddedServices, free_port
+from outbox.settings import Settings, env_name
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0
+# Consumer group rebalances wait on the session timeout; keep it short on one machine.
+DEV_SESSION_TIMEOUT_MS = 6000
+
+
+@dataclasses.dataclass
+class Child:
+    """A child process and how to tell that it is ready."""
+
+    name: str
+    argv: list[str]
+    ready_pattern: str | None = None
+    ready_url: str | None = None
+    ready_status: int = 200
+    proc: subprocess.Popen[str] | None = None
+    ready: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def matches(self, line: str) -> bool:
+        return self.ready_pattern is not None and re.search(self.ready_pattern, line) is not None
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def plan(settings: Settings, schedule_file: Path) -> list[Child]:
+    """The children of ``outbox dev``, in start order."""
+    py = sys.executable
+    celery = [py, "-m", "celery", "-A", "tasks"]
+    level = settings.log_level.upper()
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    flower = f"http://127.0.0.1:{settings.flower_port}"
+    return [
+        Child(
+            "api",
+            [py, "-m", "flask", "--app", "api:create_app()", "run", "--no-reload",
+             "--host", settings.api_host, "--port", str(settings.api_port)],
+            ready_url=f"{api}/readyz",
+        ),
+        Child(
+            "worker",
+            [*celery, "worker", "-n", "worker1@%h", "--loglevel", level],
+            ready_pattern=r"@\S+ ready\.",
+        ),
+        Child(
+            "beat",
+            [*celery, "beat", "--loglevel", level, "-s", str(schedule_file)],
+            ready_pattern=r"beat: Starting",
+        ),
+        Child(
+            "consumer",
+            [py, "-m", "outbox", "consume", "--group", settings.consumer_group,
+             "--topics", ",".join(settings.consumer_topics)],
+            ready_pattern=r"consumer \S+ ready",
+        ),
+        Child(
+            "flower",
+            [*celery, "flower", "--address=127.0.0.1", f"--port={settings.flower_port}",
+             f"--basic-auth={settings.flower_user}:{settings.flower_password}"],
+            # Flower is up when it refuses a request without credentials.
+            ready_url=f"{flower}/",
+            ready_status=401,
+        ),
+    ]
+
+
+class Supervisor:
+    """Runs the children, relays their output with a name prefix, and stops them all."""
+
+    def __init__(self, settings: Settings, children: list[Child], out: TextIO) -> None:
+        self.settings = settings
+        self.children = children
+        self.out = out
+        self.stopping = threading.Event()
+        self._print_lock = threading.Lock()
+        self._width = max(len(c.name) for c in children)
+
+    def say(self, name: str, line: str) -> None:
+        with self._print_lock:
+            self.out.write(f"{name:<{self._width}} | {line}\n")
+            self.out.flush()
+
+    def start(self) -> None:
+        env = {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1"}
+        for child in self.children:
+            child.proc = subprocess.Popen(
+                child.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+            )
+            threading.Thread(target=self._pump, args=(child,), daemon=True).start()
+            if child.ready_url is not None:
+                threading.Thread(target=self._probe, args=(child,), daemon=True).start()
+
+    def _pump(self, child: Child) -> None:
+        assert child.proc is not None and child.proc.stdout is not None
+        for raw in child.proc.stdout:
+            line = raw.rstrip("\n")
+            self.say(child.name, line)
+            if not child.ready.is_set() and child.matches(line):
+                child.ready.set()
+
+    def _probe(self, child: Child) -> None:
+        assert child.ready_url is not None
+        while not child.ready.is_set() and not self.stopping.is_set():
+            if _http_status(child.ready_url) == child.ready_status:
+                child.ready.set()
+                return
+            time.sleep(0.1)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> list[str]:
+        """Wait for every child; return the names of those not ready (or dead)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if self.dead():
+                break
+            if all(c.ready.is_set() for c in self.children):
+                return []
+            time.sleep(0.05)
+        return [c.name for c in self.children if not c.ready.is_set()]
+
+    def dead(self) -> list[str]:
+        """Children that have exited."""
+        return [c.name for c in self.children if c.proc is not None and c.proc.poll() is not None]
+
+    def stop(self) -> None:
+        """SIGTERM every child's process group, last started first; SIGKILL what lingers."""
+        self.stopping.set()
+        running = [c for c in reversed(self.children) if c.proc is not None]
+        for child in running:
+            _signal_group(child, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in running:
+            assert child.proc is not None
+            try:
+                child.proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                self.say(child.name, f"did not stop in {STOP_GRACE_S:g} s; killing it")
+            # Pool processes of a stopped parent may linger: clear the group either way.
+            _signal_group(child, signal.SIGKILL)
+            child.proc.wait()
+
+
+def _signal_group(child: Child, sig: signal.Signals) -> None:
+    assert child.proc is not None
+    try:
+        os.killpg(child.proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _resolve_ports(settings: Settings) -> Settings:
+    changes = {}
+    if settings.api_port == 0:
+        changes["api_port"] = free_port()
+    if settings.flower_port == 0:
+        changes["flower_port"] = free_port()
+    return settings.replace(**changes) if changes else settings
+
+
+def _banner(settings: Settings, elapsed_s: float, out: TextIO) -> None:
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    lines = [
+        f"outbox dev: all ready in {elapsed_s:.1f} s",
+        f"  API          {api}  (health {api}/healthz, readiness {api}/readyz)",
+        f"  Flower       http://127.0.0.1:{settings.flower_port}  "
+        f"(user {settings.flower_user})",
+        f"  PostgreSQL   {settings.database_url}",
+        f"  Redis        {settings.redis_url}",
+        f"  Kafka        {settings.kafka_bootstrap}",
+        "To reach the same services from another shell:",
+        f"  export {env_name('database_url')}={settings.database_url}",
+        f"  export {env_name('redis_url')}={settings.redis_url}",
+        f"  export {env_name('kafka_bootstrap')}={settings.kafka_bootstrap}",
+        "Ctrl-C stops everything.",
+    ]
+    out.write("\n".join(lines) + "\n")
+    out.flush()
+
+
+def run(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """Run the system until SIGINT or SIGTERM, or until a child dies; return an exit code."""
+    started = time.monotonic()
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    settings = settings.replace(
+        kafka_session_timeout_ms=min(settings.kafka_session_timeout_ms, DEV_SESSION_TIMEOUT_MS)
+    )
+    root = Path(settings.dev_dir).resolve()
+    services = EmbeddedServices(settings, root)
+    settings = services.start()
+    supervisor: Supervisor | None = None
+    try:
+        out.write(f"outbox dev: services up in {time.monotonic() - started:.1f} s "
+                  f"(data in {root})\n")
+        migrate.upgrade(settings)
+        settings = _resolve_ports(settings)
+        supervisor = Supervisor(settings, plan(settings, root / "celerybeat-schedule"), out)
+        supervisor.start()
+        not_ready = supervisor.wait_ready()
+        if stop_requested.is_set():
+            return 0
+        if not_ready:
+            out.write(f"outbox dev: not ready: {', '.join(not_ready)}; stopping\n")
+            return 1
+        _banner(settings, time.monotonic() - started, out)
+        while not stop_requested.wait(0.2):
+            dead = supervisor.dead()
+            if dead:
+                out.write(f"outbox dev: {', '.join(dead)} exited; stopping everything\n")
+                return 1
+        return 0
+    finally:
+        out.write("outbox dev: stopping\n")
+        out.flush()
+        if supervisor is not None:
+            supervisor.stop()
+        services.stop()
+        out.write("outbox dev: stopped\n")
+        out.flush()

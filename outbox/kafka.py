@@ -1,0 +1,88 @@
+"""Kafka client factories and topic creation, all from settings.
+
+Producers are made per process after fork (confluent-kafka clients do not
+survive ``fork``); nothing here creates a client at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from outbox.errors import SettingsError
+from outbox.settings import Settings, env_name
+
+log = logging.getLogger(__name__)
+
+TOPIC_CREATE_TIMEOUT_S = 10.0
+
+
+def bootstrap(settings: Settings) -> str:
+    """The configured bootstrap servers, or an error naming the variable to set."""
+    if settings.kafka_bootstrap is None:
+        raise SettingsError(
+            f"{env_name('kafka_bootstrap')} is not set: run `outbox dev` or point it at Kafka"
+        )
+    return settings.kafka_bootstrap
+
+
+def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """An idempotent producer: acks from all replicas, no reordering on retry."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap(settings),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+    }
+    config.update(extra)
+    return config
+
+
+def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
+    """A group consumer that stores offsets only when told to (after the inbox commit)."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap(settings),
+        "group.id": group,
+        "enable.auto.offset.store": False,
+        "enable.auto.commit": True,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": max(settings.kafka_session_timeout_ms // 5, 500),
+        "fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms,
+    }
+    config.update(extra)
+    return config
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    """An admin client for metadata and topic creation."""
+    return AdminClient({"bootstrap.servers": bootstrap(settings)})
+
+
+def ensure_topics(admin: AdminClient, topics: Iterable[str], partitions: int) -> list[str]:
+    """Create the topics that do not exist yet; return the ones created."""
+    existing = set(admin.list_topics(timeout=TOPIC_CREATE_TIMEOUT_S).topics)
+    missing = [t for t in dict.fromkeys(topics) if t not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing],
+        request_timeout=TOPIC_CREATE_TIMEOUT_S,
+    )
+    created = []
+    for topic, future in futures.items():
+        try:
+            future.result()
+            created.append(topic)
+        except KafkaException as exc:
+            # Another process may have created it between our look and our request.
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    if created:
+        log.info("created Kafka topics %s with %d partitions", created, partitions)
+    return created

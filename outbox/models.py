@@ -1,0 +1,263 @@
+"""SQLAlchemy 2.0 typed models of every table.
+
+The schema is made and changed only by the Alembic migrations in
+``migrations/``; a test checks that upgrading an empty database yields exactly
+these models. Statuses are short strings guarded by CHECK constraints rather
+than PostgreSQL enum types, so adding a status is a one-line migration.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+OUTBOX_STATUSES = ("pending", "sent", "dead")
+DELIVERY_STATUSES = ("awaiting_ack", "acked", "failed", "dead")
+INBOX_STATUSES = ("received", "done", "failed", "dead")
+AGENT_ROLES = ("api", "worker", "beat", "consumer")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONB, uuid.UUID: UUID(as_uuid=True)}
+
+
+def _created() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Topic(Base):
+    __tablename__ = "topics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(249), unique=True)
+    description: Mapped[str] = mapped_column(Text, server_default="")
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _created()
+
+
+class ConsumerGroup(Base):
+    __tablename__ = "consumer_groups"
+    __table_args__ = (
+        UniqueConstraint("name", "topic"),
+        CheckConstraint("max_retries >= -1", name="max_retries"),
+        CheckConstraint("ack_timeout_s > 0", name="ack_timeout"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    topic: Mapped[str] = mapped_column(
+        String(249), ForeignKey("topics.name", onupdate="CASCADE")
+    )
+    requires_ack: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    ack_timeout_s: Mapped[int] = mapped_column(Integer, server_default=text("300"))
+    # -1 retries forever.
+    max_retries: Mapped[int] = mapped_column(Integer, server_default=text("10"))
+    ordered: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    retry_base_s: Mapped[float] = mapped_column(Float, server_default=text("1.0"))
+    retry_factor: Mapped[float] = mapped_column(Float, server_default=text("2.0"))
+    retry_cap_s: Mapped[float] = mapped_column(Float, server_default=text("600.0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("10"))
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _created()
+
+
+class OutboxMessage(Base):
+    __tablename__ = "outbox_messages"
+    __table_args__ = (
+        CheckConstraint(_in("status", OUTBOX_STATUSES), name="status"),
+        # The relay's claim: pending rows of a bucket in id order.
+        Index(
+            "ix_outbox_messages_claimable",
+            "bucket",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # Cleanup walks sent rows by age.
+        Index("ix_outbox_messages_sent_at", "sent_at", postgresql_where=text("status = 'sent'")),
+        # One row per idempotency key; retries carry the original's key.
+        Index(
+            "uq_outbox_messages_idempotency_key",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL AND NOT is_retry"),
+        ),
+        Index("ix_outbox_messages_topic_created_at", "topic", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(unique=True)
+    topic: Mapped[str] = mapped_column(String(249))
+    key: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    available_at: Mapped[datetime] = _created()
+    bucket: Mapped[int] = mapped_column(SmallInteger)
+    claim_token: Mapped[uuid.UUID | None] = mapped_column()
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    kafka_partition: Mapped[int | None] = mapped_column(Integer)
+    kafka_offset: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = _created()
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    is_retry: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    original_message_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
+    target_group: Mapped[str | None] = mapped_column(String(255))
+    target_instance: Mapped[str | None] = mapped_column(String(255))
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("message_id", "consumer_group_id"),
+        CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
+        # Targeted retry sweeps unfinished deliveries by due time.
+        Index(
+            "ix_deliveries_due",
+            "next_retry_at",
+            postgresql_where=text("status IN ('awaiting_ack', 'failed')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    message_id: Mapped[uuid.UUID] = mapped_column()
+    consumer_group_id: Mapped[int] = mapped_column(
+        ForeignKey("consumer_groups.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16), server_default="awaiting_ack")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    instance_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _created()
+
+
+class InboxMessage(Base):
+    __tablename__ = "inbox_messages"
+    __table_args__ = (
+        UniqueConstraint("consumer_group", "message_id"),
+        CheckConstraint(_in("status", INBOX_STATUSES), name="status"),
+        Index(
+            "uq_inbox_messages_idempotency_key",
+            "consumer_group",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+        # A lane task takes its group's unfinished rows in Kafka order.
+        Index(
+            "ix_inbox_messages_due",
+            "consumer_group",
+            "lane",
+            "id",
+            postgresql_where=text("status IN ('received', 'failed')"),
+        ),
+        Index(
+            "ix_inbox_messages_processed_at",
+            "processed_at",
+            postgresql_where=text("status = 'done'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    consumer_group: Mapped[str] = mapped_column(String(255))
+    message_id: Mapped[uuid.UUID] = mapped_column()
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    topic: Mapped[str] = mapped_column(String(249))
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    key: Mapped[str | None] = mapped_column(Text)
+    lane: Mapped[int] = mapped_column(SmallInteger)
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    status: Mapped[str] = mapped_column(String(16), server_default="received")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = _created()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    received_at: Mapped[datetime] = _created()
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+    __table_args__ = (
+        CheckConstraint(_in("role", AGENT_ROLES), name="role"),
+        Index("ix_agents_role_active", "role", "active"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(255), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    consumer_group: Mapped[str | None] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = _created()
+    last_seen_at: Mapped[datetime] = _created()
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    health: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+
+
+class Lease(Base):
+    """A (scope, bucket) held by one owner until it expires; the token fences stale owners."""
+
+    __tablename__ = "leases"
+
+    scope: Mapped[str] = mapped_column(String(255), primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(255))
+    fencing_token: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    expires_at: Mapped[datetime] = _created()
+
+
+class HealthSnapshot(Base):
+    __tablename__ = "health_snapshots"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    taken_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    backlog: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    oldest_claimable_age_s: Mapped[float | None] = mapped_column(Float)
+    dead_letters: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    consumer_lag: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    agents: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))

@@ -1,0 +1,210 @@
+"""Settings: one frozen object built from ``OUTBOX_*`` environment variables.
+
+Every setting is a field of :class:`Settings`; its environment variable is
+``OUTBOX_`` plus the field name in upper case, and its help text lives in the
+field's metadata so that ``outbox settings`` and the README table are made from
+the same source. This is the only module that reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from outbox.errors import SettingsError
+
+ENV_PREFIX = "OUTBOX_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _setting(default: Any, doc: str, *, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration of every process, validated once at start."""
+
+    database_url: str | None = _setting(
+        None, "PostgreSQL URL (SQLAlchemy form). Unset: an embedded PostgreSQL is started."
+    )
+    redis_url: str | None = _setting(
+        None, "Redis URL for the Celery broker. Unset: an embedded Redis is started."
+    )
+    kafka_bootstrap: str | None = _setting(
+        None, "Kafka bootstrap servers (host:port,...). Unset: an embedded broker is started."
+    )
+    db_pool_size: int = _setting(5, "SQLAlchemy connection pool size per process.", minimum=1)
+
+    api_host: str = _setting("127.0.0.1", "Address the API listens on under `outbox dev`.")
+    api_port: int = _setting(8000, "API port under `outbox dev` (0: a free port).", minimum=0)
+    api_tokens: tuple[str, ...] = _setting((), "Comma-separated bearer tokens the API accepts.")
+
+    flower_port: int = _setting(5555, "Flower port under `outbox dev` (0: a free port).", minimum=0)
+    flower_user: str = _setting("admin", "Flower basic-auth user.")
+    flower_password: str = _setting("outbox", "Flower basic-auth password.")
+
+    handler_modules: tuple[str, ...] = _setting(
+        (), "Comma-separated modules imported by consumers and workers to register handlers."
+    )
+    buckets: int = _setting(64, "Number of key buckets the relay leases.", minimum=1)
+
+    publish_interval_s: float = _setting(
+        1.0, "Beat interval of `outbox.publish`.", minimum=0.05
+    )
+    retry_interval_s: float = _setting(
+        10.0, "Beat interval of `outbox.retry_targeted`.", minimum=0.05
+    )
+    heartbeat_interval_s: float = _setting(
+        30.0, "Beat interval of `outbox.heartbeat`.", minimum=0.05
+    )
+    cleanup_interval_s: float = _setting(
+        3600.0, "Beat interval of `outbox.cleanup`.", minimum=0.05
+    )
+
+    kafka_session_timeout_ms: int = _setting(
+        10000, "Consumer group session timeout; a dead member's partitions move after it.",
+        minimum=1000,
+    )
+    kafka_fetch_wait_max_ms: int = _setting(
+        10, "Longest time the broker may hold a fetch waiting for data.", minimum=0
+    )
+    kafka_topic_partitions: int = _setting(
+        8, "Partitions of Kafka topics the project creates.", minimum=1
+    )
+
+    consumer_group: str = _setting(
+        "outbox-acks", "Consumer group of the consumer started by `outbox dev`."
+    )
+    consumer_topics: tuple[str, ...] = _setting(
+        ("outbox.acks",), "Comma-separated topics of the consumer started by `outbox dev`."
+    )
+
+    celery_visibility_timeout_s: int = _setting(
+        3600, "Redis visibility timeout; countdowns are kept below it.", minimum=60
+    )
+    worker_concurrency: int = _setting(
+        0, "Processes per Celery worker (0: one per CPU).", minimum=0
+    )
+
+    dev_dir: str = _setting(
+        ".outbox-dev", "Directory for the embedded services' data and logs."
+    )
+    dev_pg_port: int = _setting(0, "Embedded PostgreSQL port (0: a free port).", minimum=0)
+    dev_redis_port: int = _setting(0, "Embedded Redis port (0: a free port).", minimum=0)
+    dev_kafka_port: int = _setting(0, "Embedded broker port (0: a free port).", minimum=0)
+
+    log_level: str = _setting("INFO", "Log level of every process.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``), then ``overrides``.
+
+        An empty variable counts as unset. A value that does not parse, or is
+        below its minimum, raises :class:`SettingsError` naming the variable.
+        """
+        env = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = env_name(f.name)
+            raw = env.get(name, "")
+            if raw.strip() == "":
+                continue
+            values[f.name] = _parse(name, raw.strip(), hints[f.name], f.metadata["minimum"])
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check values that no single parser can; raise :class:`SettingsError`."""
+        level = self.log_level.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise SettingsError(f"{env_name('log_level')}={self.log_level!r}: not a log level")
+        if self.database_url is not None and not self.database_url.startswith("postgresql"):
+            raise SettingsError(
+                f"{env_name('database_url')}={self.database_url!r}: must be a postgresql:// URL"
+            )
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise SettingsError(
+                f"{env_name('redis_url')}={self.redis_url!r}: must be a redis:// URL"
+            )
+        if not self.consumer_topics:
+            raise SettingsError(f"{env_name('consumer_topics')}: needs at least one topic")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied and validated."""
+        settings = dataclasses.replace(self, **changes)
+        settings.validate()
+        return settings
+
+    def as_env(self) -> dict[str, str]:
+        """The ``OUTBOX_*`` variables that rebuild these settings in a child process."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out[env_name(f.name)] = str(value)
+        return out
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a settings field."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """Rows of (variable, default, meaning) for every setting, in declaration order."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if default is None:
+            shown = "(embedded)" if f.name.endswith(("_url", "_bootstrap")) else "(unset)"
+        elif isinstance(default, tuple):
+            shown = ",".join(default) or "(empty)"
+        else:
+            shown = str(default)
+        rows.append((env_name(f.name), shown, f.metadata["doc"]))
+    return rows
+
+
+def _parse(name: str, raw: str, hint: Any, minimum: float | None) -> Any:
+    base = _strip_optional(hint)
+    try:
+        if base is bool:
+            lowered = raw.lower()
+            if lowered not in _TRUE | _FALSE:
+                raise ValueError("expected true or false")
+            return lowered in _TRUE
+        if base is int:
+            value: Any = int(raw)
+        elif base is float:
+            value = float(raw)
+        elif get_origin(base) is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        else:
+            return raw
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from exc
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}={raw!r}: must be at least {minimum:g}")
+    return value
+
+
+def _strip_optional(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint

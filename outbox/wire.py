@@ -1,0 +1,23 @@
+"""How an outbox message looks on Kafka: the header names both sides agree on."""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+
+HEADER_MESSAGE_ID = "message_id"
+HEADER_IDEMPOTENCY_KEY = "idempotency_key"
+
+# Messages from producers that are not ours get a stable id from their position.
+_FOREIGN_NAMESPACE = uuid.UUID("6f1c2f43-52a4-4b0e-9a8f-3f4a1f0e2b7d")
+
+
+def bucket_for(key: str | None, message_id: uuid.UUID, buckets: int) -> int:
+    """The bucket (relay side) or lane (consumer side) of a key; keyless messages spread by id."""
+    data = key.encode() if key is not None else message_id.bytes
+    return zlib.crc32(data) % buckets
+
+
+def foreign_message_id(topic: str, partition: int, offset: int) -> uuid.UUID:
+    """A deterministic id for a message that carries none, so redelivery dedupes."""
+    return uuid.uuid5(_FOREIGN_NAMESPACE, f"{topic}/{partition}/{offset}")

@@ -1,0 +1,34 @@
+"""``make_celery(settings)``: the Celery app with our configuration and tasks."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery
+from celery.signals import setup_logging as setup_logging_signal
+
+import celeryconfig
+from outbox.logs import setup_logging
+from outbox.settings import Settings
+
+
+def _role(argv: list[str]) -> str:
+    """The Celery sub-command this process runs (worker, beat, flower), for log lines."""
+    return next((a for a in argv[1:] if a in ("worker", "beat", "flower")), "celery")
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings``, with every task registered."""
+    app = Celery("outbox")
+    app.conf.update(celeryconfig.from_settings(settings))
+    app.conf.outbox_settings = settings
+
+    @setup_logging_signal.connect(weak=False)
+    def _logging(**_: Any) -> None:
+        setup_logging(settings, _role(sys.argv))
+
+    from tasks import beat
+
+    beat.register(app)
+    return app

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import celeryconfig
+from outbox.settings import Settings
+from tasks.factory import make_celery
+
+SETTINGS = Settings.from_env(
+    {"OUTBOX_REDIS_URL": "redis://127.0.0.1:1/0", "OUTBOX_RETRY_INTERVAL_S": "7"}
+)
+
+
+def test_beat_schedules_every_periodic_task_at_its_configured_interval():
+    schedule = celeryconfig.beat_schedule(SETTINGS)
+    assert {e["task"] for e in schedule.values()} == set(celeryconfig.BEAT_TASKS)
+    assert schedule["outbox.publish"]["schedule"] == 1.0
+    assert schedule["outbox.retry_targeted"]["schedule"] == 7.0
+    assert schedule["outbox.heartbeat"]["schedule"] == 30.0
+    assert schedule["outbox.cleanup"]["schedule"] == 3600.0
+    # A tick nobody ran within its interval is dropped, not queued behind the next.
+    assert all(e["options"]["expires"] == e["schedule"] for e in schedule.values())
+
+
+def test_celery_runs_with_late_acks_json_and_events():
+    app = make_celery(SETTINGS)
+    conf = app.conf
+    assert conf.broker_url == "redis://127.0.0.1:1/0"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.worker_send_task_events and conf.task_send_sent_event
+    assert conf.worker_direct
+    assert conf.broker_transport_options["visibility_timeout"] == 3600
+
+
+def test_every_beat_task_is_registered():
+    app = make_celery(SETTINGS)
+    assert set(celeryconfig.BEAT_TASKS) <= set(app.tasks)
