@@ -22,9 +22,16 @@ from outbox.wire import (
 def inbox_row(group: str, msg: Message, lanes: int) -> dict[str, Any]:
     """The inbox row for one Kafka message; a payload that is not JSON is dead on arrival."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    headers = {k: v.decode(errors="replace") for k, v in (msg.headers() or []) if v is not None}
-    raw_key = msg.key()
-    key = raw_key.decode(errors="replace") if raw_key is not None else None
+    if topic is None or partition is None or offset is None:
+        raise ValueError("an error event is not a message")
+    raw_headers = msg.headers() or []
+    pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
+    headers = {}
+    for name, value in pairs:
+        text = _text(value)
+        if text is not None:
+            headers[name] = text
+    key = _text(msg.key())
     try:
         message_id = uuid.UUID(headers[HEADER_MESSAGE_ID])
     except (KeyError, ValueError):
@@ -48,6 +55,12 @@ def inbox_row(group: str, msg: Message, lanes: int) -> dict[str, Any]:
         row["status"] = "dead"
         row["last_error"] = f"payload is not JSON: {exc}"
     return row
+
+
+def _text(value: str | bytes | None) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
 
 
 def record(session: Session, rows: list[dict[str, Any]]) -> int:

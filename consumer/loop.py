@@ -69,14 +69,19 @@ class Consumer:
 
     def run(self) -> None:
         """Poll until stopped."""
-        ensure_topics(admin_client(self.settings), self.topics,
-                      self.settings.kafka_topic_partitions)
+        ensure_topics(
+            admin_client(self.settings), self.topics, self.settings.kafka_topic_partitions
+        )
         kafka = KafkaConsumer(consumer_config(self.settings, self.group))
         self._kafka = kafka
         kafka.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._heartbeat(force=True)
-        log.info("consumer %s ready: group=%s topics=%s", self.instance, self.group,
-                 ",".join(self.topics))
+        log.info(
+            "consumer %s ready: group=%s topics=%s",
+            self.instance,
+            self.group,
+            ",".join(self.topics),
+        )
         try:
             while not self.stopping.is_set():
                 batch = kafka.consume(POLL_BATCH, POLL_TIMEOUT_S)
@@ -114,8 +119,13 @@ class Consumer:
             return
         self._last_heartbeat = now
         with self.sessions.begin() as session:
-            upsert_agent(session, self.instance, "consumer", consumer_group=self.group,
-                         health={"received": self.received})
+            upsert_agent(
+                session,
+                self.instance,
+                "consumer",
+                consumer_group=self.group,
+                health={"received": self.received},
+            )
 
     def _on_assign(self, kafka: KafkaConsumer, partitions: list[TopicPartition]) -> None:
         log.info("consumer %s: assigned %s", self.instance, _names(partitions))

@@ -32,31 +32,61 @@ def cli(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--dir", "dev_dir", type=click.Path(file_okay=False), envvar=env_name("dev_dir"),
-              show_envvar=True, help="Data directory of the embedded services.")
-@click.option("--api-port", type=int, envvar=env_name("api_port"), show_envvar=True,
-              help="API port (0: a free port).")
-@click.option("--flower-port", type=int, envvar=env_name("flower_port"), show_envvar=True,
-              help="Flower port (0: a free port).")
+@click.option(
+    "--dir",
+    "dev_dir",
+    type=click.Path(file_okay=False),
+    envvar=env_name("dev_dir"),
+    show_envvar=True,
+    help="Data directory of the embedded services.",
+)
+@click.option(
+    "--api-port",
+    type=int,
+    envvar=env_name("api_port"),
+    show_envvar=True,
+    help="API port (0: a free port).",
+)
+@click.option(
+    "--flower-port",
+    type=int,
+    envvar=env_name("flower_port"),
+    show_envvar=True,
+    help="Flower port (0: a free port).",
+)
 @click.pass_context
-def dev(ctx: click.Context, dev_dir: str | None, api_port: int | None,
-        flower_port: int | None) -> None:
+def dev(
+    ctx: click.Context, dev_dir: str | None, api_port: int | None, flower_port: int | None
+) -> None:
     """Run everything on this machine: services, API, worker, beat, consumer, Flower."""
     from outbox import dev as dev_mod
 
     settings = _settings(ctx)
-    changes = {k: v for k, v in {"dev_dir": dev_dir, "api_port": api_port,
-                                 "flower_port": flower_port}.items() if v is not None}
+    changes = {
+        k: v
+        for k, v in {"dev_dir": dev_dir, "api_port": api_port, "flower_port": flower_port}.items()
+        if v is not None
+    }
     settings = settings.replace(**changes)
     setup_logging(settings, "dev")
     sys.exit(dev_mod.run(settings))
 
 
 @cli.command()
-@click.option("--group", required=True, envvar=env_name("consumer_group"), show_envvar=True,
-              help="Kafka consumer group.")
-@click.option("--topics", required=True, envvar=env_name("consumer_topics"), show_envvar=True,
-              help="Comma-separated topics.")
+@click.option(
+    "--group",
+    required=True,
+    envvar=env_name("consumer_group"),
+    show_envvar=True,
+    help="Kafka consumer group.",
+)
+@click.option(
+    "--topics",
+    required=True,
+    envvar=env_name("consumer_topics"),
+    show_envvar=True,
+    help="Comma-separated topics.",
+)
 @click.pass_context
 def consume(ctx: click.Context, group: str, topics: str) -> None:
     """Read TOPICS as a member of GROUP into the inbox, until SIGTERM."""
@@ -109,8 +139,14 @@ def current(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--dir", "dev_dir", type=click.Path(file_okay=False), envvar=env_name("dev_dir"),
-              show_envvar=True, help="Data directory of the embedded services.")
+@click.option(
+    "--dir",
+    "dev_dir",
+    type=click.Path(file_okay=False),
+    envvar=env_name("dev_dir"),
+    show_envvar=True,
+    help="Data directory of the embedded services.",
+)
 @click.pass_context
 def services(ctx: click.Context, dev_dir: str | None) -> None:
     """Run only the embedded services (for pointing other processes at them)."""

@@ -9,6 +9,7 @@ so prefork pool processes go too) and the services, in reverse order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -72,8 +73,19 @@ def plan(settings: Settings, schedule_file: Path) -> list[Child]:
     return [
         Child(
             "api",
-            [py, "-m", "flask", "--app", "api:create_app()", "run", "--no-reload",
-             "--host", settings.api_host, "--port", str(settings.api_port)],
+            [
+                py,
+                "-m",
+                "flask",
+                "--app",
+                "api:create_app()",
+                "run",
+                "--no-reload",
+                "--host",
+                settings.api_host,
+                "--port",
+                str(settings.api_port),
+            ],
             ready_url=f"{api}/readyz",
         ),
         Child(
@@ -88,14 +100,27 @@ def plan(settings: Settings, schedule_file: Path) -> list[Child]:
         ),
         Child(
             "consumer",
-            [py, "-m", "outbox", "consume", "--group", settings.consumer_group,
-             "--topics", ",".join(settings.consumer_topics)],
+            [
+                py,
+                "-m",
+                "outbox",
+                "consume",
+                "--group",
+                settings.consumer_group,
+                "--topics",
+                ",".join(settings.consumer_topics),
+            ],
             ready_pattern=r"consumer \S+ ready",
         ),
         Child(
             "flower",
-            [*celery, "flower", "--address=127.0.0.1", f"--port={settings.flower_port}",
-             f"--basic-auth={settings.flower_user}:{settings.flower_password}"],
+            [
+                *celery,
+                "flower",
+                "--address=127.0.0.1",
+                f"--port={settings.flower_port}",
+                f"--basic-auth={settings.flower_user}:{settings.flower_password}",
+            ],
             # Flower is up when it refuses a request without credentials.
             ready_url=f"{flower}/",
             ready_status=401,
@@ -123,8 +148,14 @@ class Supervisor:
         env = {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1"}
         for child in self.children:
             child.proc = subprocess.Popen(
-                child.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+                child.argv,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
             )
             threading.Thread(target=self._pump, args=(child,), daemon=True).start()
             if child.ready_url is not None:
@@ -181,10 +212,8 @@ class Supervisor:
 
 def _signal_group(child: Child, sig: signal.Signals) -> None:
     assert child.proc is not None
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(child.proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _resolve_ports(settings: Settings) -> Settings:
@@ -201,8 +230,7 @@ def _banner(settings: Settings, elapsed_s: float, out: TextIO) -> None:
     lines = [
         f"outbox dev: all ready in {elapsed_s:.1f} s",
         f"  API          {api}  (health {api}/healthz, readiness {api}/readyz)",
-        f"  Flower       http://127.0.0.1:{settings.flower_port}  "
-        f"(user {settings.flower_user})",
+        f"  Flower       http://127.0.0.1:{settings.flower_port}  (user {settings.flower_user})",
         f"  PostgreSQL   {settings.database_url}",
         f"  Redis        {settings.redis_url}",
         f"  Kafka        {settings.kafka_bootstrap}",
@@ -235,8 +263,9 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
     settings = services.start()
     supervisor: Supervisor | None = None
     try:
-        out.write(f"outbox dev: services up in {time.monotonic() - started:.1f} s "
-                  f"(data in {root})\n")
+        out.write(
+            f"outbox dev: services up in {time.monotonic() - started:.1f} s (data in {root})\n"
+        )
         migrate.upgrade(settings)
         settings = _resolve_ports(settings)
         supervisor = Supervisor(settings, plan(settings, root / "celerybeat-schedule"), out)

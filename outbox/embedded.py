@@ -156,8 +156,14 @@ class EmbeddedPostgres:
             os.chown(self.logfile, user.pw_uid, user.pw_gid)
         if not (self.data / "PG_VERSION").exists():
             result = self._run(
-                "initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres",
-                "--encoding=UTF8", "--no-sync",
+                "initdb",
+                "-D",
+                str(self.data),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--no-sync",
             )
             if result.returncode != 0:
                 raise ServiceError(f"initdb failed: {result.stderr.strip()}")
@@ -177,8 +183,17 @@ class EmbeddedPostgres:
         if not self.durable:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         result = self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "30",
-            "-o", " ".join(options), "start",
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            "30",
+            "-o",
+            " ".join(options),
+            "start",
         )
         if result.returncode != 0:
             raise ServiceError(f"PostgreSQL did not start:\n{_tail(self.logfile)}")
@@ -188,8 +203,9 @@ class EmbeddedPostgres:
     def _create_database(self) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
-                                dbname="postgres")
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname="postgres"
+        )
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -224,10 +240,21 @@ class EmbeddedRedis:
         """Start the server and return its URL."""
         self.dir.mkdir(parents=True, exist_ok=True)
         args = [
-            str(self.server), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.dir), "--save", "", "--maxmemory-policy", "noeviction",
-            "--appendonly", "yes" if self.durable else "no",
-            "--logfile", str(self.dir / "redis.log"),
+            str(self.server),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--appendonly",
+            "yes" if self.durable else "no",
+            "--logfile",
+            str(self.dir / "redis.log"),
         ]
         self.proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)
         wait_for(lambda: self._ping(), "Redis")
@@ -264,9 +291,17 @@ class EmbeddedKafka:
         listener = f"tcp://127.0.0.1:{self.port}"
         with open(self.dir / "broker.log", "ab") as logfile:
             self.proc = subprocess.Popen(
-                [_broker_binary(), "broker", "--listener-url", listener,
-                 "--advertised-listener-url", listener],
-                start_new_session=True, stdout=logfile, stderr=subprocess.STDOUT,
+                [
+                    _broker_binary(),
+                    "broker",
+                    "--listener-url",
+                    listener,
+                    "--advertised-listener-url",
+                    listener,
+                ],
+                start_new_session=True,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
             )
         wait_for(self._ready, "Kafka broker")
         return self.bootstrap
@@ -310,8 +345,9 @@ class EmbeddedServices:
         planned: list[tuple[str, EmbeddedPostgres | EmbeddedRedis | EmbeddedKafka]] = []
         if s.database_url is None:
             port = _pick_port("postgres", s.dev_pg_port, "dev_pg_port")
-            planned.append(("database_url", EmbeddedPostgres(self.root, port,
-                                                             durable=self.durable)))
+            planned.append(
+                ("database_url", EmbeddedPostgres(self.root, port, durable=self.durable))
+            )
         if s.redis_url is None:
             port = _pick_port("redis", s.dev_redis_port, "dev_redis_port")
             planned.append(("redis_url", EmbeddedRedis(self.root, port, durable=self.durable)))
@@ -361,8 +397,9 @@ def _ensure_system_user(name: str) -> pwd.struct_passwd:
         return pwd.getpwnam(name)
     except KeyError:
         useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-        subprocess.run([useradd, "--system", "--no-create-home", name], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [useradd, "--system", "--no-create-home", name], check=True, capture_output=True
+        )
         return pwd.getpwnam(name)
 
 

@@ -80,9 +80,7 @@ class ConsumerGroup(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
-    topic: Mapped[str] = mapped_column(
-        String(249), ForeignKey("topics.name", onupdate="CASCADE")
-    )
+    topic: Mapped[str] = mapped_column(String(249), ForeignKey("topics.name", onupdate="CASCADE"))
     requires_ack: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     ack_timeout_s: Mapped[int] = mapped_column(Integer, server_default=text("300"))
     # -1 retries forever.

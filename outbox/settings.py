@@ -54,21 +54,18 @@ class Settings:
     )
     buckets: int = _setting(64, "Number of key buckets the relay leases.", minimum=1)
 
-    publish_interval_s: float = _setting(
-        1.0, "Beat interval of `outbox.publish`.", minimum=0.05
-    )
+    publish_interval_s: float = _setting(1.0, "Beat interval of `outbox.publish`.", minimum=0.05)
     retry_interval_s: float = _setting(
         10.0, "Beat interval of `outbox.retry_targeted`.", minimum=0.05
     )
     heartbeat_interval_s: float = _setting(
         30.0, "Beat interval of `outbox.heartbeat`.", minimum=0.05
     )
-    cleanup_interval_s: float = _setting(
-        3600.0, "Beat interval of `outbox.cleanup`.", minimum=0.05
-    )
+    cleanup_interval_s: float = _setting(3600.0, "Beat interval of `outbox.cleanup`.", minimum=0.05)
 
     kafka_session_timeout_ms: int = _setting(
-        10000, "Consumer group session timeout; a dead member's partitions move after it.",
+        10000,
+        "Consumer group session timeout; a dead member's partitions move after it.",
         minimum=1000,
     )
     kafka_fetch_wait_max_ms: int = _setting(
@@ -92,9 +89,7 @@ class Settings:
         0, "Processes per Celery worker (0: one per CPU).", minimum=0
     )
 
-    dev_dir: str = _setting(
-        ".outbox-dev", "Directory for the embedded services' data and logs."
-    )
+    dev_dir: str = _setting(".outbox-dev", "Directory for the embedded services' data and logs.")
     dev_pg_port: int = _setting(0, "Embedded PostgreSQL port (0: a free port).", minimum=0)
     dev_redis_port: int = _setting(0, "Embedded Redis port (0: a free port).", minimum=0)
     dev_kafka_port: int = _setting(0, "Embedded broker port (0: a free port).", minimum=0)

@@ -66,14 +66,22 @@ def test_kafka_round_trip_with_the_idempotent_producer(services: Settings, topic
     )
     reports = []
     for i in range(10):
-        producer.produce(topic, key=b"k", value=str(i).encode(),
-                         on_delivery=lambda err, msg: reports.append((err, msg.offset())))
+        producer.produce(
+            topic,
+            key=b"k",
+            value=str(i).encode(),
+            on_delivery=lambda err, msg: reports.append((err, msg.offset())),
+        )
     assert producer.flush(10) == 0
     assert [err for err, _ in reports] == [None] * 10
     assert [offset for _, offset in reports] == list(range(10))
     consumer = Consumer(
-        {"bootstrap.servers": services.kafka_bootstrap, "group.id": f"g-{uuid.uuid4().hex}",
-         "auto.offset.reset": "earliest", "session.timeout.ms": 6000}
+        {
+            "bootstrap.servers": services.kafka_bootstrap,
+            "group.id": f"g-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
     )
     consumer.subscribe([topic])
     values: list[bytes] = []
@@ -155,7 +163,8 @@ ORDINARY_USER_SCRIPT = textwrap.dedent(
         cur.execute("SELECT current_setting('data_directory')")
         print("pgdata", cur.fetchone()[0])
         conn.close()
-        with socket.create_connection(("127.0.0.1", int(live.redis_url.split(":")[2].split("/")[0]))) as s:
+        redis_port = int(live.redis_url.split(":")[2].split("/")[0])
+        with socket.create_connection(("127.0.0.1", redis_port)) as s:
             s.sendall(b"PING\\r\\n")
             print("redis", s.recv(7).decode().strip())
         print("kafka", len(AdminClient({"bootstrap.servers": live.kafka_bootstrap})
@@ -182,7 +191,9 @@ def test_embedded_services_run_as_an_ordinary_user(nobody_home: Path):
     home = nobody_home
     result = subprocess.run(
         [sys.executable, "-c", ORDINARY_USER_SCRIPT, str(home)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
@@ -204,8 +215,9 @@ def test_postgres_runs_as_its_own_system_user_under_root(services: Settings):
     if os.geteuid() != 0 or os.environ.get("OUTBOX_DATABASE_URL"):
         pytest.skip("only an embedded server started by root switches user")
     assert services.database_url is not None
-    conn = psycopg2.connect(host="127.0.0.1", port=_port(services.database_url),
-                            user="postgres", dbname="postgres")
+    conn = psycopg2.connect(
+        host="127.0.0.1", port=_port(services.database_url), user="postgres", dbname="postgres"
+    )
     cur = conn.cursor()
     cur.execute("SELECT pg_backend_pid()")
     pid = cur.fetchone()[0]

@@ -57,3 +57,17 @@ def test_the_claim_and_inbox_indexes_are_partial(empty_database: Settings):
     due = inbox["ix_inbox_messages_due"]
     assert due["column_names"] == ["consumer_group", "lane", "id"]
     assert "received" in due["dialect_options"]["postgresql_where"]
+
+
+def test_outbox_db_upgrade_and_current_from_the_command_line(empty_database: Settings):
+    from click.testing import CliRunner
+
+    from outbox.cli import cli
+
+    env = {"OUTBOX_DATABASE_URL": empty_database.database_url}
+    result = CliRunner().invoke(cli, ["db", "upgrade"], env=env)
+    assert result.exit_code == 0, result.output
+    assert _drift(empty_database) == []
+    result = CliRunner().invoke(cli, ["db", "downgrade", "base"], env=env)
+    assert result.exit_code == 0, result.output
+    assert _tables(empty_database) == {"alembic_version"}

@@ -25,7 +25,11 @@ def test_configured_services_are_used_and_nothing_is_started(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("variable", "port"),
-    [("OUTBOX_DEV_PG_PORT", 5432), ("OUTBOX_DEV_REDIS_PORT", 6379), ("OUTBOX_DEV_KAFKA_PORT", 9092)],
+    [
+        ("OUTBOX_DEV_PG_PORT", 5432),
+        ("OUTBOX_DEV_REDIS_PORT", 6379),
+        ("OUTBOX_DEV_KAFKA_PORT", 9092),
+    ],
 )
 def test_an_embedded_service_never_takes_its_standard_port(tmp_path: Path, variable, port):
     settings = Settings.from_env({variable: str(port)})

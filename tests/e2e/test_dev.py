@@ -1,0 +1,179 @@
+"""``outbox dev`` as a user runs it: one command, every URL answers, SIGTERM leaves nothing."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+from confluent_kafka.admin import AdminClient
+
+from outbox.embedded import free_port, port_open
+
+READY_LINE = re.compile(r"outbox dev: all ready in ([\d.]+) s")
+EXPORT_LINE = re.compile(r"^\s*export (OUTBOX_\w+)=(\S+)$", re.M)
+BANNER_END = "Ctrl-C stops everything."
+
+
+def _status(url: str, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class DevProcess:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox", "dev"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.output: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if BANNER_END in line:
+                self.ready.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+@pytest.fixture
+def dev_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="outbox-dev-e2e-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_outbox_dev_runs_everything_and_sigterm_leaves_no_process(dev_dir: Path):
+    api_port, flower_port = free_port(), free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_KAFKA_BOOTSTRAP")
+    }
+    env.update(
+        OUTBOX_DEV_DIR=str(dev_dir),
+        OUTBOX_API_PORT=str(api_port),
+        OUTBOX_FLOWER_PORT=str(flower_port),
+        OUTBOX_FLOWER_USER="ops",
+        OUTBOX_FLOWER_PASSWORD="s3cret",
+    )
+    dev = DevProcess(env)
+    try:
+        assert dev.ready.wait(90), dev.text[-5000:]
+        text = dev.text
+        elapsed = float(READY_LINE.search(text).group(1))  # type: ignore[union-attr]
+        assert elapsed > 0
+        exports = dict(EXPORT_LINE.findall(text))
+        assert set(exports) == {"OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_KAFKA_BOOTSTRAP"}
+        # Each child's log lines carry its name.
+        for name in ("api", "worker", "beat", "consumer", "flower"):
+            assert re.search(rf"^{name}\s+\| ", text, re.M), name
+
+        # The API and its readiness probe
+        api = f"http://127.0.0.1:{api_port}"
+        assert _status(f"{api}/healthz") == 200
+        assert _status(f"{api}/readyz") == 200
+        # Flower refuses without credentials and answers with them
+        flower = f"http://127.0.0.1:{flower_port}"
+        assert _status(f"{flower}/") == 401
+        assert _status(f"{flower}/", ("ops", "wrong")) == 401
+        assert _status(f"{flower}/", ("ops", "s3cret")) == 200
+        # The printed exports reach the same services from another process
+        pg = exports["OUTBOX_DATABASE_URL"].replace("postgresql+psycopg2", "postgresql")
+        with psycopg2.connect(pg) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM alembic_version")
+            assert cur.fetchone() == (1,)
+        assert redis.Redis.from_url(exports["OUTBOX_REDIS_URL"]).ping()
+        admin = AdminClient({"bootstrap.servers": exports["OUTBOX_KAFKA_BOOTSTRAP"]})
+        assert "outbox.acks" in admin.list_topics(timeout=5).topics
+        # Beat reaches the worker: a scheduled publish tick runs there
+        deadline = time.monotonic() + 15
+        while "Task outbox.publish" not in dev.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert re.search(r"^worker\s+\|.*Task outbox\.publish\[.*succeeded", dev.text, re.M)
+
+        ports = [api_port, flower_port] + [
+            int(v.rsplit(":", 1)[1].split("/")[0]) for v in exports.values()
+        ]
+        children = _descendants(dev.proc.pid)
+        assert len(children) >= 5
+    finally:
+        dev.proc.send_signal(signal.SIGTERM)
+        code = dev.proc.wait(60)
+    assert code == 0, dev.text[-3000:]
+    assert "outbox dev: stopped" in dev.text
+    survivors = [pid for pid in children if _alive(pid)]
+    assert survivors == []
+    assert [p for p in ports if port_open(p)] == []
+    # PostgreSQL daemonizes away from the tree: nothing may still run on its data.
+    assert not [
+        e
+        for e in Path("/proc").iterdir()
+        if e.name.isdigit() and _alive(int(e.name)) and str(dev_dir).encode() in _cmdline(e)
+    ]
+
+
+def _cmdline(entry: Path) -> bytes:
+    try:
+        return (entry / "cmdline").read_bytes()
+    except OSError:
+        return b""

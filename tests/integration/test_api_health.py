@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from api import create_app
+from outbox.embedded import free_port
+from outbox.settings import Settings
+
+
+@pytest.fixture
+def client(settings: Settings):
+    app = create_app(settings)
+    return app.test_client()
+
+
+def test_healthz_answers_without_credentials(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_readyz_checks_each_service(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "status": "ready",
+        "checks": {"postgresql": "ok", "redis": "ok", "kafka": "ok"},
+    }
+
+
+def test_readyz_names_the_service_that_does_not_answer(settings: Settings):
+    dead = f"127.0.0.1:{free_port()}"
+    client = create_app(
+        settings.replace(kafka_bootstrap=dead, redis_url=f"redis://{dead}/0")
+    ).test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["postgresql"] == "ok"
+    assert body["checks"]["redis"].startswith("error: ")
+    assert body["checks"]["kafka"].startswith("error: ")
+
+
+def test_an_unknown_path_gets_the_json_error_envelope(client):
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    error = response.get_json()["error"]
+    assert error["code"] == "not_found"
+    assert error["message"]
+    assert error["details"] == {}

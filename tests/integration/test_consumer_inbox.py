@@ -1,0 +1,132 @@
+"""The consumer process records each Kafka message once per group, then stores its offset."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import Producer, TopicPartition
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from consumer import Consumer
+from outbox.db import make_sessionmaker
+from outbox.kafka import admin_client, ensure_topics
+from outbox.models import Agent, InboxMessage
+from outbox.settings import Settings
+
+
+def _produce(settings: Settings, topic: str, messages: list[tuple[bytes, bytes, dict]]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+    for key, value, headers in messages:
+        producer.produce(topic, key=key, value=value, headers=list(headers.items()))
+    assert producer.flush(10) == 0
+
+
+def _wait_rows(session: Session, group: str, count: int, timeout_s: float = 30) -> list:
+    deadline = time.monotonic() + timeout_s
+    rows: list = []
+    while time.monotonic() < deadline:
+        session.expire_all()
+        rows = list(
+            session.scalars(
+                select(InboxMessage)
+                .where(InboxMessage.consumer_group == group)
+                .order_by(InboxMessage.partition, InboxMessage.offset)
+            )
+        )
+        if len(rows) >= count:
+            return rows
+        time.sleep(0.1)
+    return rows
+
+
+def test_each_message_is_recorded_once_and_offsets_follow_the_commit(
+    settings: Settings, engine, session: Session, topic: str
+):
+    # Given a topic with one partition, so Kafka order is the order produced
+    ensure_topics(admin_client(settings), [topic], 1)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    _produce(
+        settings,
+        topic,
+        [
+            (b"k1", b'{"n": 1}', {"message_id": first}),
+            (b"k1", b'{"n": 1}', {"message_id": first}),  # redelivered by an upstream retry
+            (b"k2", b'{"n": 2}', {"message_id": second, "idempotency_key": "order-2"}),
+            (b"k3", b"not json", {}),
+        ],
+    )
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
+
+    # When the consumer runs until it has seen all four
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        rows = _wait_rows(session, group, 3)
+        deadline = time.monotonic() + 10
+        while consumer.received < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+    # Then the duplicate is absorbed, the foreign message is dead on arrival, order is kept
+    rows = _wait_rows(session, group, 3)
+    assert [(r.key, r.offset, r.status) for r in rows] == [
+        ("k1", 0, "received"),
+        ("k2", 2, "received"),
+        ("k3", 3, "dead"),
+    ]
+    assert str(rows[0].message_id) == first and rows[0].payload == {"n": 1}
+    assert rows[1].idempotency_key == "order-2"
+    assert "not JSON" in (rows[2].last_error or "")
+    # And the group's committed offset is past the last message, so nothing is re-read
+    probe = KafkaConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    committed = probe.committed([TopicPartition(topic, 0)], timeout=10)
+    probe.close()
+    assert committed[0].offset == 4
+    # And the consumer registered itself as an agent
+    agent = session.scalars(select(Agent).where(Agent.role == "consumer")).one()
+    assert agent.consumer_group == group and agent.active
+
+
+def test_a_second_consumer_of_the_same_group_records_nothing_twice(
+    settings: Settings, engine, session: Session, topic: str
+):
+    ensure_topics(admin_client(settings), [topic], 2)
+    ids = [str(uuid.uuid4()) for _ in range(20)]
+    _produce(
+        settings,
+        topic,
+        [(f"k{i % 4}".encode(), b"{}", {"message_id": m}) for i, m in enumerate(ids)],
+    )
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    sessions = make_sessionmaker(engine)
+    # Given a first member that recorded all 20
+    first = Consumer(settings, group, [topic], sessions=sessions)
+    first_thread = threading.Thread(target=first.run)
+    first_thread.start()
+    _wait_rows(session, group, 20)
+    first.stop()
+    first_thread.join(30)
+    # When the group's offsets go back to 0, as after a crash before they were committed
+    replay = Consumer(settings, group, [topic], sessions=sessions)
+    replay_kafka = KafkaConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    replay_kafka.commit(offsets=[TopicPartition(topic, p, 0) for p in (0, 1)], asynchronous=False)
+    replay_kafka.close()
+    # Then a second member reads all 20 again and the inbox still holds each once
+    thread = threading.Thread(target=replay.run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while replay.received < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    replay.stop()
+    thread.join(30)
+    assert replay.received == 20
+    rows = _wait_rows(session, group, 20)
+    assert sorted(str(r.message_id) for r in rows) == sorted(ids)
