@@ -1,4 +1,4 @@
-"""``outbox dev`` as a user runs it: one command, every URL answers, SIGTERM leaves nothing."""
+"""``outbox dev`` as a user runs it: one command, every URL answers, a stop leaves nothing."""
 
 from __future__ import annotations
 
@@ -102,7 +102,10 @@ def dev_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_outbox_dev_runs_everything_and_sigterm_leaves_no_process(dev_dir: Path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
+    dev_dir: Path, stop_signal: signal.Signals
+):
     api_port, flower_port = free_port(), free_port()
     env = {
         k: v
@@ -157,7 +160,7 @@ def test_outbox_dev_runs_everything_and_sigterm_leaves_no_process(dev_dir: Path)
         children = _descendants(dev.proc.pid)
         assert len(children) >= 5
     finally:
-        dev.proc.send_signal(signal.SIGTERM)
+        dev.proc.send_signal(stop_signal)
         code = dev.proc.wait(60)
     assert code == 0, dev.text[-3000:]
     assert "outbox dev: stopped" in dev.text
