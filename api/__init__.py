@@ -2,23 +2,81 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Response, jsonify, redirect, request
+from flask_openapi3 import Info, OpenAPI
+from werkzeug.exceptions import BadRequest
 
-from api.errors import register_error_handlers
+from api.auth import token_accepted
+from api.errors import error_response, register_error_handlers, validation_error_response
 from api.health import health
+from api.messages import messages
 from api.state import ApiState
+from api.topics import topics
 from outbox.logs import setup_logging
 from outbox.settings import Settings
 
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
-def create_app(settings: Settings | None = None) -> Flask:
+
+def create_app(settings: Settings | None = None) -> OpenAPI:
     """The Flask app for ``settings`` (default: built from ``OUTBOX_*`` variables)."""
     if settings is None:
         settings = Settings.from_env()
         setup_logging(settings, "api")
-    app = Flask(__name__)
+    app = OpenAPI(
+        __name__,
+        info=Info(title="celery-outbox", version="1"),
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        validation_error_status=422,
+        validation_error_callback=validation_error_response,
+        doc_prefix="/docs",
+    )
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Werkzeug refuses a larger body from its Content-Length, before reading it.
+    app.config["MAX_CONTENT_LENGTH"] = settings.api_max_body_bytes
     app.extensions["outbox"] = ApiState(settings)
     register_error_handlers(app)
+    app.before_request(_guard)
     app.register_blueprint(health)
+    app.register_api(messages)
+    app.register_api(topics)
+
+    @app.get("/openapi.json", doc_ui=False)
+    def openapi_json() -> Response:
+        return jsonify(app.api_doc)
+
+    @app.get("/docs", doc_ui=False)
+    def docs() -> Response:
+        return redirect("/docs/swagger")  # type: ignore[return-value]
+
     return app
+
+
+def _guard() -> tuple[Response, int] | None:
+    """Authenticate ``/v1``, then insist on a well-formed JSON body where one is sent."""
+    if request.path.startswith("/v1/"):
+        tokens = ApiState.current().settings.api_tokens
+        if not token_accepted(request, tokens):
+            response, status = error_response(
+                401,
+                "unauthorized",
+                "a valid bearer token is required",
+                {"header": "Authorization"},
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="outbox"'
+            return response, status
+    if request.method in BODY_METHODS and request.path.startswith("/v1/"):
+        if not request.is_json:
+            return error_response(
+                415,
+                "unsupported_media_type",
+                "the body must be JSON (Content-Type: application/json)",
+                {"header": "Content-Type"},
+            )
+        try:
+            request.get_json()  # parsed once; the schema validation reuses Flask's cache
+        except BadRequest:
+            return error_response(
+                400, "invalid_json", "the body is not well-formed JSON", {"field": "body"}
+            )
+    return None

@@ -11,10 +11,12 @@ from flask import current_app
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.kick import Kicker
 from outbox.db import make_engine, make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.health import redis_client
 from outbox.kafka import admin_client
+from outbox.publishing import Publisher
 from outbox.settings import Settings, env_name
 
 
@@ -44,8 +46,21 @@ class ApiState:
     def kafka_admin(self) -> AdminClient:
         return admin_client(self.settings)
 
+    @cached_property
+    def publisher(self) -> Publisher:
+        return Publisher(self.settings)
+
+    @cached_property
+    def kicker(self) -> Kicker:
+        return Kicker(self.settings)
+
+    @staticmethod
+    def current() -> ApiState:
+        """The current app's shared state."""
+        result: ApiState = current_app.extensions["outbox"]
+        return result
+
 
 def state() -> ApiState:
     """The current app's shared state."""
-    result: ApiState = current_app.extensions["outbox"]
-    return result
+    return ApiState.current()

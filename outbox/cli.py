@@ -102,6 +102,31 @@ def consume(ctx: click.Context, group: str, topics: str) -> None:
     consumer.run()
 
 
+@cli.command()
+@click.option("--once", is_flag=True, help="One pass: relay what is claimable now, then exit.")
+@click.pass_context
+def relay(ctx: click.Context, once: bool) -> None:
+    """Relay outbox rows to Kafka from this process (workers do this via outbox.publish)."""
+    import json
+    import time
+
+    from outbox.relay import Relay
+
+    settings = _settings(ctx)
+    setup_logging(settings, "relay")
+    relay = Relay(settings)
+    try:
+        while True:
+            report = relay.run()
+            if once:
+                click.echo(json.dumps(report.as_dict()))
+                return
+            if not report.sent:
+                time.sleep(settings.publish_interval_s)
+    finally:
+        relay.close()
+
+
 @cli.group()
 def db() -> None:
     """Database schema (Alembic migrations)."""

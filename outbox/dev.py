@@ -34,6 +34,8 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 # Consumer group rebalances wait on the session timeout; keep it short on one machine.
 DEV_SESSION_TIMEOUT_MS = 6000
+# Used only when OUTBOX_API_TOKENS is unset; the API listens on loopback in dev.
+DEV_API_TOKEN = "dev-token"
 
 
 @dataclasses.dataclass
@@ -229,7 +231,7 @@ def _banner(settings: Settings, elapsed_s: float, out: TextIO) -> None:
     api = f"http://{settings.api_host}:{settings.api_port}"
     lines = [
         f"outbox dev: all ready in {elapsed_s:.1f} s",
-        f"  API          {api}  (health {api}/healthz, readiness {api}/readyz)",
+        f"  API          {api}  (docs {api}/docs, token {settings.api_tokens[0]})",
         f"  Flower       http://127.0.0.1:{settings.flower_port}  (user {settings.flower_user})",
         f"  PostgreSQL   {settings.database_url}",
         f"  Redis        {settings.redis_url}",
@@ -256,7 +258,8 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
     signal.signal(signal.SIGINT, request_stop)
 
     settings = settings.replace(
-        kafka_session_timeout_ms=min(settings.kafka_session_timeout_ms, DEV_SESSION_TIMEOUT_MS)
+        kafka_session_timeout_ms=min(settings.kafka_session_timeout_ms, DEV_SESSION_TIMEOUT_MS),
+        api_tokens=settings.api_tokens or (DEV_API_TOKEN,),
     )
     root = Path(settings.dev_dir).resolve()
     services = EmbeddedServices(settings, root)

@@ -52,7 +52,51 @@ class Settings:
     handler_modules: tuple[str, ...] = _setting(
         (), "Comma-separated modules imported by consumers and workers to register handlers."
     )
-    buckets: int = _setting(64, "Number of key buckets the relay leases.", minimum=1)
+    buckets: int = _setting(
+        64, "Key buckets: a key maps to one; one relay at a time holds a bucket.", minimum=1
+    )
+
+    max_payload_bytes: int = _setting(1048576, "Largest payload, as compact UTF-8 JSON.", minimum=1)
+    max_key_bytes: int = _setting(1024, "Longest message key, in UTF-8 bytes.", minimum=1)
+    max_headers_bytes: int = _setting(
+        16384, "Largest set of caller headers, as compact UTF-8 JSON.", minimum=2
+    )
+    max_batch: int = _setting(1000, "Most messages in one publish request.", minimum=1)
+    api_max_body_bytes: int = _setting(
+        16777216, "Largest request body the API reads; larger gets 413 unread.", minimum=1024
+    )
+    auto_register_topics: bool = _setting(
+        False, "Publishing to an unknown topic registers it instead of failing."
+    )
+
+    relay_batch_size: int = _setting(500, "Rows one relay claim takes.", minimum=1)
+    relay_lease_s: float = _setting(
+        20.0, "Bucket and row lease: a dead relay's rows move after this.", minimum=0.5
+    )
+    relay_buckets_per_task: int = _setting(
+        16,
+        "Most buckets one relay task leases at once (concurrent tasks share the rest).",
+        minimum=1,
+    )
+    relay_max_attempts: int = _setting(
+        10, "Delivery attempts before an outbox row is dead.", minimum=1
+    )
+    relay_retry_base_s: float = _setting(
+        1.0, "First backoff after a failed delivery (doubles, full jitter).", minimum=0.0
+    )
+    relay_retry_cap_s: float = _setting(300.0, "Longest backoff between deliveries.", minimum=0.0)
+    relay_delivery_timeout_ms: int = _setting(
+        10000, "Producer message timeout: an unacknowledged send fails after it.", minimum=1000
+    )
+    relay_drain_s: float = _setting(
+        10.0, "Longest one relay task keeps claiming before it yields its worker.", minimum=0.1
+    )
+    relay_circuit_open_s: float = _setting(
+        2.0, "Pause after the broker stops answering, before probing it again.", minimum=0.1
+    )
+    kick_debounce_ms: int = _setting(
+        5, "The API kicks the relay after a commit at most once per this interval.", minimum=0
+    )
 
     publish_interval_s: float = _setting(1.0, "Beat interval of `outbox.publish`.", minimum=0.05)
     retry_interval_s: float = _setting(
@@ -129,6 +173,17 @@ class Settings:
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://")):
             raise SettingsError(
                 f"{env_name('redis_url')}={self.redis_url!r}: must be a redis:// URL"
+            )
+        if self.api_max_body_bytes <= self.max_payload_bytes:
+            raise SettingsError(
+                f"{env_name('api_max_body_bytes')}={self.api_max_body_bytes}: must exceed "
+                f"{env_name('max_payload_bytes')}={self.max_payload_bytes}"
+            )
+        if self.relay_lease_s * 1000 <= self.relay_delivery_timeout_ms:
+            # A claim must outlive its slowest delivery, or a second relay could send too.
+            raise SettingsError(
+                f"{env_name('relay_lease_s')}={self.relay_lease_s:g}: must exceed "
+                f"{env_name('relay_delivery_timeout_ms')}={self.relay_delivery_timeout_ms} ms"
             )
         if not self.consumer_topics:
             raise SettingsError(f"{env_name('consumer_topics')}: needs at least one topic")

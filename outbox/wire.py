@@ -7,6 +7,11 @@ import zlib
 
 HEADER_MESSAGE_ID = "message_id"
 HEADER_IDEMPOTENCY_KEY = "idempotency_key"
+HEADER_CORRELATION_ID = "correlation_id"
+HEADER_CAUSATION_ID = "causation_id"
+HEADER_TRACEPARENT = "traceparent"
+# Set by the outbox itself; a caller may not supply them.
+RESERVED_HEADERS = frozenset({HEADER_MESSAGE_ID, HEADER_IDEMPOTENCY_KEY})
 
 # Messages from producers that are not ours get a stable id from their position.
 _FOREIGN_NAMESPACE = uuid.UUID("6f1c2f43-52a4-4b0e-9a8f-3f4a1f0e2b7d")

@@ -1,4 +1,4 @@
-"""The periodic tasks beat triggers. Each is a thin call into ``outbox``."""
+"""Periodic tasks whose work arrives with the operations features (retry, heartbeat, cleanup)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,6 @@ log = logging.getLogger(__name__)
 
 def register(app: Celery) -> None:
     """Register the beat tasks on ``app``."""
-
-    @app.task(name="outbox.publish", shared=False)
-    def publish() -> None:
-        """Relay committed outbox rows to Kafka."""
-        log.info("outbox.publish: no relay is installed yet; nothing to do")
 
     @app.task(name="outbox.retry_targeted", shared=False)
     def retry_targeted() -> None:

@@ -28,7 +28,8 @@ def make_celery(settings: Settings) -> Celery:
     def _logging(**_: Any) -> None:
         setup_logging(settings, _role(sys.argv))
 
-    from tasks import beat
+    from tasks import beat, relay
 
+    relay.register(app, settings)
     beat.register(app)
     return app

@@ -1,0 +1,56 @@
+"""After a publish commits, ask a worker to relay now rather than at the next beat tick.
+
+Kicks are coalesced: a background thread sends at most one ``outbox.publish``
+per ``kick_debounce_ms``, and a commit that lands while a kick is in flight
+gets one more after it, so no committed row waits for beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+import celeryconfig
+from outbox.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Kicker:
+    """Sends debounced ``outbox.publish`` tasks from a daemon thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._wanted = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._app: Celery | None = None
+
+    def kick(self) -> None:
+        """Note that rows were committed; returns at once."""
+        self._wanted.set()
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._run, name="outbox-kick", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        app = Celery("outbox-kick")
+        app.conf.update(celeryconfig.from_settings(self.settings))
+        debounce_s = self.settings.kick_debounce_ms / 1000
+        # Ticks and kicks are interchangeable: a stale kick is dropped, not queued up.
+        expires_s = max(self.settings.publish_interval_s, 1.0)
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                app.send_task("outbox.publish", expires=expires_s)
+            except Exception:
+                log.exception("could not kick the relay; beat will pick the rows up")
+            if debounce_s:
+                self._wanted.wait(debounce_s)

@@ -1,0 +1,181 @@
+"""Request and response schemas; pydantic validates them and they make the OpenAPI document."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    RootModel,
+    Tag,
+)
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class MessageIn(Strict):
+    topic: str = Field(min_length=1, max_length=249, description="A registered, active topic.")
+    payload: JsonValue = Field(description="Any JSON value; limited by OUTBOX_MAX_PAYLOAD_BYTES.")
+    key: str | None = Field(None, description="Kafka key: per-key order is kept.")
+    headers: dict[str, str] | None = Field(
+        None, description="Extra headers, e.g. correlation_id, causation_id, traceparent."
+    )
+    idempotency_key: str | None = Field(None, min_length=1, max_length=255)
+
+
+class BatchIn(Strict):
+    messages: list[MessageIn] = Field(
+        min_length=1, description="All or none are written; at most OUTBOX_MAX_BATCH."
+    )
+
+
+def _publish_kind(value: Any) -> str:
+    return "batch" if isinstance(value, dict) and "messages" in value else "message"
+
+
+class PublishRequest(
+    RootModel[
+        Annotated[
+            Annotated[MessageIn, Tag("message")] | Annotated[BatchIn, Tag("batch")],
+            Discriminator(_publish_kind),
+        ]
+    ]
+):
+    """One message, or ``{"messages": [...]}``."""
+
+
+class PublishedOne(BaseModel):
+    message_id: uuid.UUID
+
+
+class PublishedBatch(BaseModel):
+    message_ids: list[uuid.UUID]
+
+
+class MessagePath(Strict):
+    message_id: uuid.UUID
+
+
+class DeliveryOut(BaseModel):
+    group: str
+    status: str
+    attempts: int
+    next_retry_at: datetime | None
+    error: str | None
+
+
+class MessageOut(BaseModel):
+    message_id: uuid.UUID
+    topic: str
+    key: str | None
+    status: Literal["pending", "sent", "dead"]
+    attempts: int
+    last_error: str | None
+    kafka_partition: int | None
+    kafka_offset: int | None
+    idempotency_key: str | None
+    headers: dict[str, str]
+    created_at: datetime
+    sent_at: datetime | None
+    available_at: datetime
+
+
+class MessageDetail(MessageOut):
+    payload: JsonValue
+    deliveries: list[DeliveryOut]
+
+
+class MessageQuery(Strict):
+    status: Literal["pending", "sent", "dead"] | None = None
+    topic: str | None = None
+    key: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    cursor: str | None = Field(None, description="next_cursor of the previous page.")
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class MessagePage(BaseModel):
+    items: list[MessageOut]
+    next_cursor: str | None
+
+
+class RetryIn(Strict):
+    base_s: float = Field(1.0, gt=0)
+    factor: float = Field(2.0, ge=1)
+    cap_s: float = Field(600.0, gt=0)
+    max_attempts: int = Field(10, ge=1)
+
+
+class GroupFields(Strict):
+    requires_ack: bool = False
+    ack_timeout_s: int = Field(300, gt=0)
+    max_retries: int = Field(10, ge=-1, description="-1 retries forever.")
+    ordered: bool = True
+    retry: RetryIn = Field(default_factory=RetryIn)
+    active: bool = True
+
+
+class GroupIn(GroupFields):
+    topic: str = Field(min_length=1, max_length=249)
+
+
+class NamedGroupIn(GroupFields):
+    name: str = Field(min_length=1, max_length=255)
+
+
+class GroupPath(Strict):
+    name: str = Field(min_length=1, max_length=255)
+
+
+class GroupOut(BaseModel):
+    name: str
+    topic: str
+    requires_ack: bool
+    ack_timeout_s: int
+    max_retries: int
+    ordered: bool
+    retry: RetryIn
+    active: bool
+
+
+class TopicIn(Strict):
+    name: str = Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
+    description: str = ""
+    active: bool = True
+    consumer_groups: list[NamedGroupIn] = Field(default_factory=list)
+
+
+class TopicOut(BaseModel):
+    name: str
+    description: str
+    active: bool
+    consumer_groups: list[GroupOut]
+
+
+class TopicList(BaseModel):
+    items: list[TopicOut]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class Published(RootModel[PublishedOne | PublishedBatch]):
+    """``{"message_id"}`` for one message, ``{"message_ids"}`` for a batch."""

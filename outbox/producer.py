@@ -1,0 +1,167 @@
+"""The relay's Kafka producer: idempotent, one per process, created after fork.
+
+``send`` produces a batch and waits for every delivery report. Only a report
+without error proves a message is in Kafka; an error or a missing report
+proves nothing (the message may be there), so such rows are retried and a
+duplicate downstream is possible and harmless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from outbox.kafka import admin_client, ensure_topics, producer_config
+from outbox.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Errors that say the broker (or the cluster's view of a topic) is unavailable,
+# not that the message is bad: the relay releases such rows without spending an
+# attempt and opens its circuit.
+BROKER_UNAVAILABLE = frozenset(
+    {
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TRANSPORT,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._RESOLVE,
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    }
+)
+TOPIC_MISSING = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART})
+PING_TIMEOUT_S = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """One claimed row, ready to produce."""
+
+    id: int
+    topic: str
+    key: str | None
+    value: bytes
+    headers: list[tuple[str, str | bytes | None]]
+
+
+@dataclasses.dataclass
+class Delivery:
+    """What Kafka said about one row: where it landed, or why not."""
+
+    id: int
+    partition: int | None = None
+    offset: int | None = None
+    error: KafkaError | None = None
+
+    @property
+    def broker_unavailable(self) -> bool:
+        return self.error is not None and self.error.code() in BROKER_UNAVAILABLE
+
+
+class RelayProducer:
+    """An idempotent producer that creates missing topics and reports each delivery."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # The broker must accept the largest message publish() lets through.
+        max_message = (
+            settings.max_payload_bytes + settings.max_key_bytes + settings.max_headers_bytes + 65536
+        )
+        self.producer = Producer(
+            producer_config(
+                settings,
+                **{
+                    "message.timeout.ms": settings.relay_delivery_timeout_ms,
+                    "message.max.bytes": max_message,
+                    "queue.buffering.max.messages": max(100000, settings.relay_batch_size * 4),
+                    "error_cb": self._on_error,
+                },
+            )
+        )
+        self.known_topics: set[str] = set()
+        self.brokers_down = False
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.brokers_down = True
+        log.warning("producer: %s", error)
+
+    def ping(self) -> bool:
+        """True when a broker answers a metadata request."""
+        try:
+            metadata = self.producer.list_topics(timeout=PING_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("producer: broker did not answer: %s", exc)
+            return False
+        self.brokers_down = not metadata.brokers
+        return not self.brokers_down
+
+    def prepare_topics(self, topics: set[str]) -> None:
+        """Create any of ``topics`` not known to exist, with the configured partitions."""
+        missing = topics - self.known_topics
+        if missing:
+            ensure_topics(
+                admin_client(self.settings), missing, self.settings.kafka_topic_partitions
+            )
+            self.known_topics |= missing
+
+    def send(self, rows: Sequence[Outgoing]) -> list[Delivery]:
+        """Produce ``rows`` in order and wait for every delivery report."""
+        self.prepare_topics({r.topic for r in rows})
+        reports: dict[int, Delivery] = {}
+
+        def on_delivery(row_id: int) -> Any:
+            def report(error: KafkaError | None, msg: Message) -> None:
+                if error is None:
+                    reports[row_id] = Delivery(row_id, msg.partition(), msg.offset())
+                else:
+                    reports[row_id] = Delivery(row_id, error=error)
+
+            return report
+
+        for row in rows:
+            while True:
+                try:
+                    self.producer.produce(
+                        row.topic,
+                        value=row.value,
+                        key=row.key,
+                        headers=row.headers,
+                        on_delivery=on_delivery(row.id),
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.01)
+                except KafkaException as exc:
+                    # Refused before sending (e.g. larger than message.max.bytes).
+                    reports[row.id] = Delivery(row.id, error=exc.args[0])
+                    break
+        deadline = time.monotonic() + self.settings.relay_delivery_timeout_ms / 1000 + 5
+        while len(reports) < len(rows) and time.monotonic() < deadline:
+            self.producer.flush(max(deadline - time.monotonic(), 0.01))
+        missing = KafkaError(KafkaError._TIMED_OUT, "no delivery report")
+        deliveries = [reports.get(r.id) or Delivery(r.id, error=missing) for r in rows]
+        if any(d.error is not None and d.error.code() in TOPIC_MISSING for d in deliveries):
+            # The broker lost the topic (a memory-only broker restarted): make it again.
+            self.known_topics.clear()
+        elif deliveries and all(d.error is None for d in deliveries):
+            self.brokers_down = False
+        return deliveries
+
+    def close(self) -> None:
+        """Deliver what is queued, within the delivery timeout."""
+        self.producer.flush(self.settings.relay_delivery_timeout_ms / 1000)

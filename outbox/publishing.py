@@ -1,0 +1,281 @@
+"""``publish()``: add messages to the caller's transaction. Nothing is sent before commit.
+
+A batch, of one message or many, is one INSERT statement. When it inserts fewer
+rows than it was given, a second look says why (unknown or inactive topic, or
+an idempotency key used before) and the error names the message and field. A
+repeat of an idempotency key with the same message returns the first message's
+id and adds nothing; with a different message it is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from outbox import queries
+from outbox.errors import (
+    IdempotencyConflict,
+    InactiveTopic,
+    InvalidHeaders,
+    KeyTooLong,
+    PayloadNotJSON,
+    PayloadTooLarge,
+    PublishError,
+    UnknownTopic,
+)
+from outbox.settings import Settings
+from outbox.wire import (
+    HEADER_CORRELATION_ID,
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_MESSAGE_ID,
+    HEADER_TRACEPARENT,
+    RESERVED_HEADERS,
+    bucket_for,
+)
+
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+MAX_IDEMPOTENCY_KEY = 255
+MAX_TOPIC = 249
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One message to publish."""
+
+    topic: str
+    payload: Any
+    key: str | None = None
+    headers: Mapping[str, str] | None = None
+    idempotency_key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    message_id: uuid.UUID
+    topic: str
+    key: str | None
+    payload: str
+    headers: str
+    idempotency_key: str | None
+    request_hash: str
+    bucket: int
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True
+    )
+
+
+class Publisher:
+    """Validates messages against the limits in ``settings`` and writes them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def publish(
+        self,
+        session: Session,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> uuid.UUID:
+        """Add one message to the session's transaction; return its message id."""
+        return self.publish_batch(
+            session, [Message(topic, payload, key, headers, idempotency_key)]
+        )[0]
+
+    def publish_batch(self, session: Session, messages: Sequence[Message]) -> list[uuid.UUID]:
+        """Add messages, all or none, to the session's transaction; return their ids in order.
+
+        Raises a :class:`PublishError` subclass whose ``index`` is the message at fault;
+        the caller then rolls back (the API does), so nothing of the batch is kept.
+        """
+        rows = [self._row(i, m) for i, m in enumerate(messages)]
+        if not rows:
+            return []
+        inserted = self._insert(session, rows)
+        if len(inserted) == len(rows):
+            return [r.message_id for r in rows]
+        return self._resolve_missing(session, rows, inserted)
+
+    def _insert(self, session: Session, rows: list[_Row]) -> set[uuid.UUID]:
+        result = session.execute(
+            queries.INSERT_MESSAGES,
+            {
+                "message_ids": [r.message_id for r in rows],
+                "topics": [r.topic for r in rows],
+                "keys": [r.key for r in rows],
+                "payloads": [r.payload for r in rows],
+                "headers": [r.headers for r in rows],
+                "idempotency_keys": [r.idempotency_key for r in rows],
+                "request_hashes": [r.request_hash for r in rows],
+                "buckets": [r.bucket for r in rows],
+            },
+        )
+        return {row[0] for row in result}
+
+    def _resolve_missing(
+        self, session: Session, rows: list[_Row], inserted: set[uuid.UUID]
+    ) -> list[uuid.UUID]:
+        missing = [(i, r) for i, r in enumerate(rows) if r.message_id not in inserted]
+        states = dict(
+            session.execute(
+                queries.TOPIC_STATES, {"names": sorted({r.topic for _, r in missing})}
+            ).all()
+        )
+        unknown = [(i, r) for i, r in missing if r.topic not in states]
+        if unknown and self.settings.auto_register_topics:
+            session.execute(
+                queries.REGISTER_TOPICS, {"names": sorted({r.topic for _, r in unknown})}
+            )
+            retried = self._insert(session, [r for _, r in unknown])
+            inserted |= retried
+            missing = [(i, r) for i, r in missing if r.message_id not in inserted]
+            states.update({r.topic: True for _, r in unknown})
+        for i, r in missing:
+            if r.topic not in states:
+                raise UnknownTopic(f"topic {r.topic!r} is not registered", field="topic", index=i)
+            if not states[r.topic]:
+                raise InactiveTopic(f"topic {r.topic!r} is inactive", field="topic", index=i)
+        # What is left was refused for its idempotency key: a repeat, or a conflict.
+        keys = sorted({r.idempotency_key for _, r in missing if r.idempotency_key})
+        existing = {
+            k: (message_id, request_hash)
+            for k, message_id, request_hash in session.execute(
+                queries.MESSAGES_BY_IDEMPOTENCY_KEY, {"keys": keys}
+            )
+        }
+        ids = [r.message_id for r in rows]
+        for i, r in missing:
+            if r.idempotency_key not in existing:
+                raise PublishError("the message was not written", index=i)
+            first_id, first_hash = existing[r.idempotency_key]
+            if first_hash != r.request_hash:
+                raise IdempotencyConflict(
+                    f"idempotency key {r.idempotency_key!r} was used for a different message",
+                    field="idempotency_key",
+                    index=i,
+                )
+            ids[i] = first_id
+        return ids
+
+    def _row(self, index: int, message: Message) -> _Row:
+        s = self.settings
+        topic = message.topic
+        if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC:
+            raise UnknownTopic(
+                f"topic must be 1 to {MAX_TOPIC} characters", field="topic", index=index
+            )
+        try:
+            payload = _compact(message.payload)
+        except (TypeError, ValueError) as exc:
+            raise PayloadNotJSON(
+                f"payload is not JSON: {exc}", field="payload", index=index
+            ) from exc
+        size = len(payload.encode())
+        if size > s.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {size} bytes, over the limit of {s.max_payload_bytes}",
+                field="payload",
+                index=index,
+            )
+        key = message.key
+        if key is not None and len(key.encode()) > s.max_key_bytes:
+            raise KeyTooLong(
+                f"key is over the limit of {s.max_key_bytes} bytes", field="key", index=index
+            )
+        idem = message.idempotency_key
+        if idem is not None and not 1 <= len(idem) <= MAX_IDEMPOTENCY_KEY:
+            raise PublishError(
+                f"idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY} characters",
+                field="idempotency_key",
+                index=index,
+            )
+        caller_headers = self._caller_headers(index, message.headers)
+        message_id = uuid.uuid4()
+        headers = dict(caller_headers)
+        headers[HEADER_MESSAGE_ID] = str(message_id)
+        headers.setdefault(HEADER_CORRELATION_ID, str(message_id))
+        if idem is not None:
+            headers[HEADER_IDEMPOTENCY_KEY] = idem
+        request_hash = hashlib.sha256(
+            _compact([topic, key, message.payload, caller_headers]).encode()
+        ).hexdigest()
+        return _Row(
+            message_id,
+            topic,
+            key,
+            payload,
+            _compact(headers),
+            idem,
+            request_hash,
+            bucket_for(key, message_id, s.buckets),
+        )
+
+    def _caller_headers(self, index: int, headers: Mapping[str, str] | None) -> dict[str, str]:
+        if not headers:
+            return {}
+        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in headers.items()):
+            raise InvalidHeaders(
+                "headers must map non-empty names to strings", field="headers", index=index
+            )
+        reserved = sorted(RESERVED_HEADERS & set(headers))
+        if reserved:
+            raise InvalidHeaders(
+                f"headers {reserved} are set by the outbox", field="headers", index=index
+            )
+        traceparent = headers.get(HEADER_TRACEPARENT)
+        if traceparent is not None and not TRACEPARENT.match(traceparent):
+            raise InvalidHeaders(
+                "traceparent is not a W3C trace context header",
+                field="headers.traceparent",
+                index=index,
+            )
+        size = len(_compact(dict(headers)).encode())
+        if size > self.settings.max_headers_bytes:
+            raise InvalidHeaders(
+                f"headers are {size} bytes, over the limit of {self.settings.max_headers_bytes}",
+                field="headers",
+                index=index,
+            )
+        return dict(headers)
+
+
+@lru_cache(maxsize=1)
+def _default_publisher() -> Publisher:
+    return Publisher(Settings.from_env())
+
+
+def publish(
+    session: Session,
+    topic: str,
+    payload: Any,
+    *,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    idempotency_key: str | None = None,
+) -> uuid.UUID:
+    """Add one message to ``session``'s transaction; it is relayed once that commits.
+
+    Limits come from the ``OUTBOX_*`` settings; use :class:`Publisher` to pass others.
+    """
+    return _default_publisher().publish(
+        session, topic, payload, key=key, headers=headers, idempotency_key=idempotency_key
+    )
+
+
+def publish_batch(session: Session, messages: Sequence[Message]) -> list[uuid.UUID]:
+    """Add messages, all or none, to ``session``'s transaction; return their ids in order."""
+    return _default_publisher().publish_batch(session, messages)

@@ -1,0 +1,163 @@
+"""Hot-path SQL, written once and called by name.
+
+Every predicate that guards correctness carries a comment saying what it
+guards. Arrays are passed whole and expanded with ``unnest`` so that a batch
+costs one round trip whatever its size.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import TextClause, text
+
+
+def _sql(statement: str) -> TextClause:
+    return text(statement)
+
+
+# Publish: insert a batch in one statement; rows whose topic is unknown or inactive
+# and rows whose idempotency key is taken are left out, and the caller finds out
+# which from what RETURNING did not return.
+INSERT_MESSAGES = _sql("""
+INSERT INTO outbox_messages
+    (message_id, topic, key, payload, headers, idempotency_key, request_hash, bucket)
+SELECT u.message_id, u.topic, u.key, u.payload, u.headers, u.idempotency_key,
+       u.request_hash, u.bucket
+FROM unnest(
+    CAST(:message_ids AS uuid[]), CAST(:topics AS text[]), CAST(:keys AS text[]),
+    CAST(:payloads AS jsonb[]), CAST(:headers AS jsonb[]), CAST(:idempotency_keys AS text[]),
+    CAST(:request_hashes AS text[]), CAST(:buckets AS smallint[])
+) WITH ORDINALITY AS u(message_id, topic, key, payload, headers, idempotency_key,
+                       request_hash, bucket, n)
+-- only registered, active topics take messages
+JOIN topics t ON t.name = u.topic AND t.active
+ORDER BY u.n
+-- a taken idempotency key (a repeat, or a concurrent twin) inserts nothing
+ON CONFLICT DO NOTHING
+RETURNING message_id
+""")
+
+TOPIC_STATES = _sql("""
+SELECT name, active FROM topics WHERE name = ANY(CAST(:names AS text[]))
+""")
+
+REGISTER_TOPICS = _sql("""
+INSERT INTO topics (name) SELECT unnest(CAST(:names AS text[])) ON CONFLICT DO NOTHING
+""")
+
+MESSAGES_BY_IDEMPOTENCY_KEY = _sql("""
+SELECT idempotency_key, message_id, request_hash FROM outbox_messages
+WHERE idempotency_key = ANY(CAST(:keys AS text[]))
+  -- retries carry the original's key but are not the original
+  AND NOT is_retry
+""")
+
+ENSURE_LEASE_ROWS = _sql("""
+INSERT INTO leases (scope, bucket, owner, expires_at)
+SELECT :scope, b, NULL, now() FROM generate_series(0, :buckets - 1) AS b
+ON CONFLICT DO NOTHING
+""")
+
+# Buckets holding rows a relay could send now; probes the claim index once per bucket.
+BUCKETS_WITH_WORK = _sql("""
+SELECT b FROM generate_series(0, :buckets - 1) AS b
+WHERE EXISTS (
+    SELECT 1 FROM outbox_messages m
+    WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+)
+""")
+
+# Take or renew up to :limit buckets among :candidates. A bucket is never held by
+# two owners: rows are locked while chosen, and only free, expired or own leases qualify.
+ACQUIRE_LEASES = _sql("""
+WITH chosen AS (
+    SELECT l.bucket FROM leases l
+    WHERE l.scope = :scope
+      AND l.bucket = ANY(CAST(:candidates AS int[]))
+      -- free, expired (its owner is presumed dead), or ours already
+      AND (l.owner IS NULL OR l.expires_at < now() OR l.owner = :owner)
+    ORDER BY (l.owner IS NOT DISTINCT FROM :owner) DESC, random()
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE leases l
+SET owner = :owner,
+    expires_at = now() + make_interval(secs => :lease_s),
+    -- a new holder gets a new token, so anything the old holder still writes is fenced
+    fencing_token = CASE WHEN l.owner = :owner AND l.expires_at >= now()
+                         THEN l.fencing_token ELSE l.fencing_token + 1 END
+FROM chosen c
+WHERE l.scope = :scope AND l.bucket = c.bucket
+RETURNING l.bucket, l.fencing_token
+""")
+
+RELEASE_LEASES = _sql("""
+UPDATE leases SET owner = NULL, expires_at = now()
+WHERE scope = :scope AND owner = :owner AND bucket = ANY(CAST(:buckets AS int[]))
+""")
+
+# Rows are taken per bucket in id order: a key lives in one bucket, so that is all
+# per-key order needs, and each bucket is a short range scan of the claim index.
+CLAIM_BATCH = _sql("""
+WITH claimable AS (
+    SELECT c.id
+    -- only buckets whose lease this relay holds: one sender per key at a time
+    FROM unnest(CAST(:buckets AS int[])) AS b(bucket)
+    CROSS JOIN LATERAL (
+        SELECT m.id FROM outbox_messages m
+        WHERE m.status = 'pending'
+          AND m.bucket = b.bucket
+          -- backoff after a failed delivery has elapsed
+          AND m.available_at <= now()
+          -- not claimed by a relay whose claim is still live
+          AND (m.lease_expires_at IS NULL OR m.lease_expires_at < now())
+          -- per-key order: while an earlier row of the key waits to be retried, later ones wait
+          AND NOT EXISTS (
+              SELECT 1 FROM outbox_messages f
+              WHERE f.status = 'pending' AND f.attempts > 0
+                AND f.bucket = m.bucket AND f.key = m.key AND f.id < m.id
+          )
+        ORDER BY m.id
+        LIMIT :per_bucket
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+)
+UPDATE outbox_messages m
+SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :lease_s)
+FROM claimable c
+WHERE m.id = c.id
+RETURNING m.id, m.topic, m.key, CAST(m.payload AS text) AS payload,
+          CAST(m.headers AS text) AS headers, m.attempts
+""")
+
+MARK_SENT = _sql("""
+UPDATE outbox_messages m
+SET status = 'sent', sent_at = clock_timestamp(), kafka_partition = v.kafka_partition,
+    kafka_offset = v.kafka_offset, last_error = NULL, claim_token = NULL,
+    lease_expires_at = NULL
+FROM unnest(CAST(:ids AS bigint[]), CAST(:partitions AS int[]), CAST(:offsets AS bigint[]))
+     AS v(id, kafka_partition, kafka_offset)
+WHERE m.id = v.id
+  -- fencing: a relay whose claim was taken over changes nothing
+  AND m.claim_token = :token
+""")
+
+MARK_FAILED = _sql("""
+UPDATE outbox_messages m
+SET attempts = m.attempts + 1,
+    status = CASE WHEN m.attempts + 1 >= :max_attempts THEN 'dead' ELSE 'pending' END,
+    available_at = now() + make_interval(secs => v.delay_s),
+    last_error = v.error, claim_token = NULL, lease_expires_at = NULL
+FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]), CAST(:errors AS text[]))
+     AS v(id, delay_s, error)
+WHERE m.id = v.id
+  -- fencing: a relay whose claim was taken over changes nothing
+  AND m.claim_token = :token
+""")
+
+# Give rows back untouched (broker unreachable): no attempt is spent.
+RELEASE_CLAIMS = _sql("""
+UPDATE outbox_messages SET claim_token = NULL, lease_expires_at = NULL
+WHERE id = ANY(CAST(:ids AS bigint[]))
+  -- fencing: a relay whose claim was taken over changes nothing
+  AND claim_token = :token
+""")

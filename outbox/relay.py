@@ -1,0 +1,249 @@
+"""The relay: committed outbox rows to Kafka, at least once, in order per key.
+
+One pass of :meth:`Relay.run`:
+
+1. lease key buckets that have claimable rows (at most ``relay_buckets_per_task``),
+   so concurrent relays share the buckets and never hold the same one;
+2. claim a batch of their rows in id order with ``FOR UPDATE SKIP LOCKED``,
+   stamping a claim token and lease expiry, and commit;
+3. produce outside any transaction and wait for the delivery reports;
+4. mark rows sent (with partition and offset) only ``WHERE claim_token`` is
+   still ours; failed rows back off and end dead after the last attempt; rows
+   that met a broker outage are released untouched and the circuit opens.
+
+A relay that dies stops renewing: its bucket leases and row claims expire and
+another relay takes them over. Rows are never chosen by an id cursor, since
+ids are not commit order.
+
+Per-key order: a key maps to one bucket, one relay holds a bucket, and rows go
+out in id order; a row that failed holds back later rows of its key until it
+is sent. The idempotent producer keeps the order within a batch; should a
+message fail for a reason of its own while later ones of its key succeed,
+those later ones are already in Kafka and the failed one follows on retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from outbox import leases, queries
+from outbox.circuit import Circuit
+from outbox.db import make_engine, make_sessionmaker
+from outbox.producer import Delivery, Outgoing, RelayProducer
+from outbox.retry import RetryPolicy
+from outbox.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SCOPE = "relay"
+# With no delivery for this long, check that a broker answers before claiming.
+IDLE_PROBE_S = 5.0
+MAX_ERROR_CHARS = 2000
+
+
+@dataclasses.dataclass
+class RelayReport:
+    """What one :meth:`Relay.run` did."""
+
+    sent: int = 0
+    failed: int = 0
+    released: int = 0
+    batches: int = 0
+    buckets: int = 0
+    circuit: str = "closed"
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Relay:
+    """Relays outbox rows; make one per process, after fork, and call :meth:`run`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sessions: sessionmaker[Session] | None = None,
+        producer: RelayProducer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions or make_sessionmaker(make_engine(settings, pool_size=2))
+        self.producer = producer or RelayProducer(settings)
+        self.owner = f"relay@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.policy = RetryPolicy(
+            base_s=settings.relay_retry_base_s,
+            cap_s=settings.relay_retry_cap_s,
+            max_attempts=settings.relay_max_attempts,
+        )
+        self.circuit = Circuit(open_s=settings.relay_circuit_open_s)
+        self._lease_rows_ready = False
+        self._last_delivery = 0.0
+
+    def run(self, budget_s: float | None = None) -> RelayReport:
+        """Relay until no claimable row is left or ``budget_s`` (default ``relay_drain_s``) ends."""
+        started = time.monotonic()
+        deadline = started + (self.settings.relay_drain_s if budget_s is None else budget_s)
+        report = RelayReport()
+        if self._broker_available():
+            self._drain(deadline, report)
+        report.circuit = self.circuit.state
+        report.elapsed_s = round(time.monotonic() - started, 4)
+        if report.sent or report.failed or report.released:
+            log.info("relay %s: %s", self.owner, report.as_dict())
+        return report
+
+    def _broker_available(self) -> bool:
+        if not self.circuit.allows():
+            return False
+        idle = time.monotonic() - self._last_delivery > IDLE_PROBE_S
+        if self.circuit.state == "half_open" or self.producer.brokers_down or idle:
+            if not self.producer.ping():
+                self.circuit.open("no broker answers a metadata request")
+                return False
+            self.circuit.close()
+        return True
+
+    def _drain(self, deadline: float, report: RelayReport) -> None:
+        held: dict[int, int] = {}
+        renew_at = 0.0
+        fresh = False
+        s = self.settings
+        try:
+            while time.monotonic() < deadline and self.circuit.state != "open":
+                if not held or time.monotonic() >= renew_at:
+                    held = self._lease(held)
+                    renew_at = time.monotonic() + s.relay_lease_s / 3
+                    fresh = True
+                    report.buckets = max(report.buckets, len(held))
+                    if not held:
+                        return
+                batch = self._claim(list(held))
+                if not batch:
+                    if fresh:
+                        return  # our buckets hold nothing sendable now
+                    renew_at = 0.0  # drained these buckets: look for others with work
+                    continue
+                fresh = False
+                report.batches += 1
+                self._send(batch, report)
+        finally:
+            if held:
+                with self.sessions.begin() as session:
+                    leases.release(session, SCOPE, self.owner, held)
+
+    def _lease(self, held: dict[int, int]) -> dict[int, int]:
+        s = self.settings
+        with self.sessions.begin() as session:
+            if not self._lease_rows_ready:
+                leases.ensure_rows(session, SCOPE, s.buckets)
+                self._lease_rows_ready = True
+            with_work = session.scalars(queries.BUCKETS_WITH_WORK, {"buckets": s.buckets})
+            # Held buckets that still have work are renewed first.
+            granted = leases.acquire(
+                session,
+                SCOPE,
+                self.owner,
+                with_work,
+                limit=s.relay_buckets_per_task,
+                lease_s=s.relay_lease_s,
+            )
+            # Drained buckets go back at once, for whichever relay next finds work there.
+            leases.release(session, SCOPE, self.owner, set(held) - set(granted))
+        return granted
+
+    def _claim(self, buckets: list[int]) -> list[dict[str, Any]]:
+        token = uuid.uuid4()
+        with self.sessions.begin() as session:
+            rows = (
+                session.execute(
+                    queries.CLAIM_BATCH,
+                    {
+                        "buckets": buckets,
+                        "token": token,
+                        "lease_s": self.settings.relay_lease_s,
+                        "per_bucket": -(-self.settings.relay_batch_size // len(buckets)),
+                    },
+                )
+                .mappings()
+                .all()
+            )
+        batch = sorted((dict(r) for r in rows), key=lambda r: r["id"])
+        for row in batch:
+            row["token"] = token
+        return batch
+
+    def _send(self, batch: list[dict[str, Any]], report: RelayReport) -> None:
+        outgoing = [
+            Outgoing(
+                id=row["id"],
+                topic=row["topic"],
+                key=row["key"],
+                value=row["payload"].encode(),
+                headers=[(k, v.encode()) for k, v in json.loads(row["headers"]).items()],
+            )
+            for row in batch
+        ]
+        deliveries = self.producer.send(outgoing)
+        self._mark(batch[0]["token"], {r["id"]: r for r in batch}, deliveries, report)
+
+    def _mark(
+        self,
+        token: uuid.UUID,
+        rows: dict[int, dict[str, Any]],
+        deliveries: list[Delivery],
+        report: RelayReport,
+    ) -> None:
+        sent = [d for d in deliveries if d.error is None]
+        unavailable = [d for d in deliveries if d.broker_unavailable]
+        failed = [d for d in deliveries if d.error is not None and not d.broker_unavailable]
+        with self.sessions.begin() as session:
+            if sent:
+                session.execute(
+                    queries.MARK_SENT,
+                    {
+                        "token": token,
+                        "ids": [d.id for d in sent],
+                        "partitions": [d.partition for d in sent],
+                        "offsets": [d.offset for d in sent],
+                    },
+                )
+            if failed:
+                session.execute(
+                    queries.MARK_FAILED,
+                    {
+                        "token": token,
+                        "max_attempts": self.policy.max_attempts,
+                        "ids": [d.id for d in failed],
+                        "delays": [self.policy.delay(rows[d.id]["attempts"] + 1) for d in failed],
+                        "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in failed],
+                    },
+                )
+            if unavailable:
+                session.execute(
+                    queries.RELEASE_CLAIMS, {"token": token, "ids": [d.id for d in unavailable]}
+                )
+        if sent:
+            self._last_delivery = time.monotonic()
+        if unavailable:
+            self.circuit.open(str(unavailable[0].error))
+        if failed:
+            log.warning(
+                "relay %s: %d rows failed, first: %s", self.owner, len(failed), failed[0].error
+            )
+        report.sent += len(sent)
+        report.failed += len(failed)
+        report.released += len(unavailable)
+
+    def close(self) -> None:
+        """Flush the producer (call at process shutdown)."""
+        self.producer.close()

@@ -1,0 +1,38 @@
+"""How long to wait before the next attempt: exponential backoff with full jitter."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """``delay(attempt)`` is uniform in ``[0, min(cap_s, base_s * factor ** (attempt - 1))]``.
+
+    Full jitter spreads retries of many messages that failed together, so a
+    recovering dependency is not hit by all of them at once. ``attempt`` counts
+    from 1 (the delay after the first failure). The database row's ``attempts``
+    and ``available_at`` are the source of truth, never a timer in a process.
+    """
+
+    base_s: float = 1.0
+    factor: float = 2.0
+    cap_s: float = 600.0
+    max_attempts: int = 10
+
+    def ceiling(self, attempt: int) -> float:
+        """The largest delay after failed attempt number ``attempt``."""
+        if attempt < 1:
+            raise ValueError("attempt counts from 1")
+        # Cap the exponent too, so huge attempt numbers cannot overflow a float.
+        exponent = min(attempt - 1, 64)
+        return min(self.cap_s, self.base_s * self.factor**exponent)
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """A random delay in ``[0, ceiling(attempt)]``."""
+        return (rng or random).uniform(0.0, self.ceiling(attempt))
+
+    def exhausted(self, attempts: int) -> bool:
+        """True when ``attempts`` failures use up the budget."""
+        return attempts >= self.max_attempts

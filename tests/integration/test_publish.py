@@ -1,0 +1,174 @@
+"""``publish()`` against a real PostgreSQL: one INSERT in the caller's transaction."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from outbox import Message, Publisher
+from outbox.db import make_sessionmaker
+from outbox.errors import (
+    IdempotencyConflict,
+    InactiveTopic,
+    InvalidHeaders,
+    KeyTooLong,
+    PayloadNotJSON,
+    PayloadTooLarge,
+    UnknownTopic,
+)
+from outbox.models import OutboxMessage
+from outbox.registry import register_topic
+from outbox.settings import Settings
+from outbox.wire import bucket_for
+
+
+@pytest.fixture
+def publisher(settings: Settings) -> Publisher:
+    return Publisher(
+        settings.replace(max_payload_bytes=1000, max_key_bytes=10, max_headers_bytes=200)
+    )
+
+
+@pytest.fixture
+def orders(session: Session) -> str:
+    register_topic(session, "orders")
+    register_topic(session, "retired", active=False)
+    session.commit()
+    return "orders"
+
+
+def _count(session: Session) -> int:
+    session.rollback()
+    return session.scalar(select(func.count()).select_from(OutboxMessage)) or 0
+
+
+def test_a_message_is_written_only_when_the_caller_commits(publisher, session, orders):
+    message_id = publisher.publish(
+        session,
+        orders,
+        {"total": 5},
+        key="order-1",
+        headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
+    )
+    session.rollback()
+    assert _count(session) == 0
+
+    message_id = publisher.publish(session, orders, {"total": 5}, key="order-1")
+    session.commit()
+    row = session.scalars(select(OutboxMessage)).one()
+    assert row.message_id == message_id
+    assert (row.topic, row.key, row.payload, row.status, row.attempts) == (
+        "orders",
+        "order-1",
+        {"total": 5},
+        "pending",
+        0,
+    )
+    assert row.headers["message_id"] == str(message_id)
+    assert row.headers["correlation_id"] == str(message_id)
+    assert row.bucket == bucket_for("order-1", message_id, publisher.settings.buckets)
+
+
+def test_caller_headers_are_kept_and_a_correlation_id_is_not_replaced(publisher, session, orders):
+    trace = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    message_id = publisher.publish(
+        session,
+        orders,
+        [1, 2],
+        headers={"correlation_id": "req-9", "causation_id": "evt-1", "traceparent": trace},
+    )
+    session.commit()
+    row = session.scalars(select(OutboxMessage)).one()
+    assert row.headers == {
+        "correlation_id": "req-9",
+        "causation_id": "evt-1",
+        "traceparent": trace,
+        "message_id": str(message_id),
+    }
+
+
+def test_a_batch_keeps_its_order_in_ids(publisher, session, orders):
+    ids = publisher.publish_batch(session, [Message(orders, {"n": i}, key="k") for i in range(50)])
+    session.commit()
+    rows = session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+    assert [r.message_id for r in rows] == ids
+    assert [r.payload["n"] for r in rows] == list(range(50))
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "field"),
+    [
+        (Message("nope", {}), UnknownTopic, "topic"),
+        (Message("retired", {}), InactiveTopic, "topic"),
+        (Message("orders", {"x": float("nan")}), PayloadNotJSON, "payload"),
+        (Message("orders", {"x": object()}), PayloadNotJSON, "payload"),
+        (Message("orders", {"x": "y" * 1000}), PayloadTooLarge, "payload"),
+        (Message("orders", {}, key="k" * 11), KeyTooLong, "key"),
+        (Message("orders", {}, headers={"h": "v" * 300}), InvalidHeaders, "headers"),
+        (Message("orders", {}, headers={"message_id": "mine"}), InvalidHeaders, "headers"),
+        (
+            Message("orders", {}, headers={"traceparent": "bogus"}),
+            InvalidHeaders,
+            "headers.traceparent",
+        ),
+    ],
+)
+def test_a_bad_message_in_a_batch_refuses_the_batch(
+    publisher, session, orders, message, error, field
+):
+    good = Message(orders, {"ok": True})
+    with pytest.raises(error) as info:
+        publisher.publish_batch(session, [good, good, message])
+    assert info.value.index == 2
+    assert info.value.field == field
+    assert _count(session) == 0
+
+
+def test_an_unknown_topic_is_registered_when_the_setting_allows(settings, session):
+    publisher = Publisher(settings.replace(auto_register_topics=True))
+    publisher.publish(session, "fresh.topic", {"a": 1})
+    session.commit()
+    assert _count(session) == 1
+
+
+def test_an_idempotent_repeat_returns_the_first_id_and_writes_nothing(publisher, session, orders):
+    first = publisher.publish(session, orders, {"a": 1}, key="k", idempotency_key="pay-1")
+    session.commit()
+    again = publisher.publish(session, orders, {"a": 1}, key="k", idempotency_key="pay-1")
+    session.commit()
+    assert again == first
+    assert _count(session) == 1
+    with pytest.raises(IdempotencyConflict) as info:
+        publisher.publish(session, orders, {"a": 2}, key="k", idempotency_key="pay-1")
+    assert info.value.field == "idempotency_key"
+    assert _count(session) == 1
+
+
+def test_concurrent_repeats_of_an_idempotency_key_leave_exactly_one_row(
+    publisher, engine, session, orders
+):
+    sessions = make_sessionmaker(engine)
+    barrier = threading.Barrier(8)
+    results: list[uuid.UUID] = []
+    errors: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            with sessions.begin() as own:
+                barrier.wait()
+                results.append(publisher.publish(own, orders, {"n": 1}, idempotency_key="race"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert len(set(results)) == 1
+    assert _count(session) == 1
