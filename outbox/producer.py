@@ -66,6 +66,8 @@ class Delivery:
     partition: int | None = None
     offset: int | None = None
     error: KafkaError | None = None
+    # Not produced, because an earlier row of its key was refused in this batch.
+    held: bool = False
 
     @property
     def broker_unavailable(self) -> bool:
@@ -133,7 +135,11 @@ class RelayProducer:
 
             return report
 
+        refused_keys: set[str] = set()
         for row in rows:
+            if row.key is not None and row.key in refused_keys:
+                reports[row.id] = Delivery(row.id, held=True)
+                continue
             while True:
                 try:
                     self.producer.produce(
@@ -147,8 +153,11 @@ class RelayProducer:
                 except BufferError:
                     self.producer.poll(0.01)
                 except KafkaException as exc:
-                    # Refused before sending (e.g. larger than message.max.bytes).
+                    # Refused before sending (e.g. larger than message.max.bytes); later
+                    # rows of its key must not overtake it.
                     reports[row.id] = Delivery(row.id, error=exc.args[0])
+                    if row.key is not None:
+                        refused_keys.add(row.key)
                     break
         deadline = time.monotonic() + self.settings.relay_delivery_timeout_ms / 1000 + 5
         while len(reports) < len(rows) and time.monotonic() < deadline:
@@ -158,7 +167,7 @@ class RelayProducer:
         if any(d.error is not None and d.error.code() in TOPIC_MISSING for d in deliveries):
             # The broker lost the topic (a memory-only broker restarted): make it again.
             self.known_topics.clear()
-        elif deliveries and all(d.error is None for d in deliveries):
+        elif deliveries and all(d.error is None and not d.held for d in deliveries):
             self.brokers_down = False
         return deliveries
 

@@ -203,9 +203,11 @@ class Relay:
         deliveries: list[Delivery],
         report: RelayReport,
     ) -> None:
-        sent = [d for d in deliveries if d.error is None]
+        sent = [d for d in deliveries if d.error is None and not d.held]
         unavailable = [d for d in deliveries if d.broker_unavailable]
         failed = [d for d in deliveries if d.error is not None and not d.broker_unavailable]
+        # Held rows and rows that met an outage go back untouched: no attempt is spent.
+        released = [d for d in deliveries if d.held or d.broker_unavailable]
         with self.sessions.begin() as session:
             if sent:
                 session.execute(
@@ -228,9 +230,9 @@ class Relay:
                         "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in failed],
                     },
                 )
-            if unavailable:
+            if released:
                 session.execute(
-                    queries.RELEASE_CLAIMS, {"token": token, "ids": [d.id for d in unavailable]}
+                    queries.RELEASE_CLAIMS, {"token": token, "ids": [d.id for d in released]}
                 )
         if sent:
             self._last_delivery = time.monotonic()
@@ -242,7 +244,7 @@ class Relay:
             )
         report.sent += len(sent)
         report.failed += len(failed)
-        report.released += len(unavailable)
+        report.released += len(released)
 
     def close(self) -> None:
         """Flush the producer (call at process shutdown)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -32,4 +33,7 @@ def make_celery(settings: Settings) -> Celery:
 
     relay.register(app, settings)
     beat.register(app)
+    # Handler modules register their handlers (and anything else) on import.
+    for module in settings.handler_modules:
+        importlib.import_module(module)
     return app

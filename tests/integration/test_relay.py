@@ -1,0 +1,126 @@
+"""The relay against real PostgreSQL and a real Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import collections
+import uuid
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from outbox import Message, Publisher
+from outbox.db import make_sessionmaker
+from outbox.models import Lease, OutboxMessage
+from outbox.registry import register_topic
+from outbox.relay import Relay
+from outbox.settings import Settings
+from tests.kafka_helpers import consume_all
+
+
+@pytest.fixture
+def relay_settings(settings: Settings) -> Settings:
+    return settings.replace(relay_batch_size=100, relay_buckets_per_task=8, buckets=16)
+
+
+def _register(session: Session, topic: str) -> None:
+    register_topic(session, topic)
+    session.commit()
+
+
+def test_committed_rows_reach_kafka_once_in_order_per_key_with_their_position(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    ids = publisher.publish_batch(session, [
+        Message(topic, {"key": f"k{i % 20}", "seq": i // 20}, key=f"k{i % 20}")
+        for i in range(2000)
+    ])
+    session.commit()
+
+    report = Relay(relay_settings, sessions=make_sessionmaker(engine)).run(budget_s=60)
+    assert report.sent == 2000 and report.failed == 0
+
+    rows = {r.message_id: r for r in session.scalars(select(OutboxMessage))}
+    assert {r.status for r in rows.values()} == {"sent"}
+    assert all(r.sent_at is not None and r.claim_token is None for r in rows.values())
+    received = consume_all(relay_settings.kafka_bootstrap, topic, 2000)
+    counts = collections.Counter(m.message_id for m in received)
+    assert set(counts) == {str(i) for i in ids}
+    assert max(counts.values()) == 1
+    by_key: dict[str, list[int]] = collections.defaultdict(list)
+    for m in sorted(received, key=lambda m: (m.partition, m.offset)):
+        by_key[m.key].append(m.value["seq"])
+        row = rows[uuid.UUID(m.message_id)]
+        assert (row.kafka_partition, row.kafka_offset) == (m.partition, m.offset)
+    assert all(seqs == sorted(seqs) for seqs in by_key.values())
+    assert len(by_key) == 20
+
+
+def test_rows_of_an_open_transaction_are_not_relayed_until_it_commits(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    publisher.publish(session, topic, {"n": 1})  # not committed yet
+    relay = Relay(relay_settings, sessions=make_sessionmaker(engine))
+    assert relay.run(budget_s=5).sent == 0
+    session.commit()
+    assert relay.run(budget_s=5).sent == 1
+
+
+def test_a_message_kafka_refuses_backs_off_ends_dead_and_holds_its_key_not_others(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    # Published under a larger limit than this relay's producer accepts.
+    Publisher(relay_settings.replace(max_payload_bytes=400_000)).publish_batch(session, [
+        Message(topic, {"blob": "z" * 300_000}, key="k1"),
+        Message(topic, {"after": "blob"}, key="k1"),
+        Message(topic, {"other": "key"}, key="k2"),
+    ])
+    session.commit()
+    settings = relay_settings.replace(max_payload_bytes=1000, relay_max_attempts=2,
+                                      relay_retry_base_s=0.0)
+    report = Relay(settings, sessions=make_sessionmaker(engine)).run(budget_s=10)
+
+    # The big row failed twice and is dead; k1's later row was held back (no attempt
+    # spent) until then; k2 never waited.
+    assert (report.sent, report.failed) == (2, 2)
+    assert report.released >= 1
+    rows = {str(r.payload)[:12]: r for r in session.scalars(select(OutboxMessage))}
+    big = rows["{'blob': 'zz"]
+    assert (big.status, big.attempts) == ("dead", 2)
+    assert "too large" in (big.last_error or "").lower()
+    after = rows["{'after': 'b"]
+    assert (after.status, after.attempts) == ("sent", 0)
+    received = consume_all(settings.kafka_bootstrap, topic, 2)
+    assert sorted((m.key, m.value) for m in received) == [
+        ("k1", {"after": "blob"}), ("k2", {"other": "key"})]
+
+
+def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    Publisher(relay_settings).publish_batch(
+        session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(400)])
+    session.commit()
+    sessions = make_sessionmaker(engine)
+    a = Relay(relay_settings.replace(relay_lease_s=11.0), sessions=sessions)
+    b = Relay(relay_settings.replace(relay_buckets_per_task=16), sessions=sessions)
+    held_a = a._lease({})
+    held_b = b._lease({})  # wants up to 16, gets the 8 that A does not hold
+    assert len(held_a) == len(held_b) == 8
+    assert not set(held_a) & set(held_b)
+    # A dies: once its leases expire, B may take them, with a new fencing token.
+    session.execute(text("UPDATE leases SET expires_at = now() - interval '1 second' "
+                         "WHERE owner = :owner"), {"owner": a.owner})
+    session.commit()
+    taken = b._lease(held_b)
+    assert set(held_a) & set(taken)
+    for bucket in set(held_a) & set(taken):
+        assert taken[bucket] == held_a[bucket] + 1
+    owners = session.execute(select(Lease.bucket, Lease.owner)).all()
+    assert len(owners) == relay_settings.buckets
