@@ -41,6 +41,12 @@ BROKER_UNAVAILABLE = frozenset(
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.NOT_ENOUGH_REPLICAS,
         KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        # The producer's session with the broker broke (e.g. a broker that lost its
+        # state); the message is fine and goes again with a new producer.
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError._FATAL,
     }
 )
 TOPIC_MISSING = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART})
@@ -71,7 +77,11 @@ class Delivery:
 
     @property
     def broker_unavailable(self) -> bool:
-        return self.error is not None and self.error.code() in BROKER_UNAVAILABLE
+        # A fatal error (e.g. a broker that forgot our producer id) ends the producer, not
+        # the message: it is retried with a new producer.
+        return self.error is not None and (
+            self.error.code() in BROKER_UNAVAILABLE or self.error.fatal()
+        )
 
 
 class RelayProducer:
@@ -79,27 +89,33 @@ class RelayProducer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.known_topics: set[str] = set()
+        self.brokers_down = False
+        self.fatal: KafkaError | None = None
+        self.producer = self._make()
+
+    def _make(self) -> Producer:
+        s = self.settings
         # The broker must accept the largest message publish() lets through.
-        max_message = (
-            settings.max_payload_bytes + settings.max_key_bytes + settings.max_headers_bytes + 65536
-        )
-        self.producer = Producer(
+        max_message = s.max_payload_bytes + s.max_key_bytes + s.max_headers_bytes + 65536
+        self.fatal = None
+        return Producer(
             producer_config(
-                settings,
+                s,
                 **{
-                    "message.timeout.ms": settings.relay_delivery_timeout_ms,
+                    "message.timeout.ms": s.relay_delivery_timeout_ms,
                     "message.max.bytes": max_message,
-                    "queue.buffering.max.messages": max(100000, settings.relay_batch_size * 4),
+                    "queue.buffering.max.messages": max(100000, s.relay_batch_size * 4),
                     "error_cb": self._on_error,
                 },
             )
         )
-        self.known_topics: set[str] = set()
-        self.brokers_down = False
 
     def _on_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
             self.brokers_down = True
+        if error.fatal():
+            self.fatal = error
         log.warning("producer: %s", error)
 
     def ping(self) -> bool:
@@ -123,6 +139,9 @@ class RelayProducer:
 
     def send(self, rows: Sequence[Outgoing]) -> list[Delivery]:
         """Produce ``rows`` in order and wait for every delivery report."""
+        if self.fatal is not None:
+            log.warning("producer: replacing it after a fatal error: %s", self.fatal)
+            self.producer = self._make()
         self.prepare_topics({r.topic for r in rows})
         reports: dict[int, Delivery] = {}
 
@@ -137,6 +156,9 @@ class RelayProducer:
 
         refused_keys: set[str] = set()
         for row in rows:
+            if self.fatal is not None:
+                reports[row.id] = Delivery(row.id, error=self.fatal)
+                continue
             if row.key is not None and row.key in refused_keys:
                 reports[row.id] = Delivery(row.id, held=True)
                 continue
@@ -153,16 +175,27 @@ class RelayProducer:
                 except BufferError:
                     self.producer.poll(0.01)
                 except KafkaException as exc:
-                    # Refused before sending (e.g. larger than message.max.bytes); later
-                    # rows of its key must not overtake it.
-                    reports[row.id] = Delivery(row.id, error=exc.args[0])
-                    if row.key is not None:
+                    error = exc.args[0]
+                    reports[row.id] = Delivery(row.id, error=error)
+                    if error.fatal():
+                        self.fatal = error
+                    elif row.key is not None:
+                        # Refused before sending (e.g. over message.max.bytes): later
+                        # rows of its key must not overtake it.
                         refused_keys.add(row.key)
                     break
         deadline = time.monotonic() + self.settings.relay_delivery_timeout_ms / 1000 + 5
-        while len(reports) < len(rows) and time.monotonic() < deadline:
-            self.producer.flush(max(deadline - time.monotonic(), 0.01))
-        missing = KafkaError(KafkaError._TIMED_OUT, "no delivery report")
+        while len(reports) < len(rows) and time.monotonic() < deadline and self.fatal is None:
+            try:
+                self.producer.flush(max(deadline - time.monotonic(), 0.01))
+            except (KafkaException, SystemError) as exc:
+                # librdkafka raises a fatal error out of flush, in the middle of
+                # dispatching delivery reports; rows without a report are retried.
+                error = exc.args[0] if isinstance(exc, KafkaException) else None
+                self.fatal = error if error is not None else KafkaError(
+                    KafkaError._FATAL, str(exc), fatal=True
+                )
+        missing = self.fatal or KafkaError(KafkaError._TIMED_OUT, "no delivery report")
         deliveries = [reports.get(r.id) or Delivery(r.id, error=missing) for r in rows]
         if any(d.error is not None and d.error.code() in TOPIC_MISSING for d in deliveries):
             # The broker lost the topic (a memory-only broker restarted): make it again.

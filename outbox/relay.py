@@ -171,7 +171,7 @@ class Relay:
                         "buckets": buckets,
                         "token": token,
                         "lease_s": self.settings.relay_lease_s,
-                        "per_bucket": -(-self.settings.relay_batch_size // len(buckets)),
+                        "per_bucket": max(1, self.settings.relay_batch_size // len(buckets)),
                     },
                 )
                 .mappings()

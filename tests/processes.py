@@ -1,0 +1,62 @@
+"""Real Celery worker processes for end-to-end and fault tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from outbox.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WorkerProcess:
+    """``celery -A tasks worker`` in its own session, logging to a file."""
+
+    def __init__(self, settings: Settings, name: str, log_dir: Path, *, concurrency: int = 1,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", f"{name}@%h",
+                "-c", str(concurrency), "--loglevel", "INFO", "--without-mingle",
+                "--without-gossip"]
+        full_env = {**os.environ, **settings.as_env(), **(env or {}), "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if re.search(r"@\S+ ready\.", self.text()):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"worker {self.name} not ready:\n{self.text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the pool dies with its parent."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # pool processes left behind
+        except ProcessLookupError:
+            pass
