@@ -43,7 +43,7 @@ def test_readyz_names_the_service_that_does_not_answer(settings: Settings):
 
 
 def test_an_unknown_path_gets_the_json_error_envelope(client):
-    response = client.get("/v1/nothing-here")
+    response = client.get("/nothing-here")
     assert response.status_code == 404
     error = response.get_json()["error"]
     assert error["code"] == "not_found"

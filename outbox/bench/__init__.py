@@ -1,0 +1,1 @@
+"""``outbox bench``: measure the project next to the machine's own limits, in the same run."""
