@@ -128,6 +128,38 @@ def relay(ctx: click.Context, once: bool) -> None:
 
 
 @cli.group()
+def bench() -> None:
+    """Benchmarks: each prints a table and writes JSON and a PNG plot."""
+
+
+def _bench_out(report: object, out: str) -> None:
+    from outbox.bench.report import Report
+
+    assert isinstance(report, Report)
+    click.echo(report.table())
+    json_path, png_path = report.write(Path(out))
+    click.echo(f"wrote {json_path} and {png_path}")
+
+
+@bench.command("relay")
+@click.option("--rows", default=100_000, show_default=True, help="Outbox rows to relay.")
+@click.option("--payload-bytes", default=200, show_default=True, help="Payload size.")
+@click.option("--keys", default=1000, show_default=True, help="Distinct message keys.")
+@click.option("--out", default="bench-results", show_default=True, help="Output folder.")
+@click.pass_context
+def bench_relay(ctx: click.Context, rows: int, payload_bytes: int, keys: int, out: str) -> None:
+    """Relay throughput next to bare PostgreSQL claim-and-mark and bare produce rates."""
+    from outbox.bench import relay as scenario
+    from outbox.bench.env import bench_environment
+
+    command = f"outbox bench relay --rows {rows} --payload-bytes {payload_bytes} --keys {keys}"
+    with bench_environment(_settings(ctx)) as settings:
+        report = scenario.run(settings, rows=rows, payload_bytes=payload_bytes, keys=keys,
+                              command=command)
+    _bench_out(report, out)
+
+
+@cli.group()
 def db() -> None:
     """Database schema (Alembic migrations)."""
 

@@ -69,10 +69,22 @@ class _Row:
     bucket: int
 
 
-def _compact(value: Any) -> str:
-    return json.dumps(
-        value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True
-    )
+# One encoder for every message: json.dumps with options would build one per call.
+_compact = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True
+).encode
+
+
+def _document(rows: list[_Row]) -> str:
+    """The batch as one JSON array; payload and headers are already JSON, so they go in
+    as they are rather than encoded a second time."""
+    return "[" + ",".join(
+        f'{{"n":{n},"message_id":"{r.message_id}","topic":{_compact(r.topic)},'
+        f'"key":{_compact(r.key)},"payload":{r.payload},"headers":{r.headers},'
+        f'"idempotency_key":{_compact(r.idempotency_key)},"request_hash":"{r.request_hash}",'
+        f'"bucket":{r.bucket}}}'
+        for n, r in enumerate(rows)
+    ) + "]"
 
 
 class Publisher:
@@ -111,19 +123,7 @@ class Publisher:
         return self._resolve_missing(session, rows, inserted)
 
     def _insert(self, session: Session, rows: list[_Row]) -> set[uuid.UUID]:
-        result = session.execute(
-            queries.INSERT_MESSAGES,
-            {
-                "message_ids": [r.message_id for r in rows],
-                "topics": [r.topic for r in rows],
-                "keys": [r.key for r in rows],
-                "payloads": [r.payload for r in rows],
-                "headers": [r.headers for r in rows],
-                "idempotency_keys": [r.idempotency_key for r in rows],
-                "request_hashes": [r.request_hash for r in rows],
-                "buckets": [r.bucket for r in rows],
-            },
-        )
+        result = session.execute(queries.INSERT_MESSAGES, {"rows": _document(rows)})
         return {row[0] for row in result}
 
     def _resolve_missing(
@@ -205,13 +205,15 @@ class Publisher:
             )
         caller_headers = self._caller_headers(index, message.headers)
         message_id = uuid.uuid4()
+        text_id = str(message_id)
         headers = dict(caller_headers)
-        headers[HEADER_MESSAGE_ID] = str(message_id)
-        headers.setdefault(HEADER_CORRELATION_ID, str(message_id))
+        headers[HEADER_MESSAGE_ID] = text_id
+        headers.setdefault(HEADER_CORRELATION_ID, text_id)
         if idem is not None:
             headers[HEADER_IDEMPOTENCY_KEY] = idem
+        # What makes a repeat "the same message": everything the caller chose.
         request_hash = hashlib.sha256(
-            _compact([topic, key, message.payload, caller_headers]).encode()
+            "\0".join((_compact([topic, key]), payload, _compact(caller_headers))).encode()
         ).hexdigest()
         return _Row(
             message_id,

@@ -14,22 +14,21 @@ def _sql(statement: str) -> TextClause:
     return text(statement)
 
 
-# Publish: insert a batch in one statement; rows whose topic is unknown or inactive
-# and rows whose idempotency key is taken are left out, and the caller finds out
-# which from what RETURNING did not return.
+# Publish: insert a batch in one statement from one JSON document (one parameter to
+# quote, parsed by the server in C). Rows whose topic is unknown or inactive and rows
+# whose idempotency key is taken are left out; the caller finds out which from what
+# RETURNING did not return.
 INSERT_MESSAGES = _sql("""
 INSERT INTO outbox_messages
     (message_id, topic, key, payload, headers, idempotency_key, request_hash, bucket)
 SELECT u.message_id, u.topic, u.key, u.payload, u.headers, u.idempotency_key,
        u.request_hash, u.bucket
-FROM unnest(
-    CAST(:message_ids AS uuid[]), CAST(:topics AS text[]), CAST(:keys AS text[]),
-    CAST(:payloads AS jsonb[]), CAST(:headers AS jsonb[]), CAST(:idempotency_keys AS text[]),
-    CAST(:request_hashes AS text[]), CAST(:buckets AS smallint[])
-) WITH ORDINALITY AS u(message_id, topic, key, payload, headers, idempotency_key,
-                       request_hash, bucket, n)
+FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+     AS u(n int, message_id uuid, topic text, key text, payload jsonb, headers jsonb,
+          idempotency_key text, request_hash text, bucket smallint)
 -- only registered, active topics take messages
 JOIN topics t ON t.name = u.topic AND t.active
+-- ids follow the batch's order, so its rows go out in that order
 ORDER BY u.n
 -- a taken idempotency key (a repeat, or a concurrent twin) inserts nothing
 ON CONFLICT DO NOTHING

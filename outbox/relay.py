@@ -127,7 +127,7 @@ class Relay:
                     report.buckets = max(report.buckets, len(held))
                     if not held:
                         return
-                batch = self._claim(list(held))
+                token, batch, attempts = self._claim(list(held))
                 if not batch:
                     if fresh:
                         return  # our buckets hold nothing sendable now
@@ -135,7 +135,7 @@ class Relay:
                     continue
                 fresh = False
                 report.batches += 1
-                self._send(batch, report)
+                self._mark(token, attempts, self.producer.send(batch), report)
         finally:
             if held:
                 with self.sessions.begin() as session:
@@ -161,45 +161,36 @@ class Relay:
             leases.release(session, SCOPE, self.owner, set(held) - set(granted))
         return granted
 
-    def _claim(self, buckets: list[int]) -> list[dict[str, Any]]:
+    def _claim(self, buckets: list[int]) -> tuple[uuid.UUID, list[Outgoing], dict[int, int]]:
+        """Claim a batch; return its token, its rows in id order, and each row's attempts."""
         token = uuid.uuid4()
         with self.sessions.begin() as session:
-            rows = (
-                session.execute(
-                    queries.CLAIM_BATCH,
-                    {
-                        "buckets": buckets,
-                        "token": token,
-                        "lease_s": self.settings.relay_lease_s,
-                        "per_bucket": max(1, self.settings.relay_batch_size // len(buckets)),
-                    },
-                )
-                .mappings()
-                .all()
-            )
-        batch = sorted((dict(r) for r in rows), key=lambda r: r["id"])
-        for row in batch:
-            row["token"] = token
-        return batch
-
-    def _send(self, batch: list[dict[str, Any]], report: RelayReport) -> None:
+            rows = session.execute(
+                queries.CLAIM_BATCH,
+                {
+                    "buckets": buckets,
+                    "token": token,
+                    "lease_s": self.settings.relay_lease_s,
+                    "per_bucket": max(1, self.settings.relay_batch_size // len(buckets)),
+                },
+            ).all()
+        rows.sort(key=lambda r: r[0])
         outgoing = [
             Outgoing(
-                id=row["id"],
-                topic=row["topic"],
-                key=row["key"],
-                value=row["payload"].encode(),
-                headers=[(k, v.encode()) for k, v in json.loads(row["headers"]).items()],
+                id=row_id,
+                topic=topic,
+                key=key,
+                value=payload.encode(),
+                headers=[(k, v.encode()) for k, v in json.loads(headers).items()],
             )
-            for row in batch
+            for row_id, topic, key, payload, headers, _ in rows
         ]
-        deliveries = self.producer.send(outgoing)
-        self._mark(batch[0]["token"], {r["id"]: r for r in batch}, deliveries, report)
+        return token, outgoing, {row[0]: row[5] for row in rows}
 
     def _mark(
         self,
         token: uuid.UUID,
-        rows: dict[int, dict[str, Any]],
+        attempts: dict[int, int],
         deliveries: list[Delivery],
         report: RelayReport,
     ) -> None:
@@ -226,7 +217,7 @@ class Relay:
                         "token": token,
                         "max_attempts": self.policy.max_attempts,
                         "ids": [d.id for d in failed],
-                        "delays": [self.policy.delay(rows[d.id]["attempts"] + 1) for d in failed],
+                        "delays": [self.policy.delay(attempts[d.id] + 1) for d in failed],
                         "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in failed],
                     },
                 )

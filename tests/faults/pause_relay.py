@@ -15,12 +15,12 @@ _marker = Path(os.environ["OUTBOX_TEST_PAUSE_FILE"])
 _mark = Relay._mark
 
 
-def _paused_mark(self: Relay, token: Any, rows: dict[int, Any], deliveries: Any,
+def _paused_mark(self: Relay, token: Any, attempts: dict[int, int], deliveries: Any,
                  report: Any) -> None:
     if not _marker.exists():
-        _marker.write_text(json.dumps({"owner": self.owner, "ids": sorted(rows)}))
+        _marker.write_text(json.dumps({"owner": self.owner, "ids": sorted(attempts)}))
         time.sleep(600)
-    _mark(self, token, rows, deliveries, report)
+    _mark(self, token, attempts, deliveries, report)
 
 
 Relay._mark = _paused_mark  # type: ignore[method-assign]

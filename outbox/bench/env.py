@@ -1,0 +1,50 @@
+"""Where a benchmark runs: the embedded services (durable, as `outbox dev` runs them) or the
+configured ones, and a database of its own that is dropped afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from outbox import migrate
+from outbox.bench.report import progress
+from outbox.embedded import EmbeddedServices
+from outbox.settings import Settings
+
+
+@contextlib.contextmanager
+def bench_environment(settings: Settings) -> Iterator[Settings]:
+    """Settings pointing at running services and a new, migrated database."""
+    root = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
+    root.chmod(0o755)
+    services = EmbeddedServices(settings, root, durable=True)
+    try:
+        live = services.start()
+        assert live.database_url is not None
+        name = f"outbox_bench_{os.getpid()}"
+        admin = create_engine(
+            make_url(live.database_url).set(database="postgres"), isolation_level="AUTOCOMMIT"
+        )
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = make_url(live.database_url).set(database=name)
+        live = live.replace(database_url=url.render_as_string(hide_password=False))
+        migrate.upgrade(live)
+        progress(f"services ready (database {name})")
+        try:
+            yield live
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+    finally:
+        services.stop()
+        shutil.rmtree(root, ignore_errors=True)
