@@ -1,8 +1,8 @@
 """After a publish commits, ask a worker to relay now rather than at the next beat tick.
 
-Kicks are coalesced: a background thread sends at most one ``outbox.publish``
-per ``kick_debounce_ms``, and a commit that lands while a kick is in flight
-gets one more after it, so no committed row waits for beat.
+Kicks are coalesced twice: a background thread looks at most once per
+``kick_debounce_ms``, and sends ``outbox.publish`` only when no kick is pending
+(``outbox.kick``), so a burst of commits queues one task, not thousands.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import threading
 from celery import Celery
 
 import celeryconfig
+from outbox.health import redis_client
+from outbox.kick import claim_kick
 from outbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Kicker:
     def _run(self) -> None:
         app = Celery("outbox-kick")
         app.conf.update(celeryconfig.from_settings(self.settings))
+        flags = redis_client(app.conf.broker_url)
         debounce_s = self.settings.kick_debounce_ms / 1000
         # Ticks and kicks are interchangeable: a stale kick is dropped, not queued up.
         expires_s = max(self.settings.publish_interval_s, 1.0)
@@ -49,7 +52,8 @@ class Kicker:
             self._wanted.wait()
             self._wanted.clear()
             try:
-                app.send_task("outbox.publish", expires=expires_s)
+                if claim_kick(flags, int(expires_s * 1000)):
+                    app.send_task("outbox.publish", expires=expires_s)
             except Exception:
                 log.exception("could not kick the relay; beat will pick the rows up")
             if debounce_s:

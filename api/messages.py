@@ -69,8 +69,8 @@ def publish(body: PublishRequest) -> tuple[Response, int]:
             )
         batch = [_message(item, header_key)]
     try:
-        with s.sessions.begin() as session:
-            ids = s.publisher.publish_batch(session, batch)
+        with s.engine.begin() as conn:
+            ids = s.publisher.publish_batch(conn, batch)
     except PublishError as exc:
         return publish_error_response(exc, batch=isinstance(item, BatchIn))
     s.kicker.kick()

@@ -154,8 +154,58 @@ def bench_relay(ctx: click.Context, rows: int, payload_bytes: int, keys: int, ou
 
     command = f"outbox bench relay --rows {rows} --payload-bytes {payload_bytes} --keys {keys}"
     with bench_environment(_settings(ctx)) as settings:
-        report = scenario.run(settings, rows=rows, payload_bytes=payload_bytes, keys=keys,
-                              command=command)
+        report = scenario.run(
+            settings, rows=rows, payload_bytes=payload_bytes, keys=keys, command=command
+        )
+    _bench_out(report, out)
+
+
+@bench.command("api")
+@click.option("--seconds", default=10.0, show_default=True, help="Load time per measurement.")
+@click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
+@click.option("--threads", default=4, show_default=True, help="Threads per gunicorn worker.")
+@click.option("--batch", default=100, show_default=True, help="Messages per batch request.")
+@click.option("--out", default="bench-results", show_default=True, help="Output folder.")
+@click.pass_context
+def bench_api(
+    ctx: click.Context, seconds: float, workers: int, threads: int, batch: int, out: str
+) -> None:
+    """Publish requests/s under gunicorn next to a bare Flask endpoint doing one INSERT."""
+    from outbox.bench import api as scenario
+    from outbox.bench.env import bench_environment
+
+    command = (
+        f"outbox bench api --seconds {seconds:g} --workers {workers} "
+        f"--threads {threads} --batch {batch}"
+    )
+    with bench_environment(_settings(ctx)) as settings:
+        report = scenario.run(
+            settings,
+            seconds=seconds,
+            workers=workers,
+            threads=threads,
+            batch=batch,
+            command=command,
+        )
+    _bench_out(report, out)
+
+
+@bench.command("latency")
+@click.option("--rate", default=500.0, show_default=True, help="Offered messages per second.")
+@click.option("--seconds", default=20.0, show_default=True, help="How long to offer them.")
+@click.option("--workers", default=2, show_default=True, help="Celery worker processes.")
+@click.option("--out", default="bench-results", show_default=True, help="Output folder.")
+@click.pass_context
+def bench_latency(ctx: click.Context, rate: float, seconds: float, workers: int, out: str) -> None:
+    """Commit-to-Kafka latency percentiles at a fixed offered load, via a real worker."""
+    from outbox.bench import latency as scenario
+    from outbox.bench.env import bench_environment
+
+    command = f"outbox bench latency --rate {rate:g} --seconds {seconds:g} --workers {workers}"
+    with bench_environment(_settings(ctx)) as settings:
+        report = scenario.run(
+            settings, rate=rate, seconds=seconds, workers=workers, command=command
+        )
     _bench_out(report, out)
 
 

@@ -192,8 +192,10 @@ class RelayProducer:
                 # librdkafka raises a fatal error out of flush, in the middle of
                 # dispatching delivery reports; rows without a report are retried.
                 error = exc.args[0] if isinstance(exc, KafkaException) else None
-                self.fatal = error if error is not None else KafkaError(
-                    KafkaError._FATAL, str(exc), fatal=True
+                self.fatal = (
+                    error
+                    if error is not None
+                    else KafkaError(KafkaError._FATAL, str(exc), fatal=True)
                 )
         missing = self.fatal or KafkaError(KafkaError._TIMED_OUT, "no delivery report")
         deliveries = [reports.get(r.id) or Delivery(r.id, error=missing) for r in rows]

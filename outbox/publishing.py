@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from outbox import queries
@@ -78,13 +79,17 @@ _compact = json.JSONEncoder(
 def _document(rows: list[_Row]) -> str:
     """The batch as one JSON array; payload and headers are already JSON, so they go in
     as they are rather than encoded a second time."""
-    return "[" + ",".join(
-        f'{{"n":{n},"message_id":"{r.message_id}","topic":{_compact(r.topic)},'
-        f'"key":{_compact(r.key)},"payload":{r.payload},"headers":{r.headers},'
-        f'"idempotency_key":{_compact(r.idempotency_key)},"request_hash":"{r.request_hash}",'
-        f'"bucket":{r.bucket}}}'
-        for n, r in enumerate(rows)
-    ) + "]"
+    return (
+        "["
+        + ",".join(
+            f'{{"n":{n},"message_id":"{r.message_id}","topic":{_compact(r.topic)},'
+            f'"key":{_compact(r.key)},"payload":{r.payload},"headers":{r.headers},'
+            f'"idempotency_key":{_compact(r.idempotency_key)},"request_hash":"{r.request_hash}",'
+            f'"bucket":{r.bucket}}}'
+            for n, r in enumerate(rows)
+        )
+        + "]"
+    )
 
 
 class Publisher:
@@ -95,7 +100,7 @@ class Publisher:
 
     def publish(
         self,
-        session: Session,
+        session: Session | Connection,
         topic: str,
         payload: Any,
         *,
@@ -108,7 +113,9 @@ class Publisher:
             session, [Message(topic, payload, key, headers, idempotency_key)]
         )[0]
 
-    def publish_batch(self, session: Session, messages: Sequence[Message]) -> list[uuid.UUID]:
+    def publish_batch(
+        self, session: Session | Connection, messages: Sequence[Message]
+    ) -> list[uuid.UUID]:
         """Add messages, all or none, to the session's transaction; return their ids in order.
 
         Raises a :class:`PublishError` subclass whose ``index`` is the message at fault;
@@ -122,12 +129,28 @@ class Publisher:
             return [r.message_id for r in rows]
         return self._resolve_missing(session, rows, inserted)
 
-    def _insert(self, session: Session, rows: list[_Row]) -> set[uuid.UUID]:
-        result = session.execute(queries.INSERT_MESSAGES, {"rows": _document(rows)})
+    def _insert(self, session: Session | Connection, rows: list[_Row]) -> set[uuid.UUID]:
+        if len(rows) == 1:
+            r = rows[0]
+            result = session.execute(
+                queries.INSERT_MESSAGE,
+                {
+                    "message_id": str(r.message_id),
+                    "topic": r.topic,
+                    "key": r.key,
+                    "payload": r.payload,
+                    "headers": r.headers,
+                    "idempotency_key": r.idempotency_key,
+                    "request_hash": r.request_hash,
+                    "bucket": r.bucket,
+                },
+            )
+        else:
+            result = session.execute(queries.INSERT_MESSAGES, {"rows": _document(rows)})
         return {row[0] for row in result}
 
     def _resolve_missing(
-        self, session: Session, rows: list[_Row], inserted: set[uuid.UUID]
+        self, session: Session | Connection, rows: list[_Row], inserted: set[uuid.UUID]
     ) -> list[uuid.UUID]:
         missing = [(i, r) for i, r in enumerate(rows) if r.message_id not in inserted]
         states = dict(
@@ -261,7 +284,7 @@ def _default_publisher() -> Publisher:
 
 
 def publish(
-    session: Session,
+    session: Session | Connection,
     topic: str,
     payload: Any,
     *,
@@ -278,6 +301,6 @@ def publish(
     )
 
 
-def publish_batch(session: Session, messages: Sequence[Message]) -> list[uuid.UUID]:
+def publish_batch(session: Session | Connection, messages: Sequence[Message]) -> list[uuid.UUID]:
     """Add messages, all or none, to ``session``'s transaction; return their ids in order."""
     return _default_publisher().publish_batch(session, messages)

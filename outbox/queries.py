@@ -35,6 +35,20 @@ ON CONFLICT DO NOTHING
 RETURNING message_id
 """)
 
+# The same for one message, with plain parameters: far cheaper to plan than a recordset.
+INSERT_MESSAGE = _sql("""
+INSERT INTO outbox_messages
+    (message_id, topic, key, payload, headers, idempotency_key, request_hash, bucket)
+SELECT CAST(:message_id AS uuid), t.name, :key, CAST(:payload AS jsonb),
+       CAST(:headers AS jsonb), :idempotency_key, :request_hash, :bucket
+FROM topics t
+-- only a registered, active topic takes messages
+WHERE t.name = :topic AND t.active
+-- a taken idempotency key (a repeat, or a concurrent twin) inserts nothing
+ON CONFLICT DO NOTHING
+RETURNING message_id
+""")
+
 TOPIC_STATES = _sql("""
 SELECT name, active FROM topics WHERE name = ANY(CAST(:names AS text[]))
 """)

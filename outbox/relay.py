@@ -77,7 +77,15 @@ class Relay:
         producer: RelayProducer | None = None,
     ) -> None:
         self.settings = settings
-        self.sessions = sessions or make_sessionmaker(make_engine(settings, pool_size=2))
+        # The relay's own writes (leases, claims, marks) commit without waiting for the
+        # disk. A crash of PostgreSQL can lose only the last of them, and every such loss
+        # means a row is sent again: a duplicate, never a lost message. The messages
+        # themselves were committed durably by their publishers.
+        self.sessions = sessions or make_sessionmaker(
+            make_engine(
+                settings, pool_size=2, connect_args={"options": "-c synchronous_commit=off"}
+            )
+        )
         self.producer = producer or RelayProducer(settings)
         self.owner = f"relay@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.policy = RetryPolicy(
@@ -136,6 +144,10 @@ class Relay:
                 fresh = False
                 report.batches += 1
                 self._mark(token, attempts, self.producer.send(batch), report)
+                if len(batch) < s.relay_batch_size // 2:
+                    # A short batch drained its buckets: look for work in others now,
+                    # rather than claim once more in buckets known to be empty.
+                    renew_at = 0.0
         finally:
             if held:
                 with self.sessions.begin() as session:
@@ -174,7 +186,7 @@ class Relay:
                     "per_bucket": max(1, self.settings.relay_batch_size // len(buckets)),
                 },
             ).all()
-        rows.sort(key=lambda r: r[0])
+        rows = sorted(rows, key=lambda r: r[0])
         outgoing = [
             Outgoing(
                 id=row_id,

@@ -95,7 +95,7 @@ class Settings:
         2.0, "Pause after the broker stops answering, before probing it again.", minimum=0.1
     )
     kick_debounce_ms: int = _setting(
-        5, "The API kicks the relay after a commit at most once per this interval.", minimum=0
+        0, "Least time between two looks at the kick flag after commits (0: none).", minimum=0
     )
 
     publish_interval_s: float = _setting(1.0, "Beat interval of `outbox.publish`.", minimum=0.05)

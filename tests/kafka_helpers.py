@@ -24,15 +24,21 @@ class Received:
         return self.headers["message_id"]
 
 
-def consume_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 60,
-                settle_s: float = 1.0) -> list[Received]:
+def consume_all(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 60, settle_s: float = 1.0
+) -> list[Received]:
     """Read ``topic`` from the start with a new group until ``expected`` messages have come
     and nothing more arrives for ``settle_s`` (so duplicates are seen too), or until timeout."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
-        "auto.offset.reset": "earliest", "enable.auto.commit": False,
-        "session.timeout.ms": 6000, "fetch.wait.max.ms": 10,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     consumer.subscribe([topic])
     out: list[Received] = []
     deadline = time.monotonic() + timeout_s
@@ -45,8 +51,7 @@ def consume_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 60
             for m in batch:
                 headers = {k: v.decode() for k, v in (m.headers() or [])}
                 key = m.key().decode() if m.key() is not None else None
-                out.append(Received(key, json.loads(m.value()), headers, m.partition(),
-                                    m.offset()))
+                out.append(Received(key, json.loads(m.value()), headers, m.partition(), m.offset()))
             if len(out) >= expected and time.monotonic() - quiet_since >= settle_s:
                 break
     finally:

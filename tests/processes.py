@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -18,17 +19,43 @@ ROOT = Path(__file__).resolve().parents[1]
 class WorkerProcess:
     """``celery -A tasks worker`` in its own session, logging to a file."""
 
-    def __init__(self, settings: Settings, name: str, log_dir: Path, *, concurrency: int = 1,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        log_dir: Path,
+        *,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.log = log_dir / f"{name}.log"
-        argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", f"{name}@%h",
-                "-c", str(concurrency), "--loglevel", "INFO", "--without-mingle",
-                "--without-gossip"]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ]
         full_env = {**os.environ, **settings.as_env(), **(env or {}), "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -56,7 +83,5 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # pool processes left behind
-        except ProcessLookupError:
-            pass

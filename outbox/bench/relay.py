@@ -67,10 +67,13 @@ def fill(settings: Settings, rows: int, payload_bytes: int, keys: int) -> float:
     started = time.perf_counter()
     for start in range(0, rows, 1000):
         with sessions.begin() as session:
-            publisher.publish_batch(session, [
-                Message(TOPIC, _payload(payload_bytes, i), key=f"key-{i % keys}")
-                for i in range(start, min(start + 1000, rows))
-            ])
+            publisher.publish_batch(
+                session,
+                [
+                    Message(TOPIC, _payload(payload_bytes, i), key=f"key-{i % keys}")
+                    for i in range(start, min(start + 1000, rows))
+                ],
+            )
     elapsed = time.perf_counter() - started
     engine.dispose()
     return rows / elapsed
@@ -105,8 +108,13 @@ def bare_produce(settings: Settings, rows: int, payload_bytes: int, keys: int) -
     for i, value in enumerate(values):
         while True:
             try:
-                producer.produce(TOPIC, value=value, key=f"key-{i % keys}",
-                                 headers=[("message_id", b"0" * 36)], on_delivery=on_delivery)
+                producer.produce(
+                    TOPIC,
+                    value=value,
+                    key=f"key-{i % keys}",
+                    headers=[("message_id", b"0" * 36)],
+                    on_delivery=on_delivery,
+                )
                 break
             except BufferError:
                 producer.poll(0.01)
@@ -123,11 +131,16 @@ def run(settings: Settings, *, rows: int, payload_bytes: int, keys: int, command
     ensure_topics(admin_client(settings), [TOPIC], settings.kafka_topic_partitions)
 
     progress(f"bare confluent-kafka produce of {rows:,} messages")
-    produce = report.add("bare produce (limit)", bare_produce(settings, rows, payload_bytes, keys),
-                         "msg/s")
+    produce = report.add(
+        "bare produce (limit)", bare_produce(settings, rows, payload_bytes, keys), "msg/s"
+    )
     progress(f"filling the outbox with {rows:,} rows")
-    report.add("publish_batch insert", fill(settings, rows, payload_bytes, keys), "rows/s",
-               "1,000 per transaction")
+    report.add(
+        "publish_batch insert",
+        fill(settings, rows, payload_bytes, keys),
+        "rows/s",
+        "1,000 per transaction",
+    )
     progress("PostgreSQL claim-and-mark, no Kafka")
     null_relay = Relay(settings, producer=NullProducer())  # type: ignore[arg-type]
     claim_mark = report.add("PostgreSQL claim-and-mark (limit)", drain(null_relay, rows), "msg/s")

@@ -41,8 +41,9 @@ class Report:
     def target(self, what: str, actual: float, bound: float, *, at_most: bool = False) -> None:
         """Record whether ``actual`` meets ``bound`` (at least, or at most)."""
         met = actual <= bound if at_most else actual >= bound
-        self.targets.append({"target": what, "actual": round(actual, 4), "bound": round(bound, 4),
-                             "met": met})
+        self.targets.append(
+            {"target": what, "actual": round(actual, 4), "bound": round(bound, 4), "met": met}
+        )
 
     def table(self) -> str:
         width = max(len(f.name) for f in self.figures)
@@ -60,15 +61,24 @@ class Report:
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path = out_dir / f"{self.scenario}.json"
         png_path = out_dir / f"{self.scenario}.png"
-        json_path.write_text(json.dumps({
-            "scenario": self.scenario,
-            "command": self.command,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
-            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                        "platform": platform.platform()},
-            "figures": [dataclasses.asdict(f) for f in self.figures],
-            "targets": self.targets,
-        }, indent=2) + "\n")
+        json_path.write_text(
+            json.dumps(
+                {
+                    "scenario": self.scenario,
+                    "command": self.command,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "python": sys.version.split()[0],
+                        "platform": platform.platform(),
+                    },
+                    "figures": [dataclasses.asdict(f) for f in self.figures],
+                    "targets": self.targets,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         self._plot(png_path)
         return json_path, png_path
 

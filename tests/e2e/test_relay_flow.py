@@ -24,8 +24,12 @@ KEYS = 200
 
 def _unsent(session: Session) -> int:
     session.rollback()
-    return session.scalar(select(func.count()).select_from(OutboxMessage)
-                          .where(OutboxMessage.status != "sent")) or 0
+    return (
+        session.scalar(
+            select(func.count()).select_from(OutboxMessage).where(OutboxMessage.status != "sent")
+        )
+        or 0
+    )
 
 
 def test_twenty_thousand_messages_arrive_once_each_in_order_per_key(
@@ -39,8 +43,10 @@ def test_twenty_thousand_messages_arrive_once_each_in_order_per_key(
     # Given 20,000 messages accepted by the API, 100 per key
     ids: list[str] = []
     for start in range(0, TOTAL, 500):
-        batch = [{"topic": topic, "key": f"key-{i % KEYS}", "payload": {"seq": i // KEYS}}
-                 for i in range(start, start + 500)]
+        batch = [
+            {"topic": topic, "key": f"key-{i % KEYS}", "payload": {"seq": i // KEYS}}
+            for i in range(start, start + 500)
+        ]
         response = client.post("/v1/messages", json={"messages": batch}, headers=auth)
         assert response.status_code == 202
         ids += response.get_json()["message_ids"]

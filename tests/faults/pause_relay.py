@@ -15,8 +15,9 @@ _marker = Path(os.environ["OUTBOX_TEST_PAUSE_FILE"])
 _mark = Relay._mark
 
 
-def _paused_mark(self: Relay, token: Any, attempts: dict[int, int], deliveries: Any,
-                 report: Any) -> None:
+def _paused_mark(
+    self: Relay, token: Any, attempts: dict[int, int], deliveries: Any, report: Any
+) -> None:
     if not _marker.exists():
         _marker.write_text(json.dumps({"owner": self.owner, "ids": sorted(attempts)}))
         time.sleep(600)

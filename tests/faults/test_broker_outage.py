@@ -38,24 +38,35 @@ def _states(session: Session) -> collections.Counter[tuple[str, int, bool]]:
 
 
 def test_an_outage_opens_the_circuit_spends_no_attempt_and_the_relay_drains_after(
-    settings: Settings, engine, session: Session, topic: str, own_broker: EmbeddedKafka,
+    settings: Settings,
+    engine,
+    session: Session,
+    topic: str,
+    own_broker: EmbeddedKafka,
     tmp_path: Path,
 ):
-    s = settings.replace(kafka_bootstrap=own_broker.bootstrap, relay_delivery_timeout_ms=2000,
-                         relay_lease_s=5.0, relay_circuit_open_s=0.5, relay_max_attempts=2)
+    s = settings.replace(
+        kafka_bootstrap=own_broker.bootstrap,
+        relay_delivery_timeout_ms=2000,
+        relay_lease_s=5.0,
+        relay_circuit_open_s=0.5,
+        relay_max_attempts=2,
+    )
     register_topic(session, topic)
     session.commit()
     publisher = Publisher(s)
     relay = Relay(s, sessions=make_sessionmaker(engine))
-    first = publisher.publish_batch(session, [Message(topic, {"n": i}, key=f"k{i % 5}")
-                                              for i in range(10)])
+    first = publisher.publish_batch(
+        session, [Message(topic, {"n": i}, key=f"k{i % 5}") for i in range(10)]
+    )
     session.commit()
     assert relay.run(budget_s=10).sent == 10
 
     # Given the broker stops while rows keep being committed
     own_broker.stop()
-    rest = publisher.publish_batch(session, [Message(topic, {"n": i}, key=f"k{i % 5}")
-                                             for i in range(10, 310)])
+    rest = publisher.publish_batch(
+        session, [Message(topic, {"n": i}, key=f"k{i % 5}") for i in range(10, 310)]
+    )
     session.commit()
 
     # When the relay runs during the outage, more often than there are attempts
@@ -68,7 +79,8 @@ def test_an_outage_opens_the_circuit_spends_no_attempt_and_the_relay_drains_afte
     assert _states(session) == {("sent", 0, True): 10, ("pending", 0, True): 300}
 
     # When the broker returns (empty: it keeps nothing in memory across a restart)
-    EmbeddedKafka(tmp_path / "again", own_broker.port).start()
+    again = EmbeddedKafka(tmp_path / "again", own_broker.port)
+    again.start()
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and _states(session)[("sent", 0, True)] < 310:
@@ -82,4 +94,4 @@ def test_an_outage_opens_the_circuit_spends_no_attempt_and_the_relay_drains_afte
         assert not {m.message_id for m in received} & {str(i) for i in first}
     finally:
         relay.close()
-        EmbeddedKafka(tmp_path / "again", own_broker.port).stop()
+        again.stop()

@@ -23,26 +23,42 @@ LEASE_S = 5.0
 
 def _pending(session: Session) -> int:
     session.rollback()
-    return session.scalar(select(func.count()).select_from(OutboxMessage)
-                          .where(OutboxMessage.status != "sent")) or 0
+    return (
+        session.scalar(
+            select(func.count()).select_from(OutboxMessage).where(OutboxMessage.status != "sent")
+        )
+        or 0
+    )
 
 
 def test_nothing_is_lost_only_the_killed_batch_repeats_and_its_leases_move_in_time(
     settings: Settings, session: Session, topic: str, tmp_path: Path
 ):
-    s = settings.replace(relay_lease_s=LEASE_S, relay_delivery_timeout_ms=3000, buckets=8,
-                         relay_buckets_per_task=8, relay_batch_size=500)
+    s = settings.replace(
+        relay_lease_s=LEASE_S,
+        relay_delivery_timeout_ms=3000,
+        buckets=8,
+        relay_buckets_per_task=8,
+        relay_batch_size=500,
+    )
     register_topic(session, topic)
     ids = Publisher(s).publish_batch(
-        session, [Message(topic, {"seq": i // 10}, key=f"k{i % 10}") for i in range(1500)])
+        session, [Message(topic, {"seq": i // 10}, key=f"k{i % 10}") for i in range(1500)]
+    )
     session.commit()
     app = make_celery(s)
     marker = tmp_path / "paused.json"
 
     # Given a worker whose relay stops between produce and mark
-    first = WorkerProcess(s, "doomed", tmp_path, env={
-        "OUTBOX_HANDLER_MODULES": "tests.faults.pause_relay",
-        "OUTBOX_TEST_PAUSE_FILE": str(marker)})
+    first = WorkerProcess(
+        s,
+        "doomed",
+        tmp_path,
+        env={
+            "OUTBOX_HANDLER_MODULES": "tests.faults.pause_relay",
+            "OUTBOX_TEST_PAUSE_FILE": str(marker),
+        },
+    )
     second = None
     try:
         first.wait_ready()
@@ -55,9 +71,12 @@ def test_nothing_is_lost_only_the_killed_batch_repeats_and_its_leases_move_in_ti
         in_flight = set(paused["ids"])
         assert 0 < len(in_flight) <= 500
         # Its batch is in Kafka, yet not marked sent
-        assert len(consume_all(s.kafka_bootstrap, topic, len(in_flight), timeout_s=30)) >= len(in_flight)
-        claimed = set(session.scalars(select(OutboxMessage.id)
-                                      .where(OutboxMessage.claim_token.is_not(None))))
+        assert len(consume_all(s.kafka_bootstrap, topic, len(in_flight), timeout_s=30)) >= len(
+            in_flight
+        )
+        claimed = set(
+            session.scalars(select(OutboxMessage.id).where(OutboxMessage.claim_token.is_not(None)))
+        )
         assert claimed == in_flight
 
         # When it is killed and another worker relays
@@ -83,8 +102,12 @@ def test_nothing_is_lost_only_the_killed_batch_repeats_and_its_leases_move_in_ti
         counts = collections.Counter(m.message_id for m in received)
         assert set(counts) == {str(i) for i in ids}
         repeated = {mid for mid, n in counts.items() if n > 1}
-        in_flight_ids = {str(m) for m in session.scalars(
-            select(OutboxMessage.message_id).where(OutboxMessage.id.in_(in_flight)))}
+        in_flight_ids = {
+            str(m)
+            for m in session.scalars(
+                select(OutboxMessage.message_id).where(OutboxMessage.id.in_(in_flight))
+            )
+        }
         assert repeated <= in_flight_ids
         assert sum(counts.values()) - len(counts) <= 500
     finally:

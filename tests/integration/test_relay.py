@@ -33,10 +33,13 @@ def test_committed_rows_reach_kafka_once_in_order_per_key_with_their_position(
 ):
     _register(session, topic)
     publisher = Publisher(relay_settings)
-    ids = publisher.publish_batch(session, [
-        Message(topic, {"key": f"k{i % 20}", "seq": i // 20}, key=f"k{i % 20}")
-        for i in range(2000)
-    ])
+    ids = publisher.publish_batch(
+        session,
+        [
+            Message(topic, {"key": f"k{i % 20}", "seq": i // 20}, key=f"k{i % 20}")
+            for i in range(2000)
+        ],
+    )
     session.commit()
 
     report = Relay(relay_settings, sessions=make_sessionmaker(engine)).run(budget_s=60)
@@ -75,14 +78,18 @@ def test_a_message_kafka_refuses_backs_off_ends_dead_and_holds_its_key_not_other
 ):
     _register(session, topic)
     # Published under a larger limit than this relay's producer accepts.
-    Publisher(relay_settings.replace(max_payload_bytes=400_000)).publish_batch(session, [
-        Message(topic, {"blob": "z" * 300_000}, key="k1"),
-        Message(topic, {"after": "blob"}, key="k1"),
-        Message(topic, {"other": "key"}, key="k2"),
-    ])
+    Publisher(relay_settings.replace(max_payload_bytes=400_000)).publish_batch(
+        session,
+        [
+            Message(topic, {"blob": "z" * 300_000}, key="k1"),
+            Message(topic, {"after": "blob"}, key="k1"),
+            Message(topic, {"other": "key"}, key="k2"),
+        ],
+    )
     session.commit()
-    settings = relay_settings.replace(max_payload_bytes=1000, relay_max_attempts=2,
-                                      relay_retry_base_s=0.0)
+    settings = relay_settings.replace(
+        max_payload_bytes=1000, relay_max_attempts=2, relay_retry_base_s=0.0
+    )
     report = Relay(settings, sessions=make_sessionmaker(engine)).run(budget_s=10)
 
     # The big row failed twice and is dead; k1's later row was held back (no attempt
@@ -97,7 +104,9 @@ def test_a_message_kafka_refuses_backs_off_ends_dead_and_holds_its_key_not_other
     assert (after.status, after.attempts) == ("sent", 0)
     received = consume_all(settings.kafka_bootstrap, topic, 2)
     assert sorted((m.key, m.value) for m in received) == [
-        ("k1", {"after": "blob"}), ("k2", {"other": "key"})]
+        ("k1", {"after": "blob"}),
+        ("k2", {"other": "key"}),
+    ]
 
 
 def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
@@ -105,7 +114,8 @@ def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
 ):
     _register(session, topic)
     Publisher(relay_settings).publish_batch(
-        session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(400)])
+        session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(400)]
+    )
     session.commit()
     sessions = make_sessionmaker(engine)
     a = Relay(relay_settings.replace(relay_lease_s=11.0), sessions=sessions)
@@ -115,8 +125,10 @@ def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
     assert len(held_a) == len(held_b) == 8
     assert not set(held_a) & set(held_b)
     # A dies: once its leases expire, B may take them, with a new fencing token.
-    session.execute(text("UPDATE leases SET expires_at = now() - interval '1 second' "
-                         "WHERE owner = :owner"), {"owner": a.owner})
+    session.execute(
+        text("UPDATE leases SET expires_at = now() - interval '1 second' WHERE owner = :owner"),
+        {"owner": a.owner},
+    )
     session.commit()
     taken = b._lease(held_b)
     assert set(held_a) & set(taken)

@@ -1,0 +1,153 @@
+"""``outbox bench latency``: commit-to-Kafka latency at a fixed offered load.
+
+Messages are published one per transaction at ``rate`` per second through the
+library, and each commit kicks the relay the way the API does. A real Celery
+worker relays them. Latency is the relay's ``sent_at`` (the database clock,
+read after the broker acknowledged the message) minus the publisher's clock
+right after its commit; both are this machine's clock.
+
+Like the CLI, a benchmark drives the whole system, so it reaches every layer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+
+from sqlalchemy import select
+
+from outbox.bench.report import Report, progress
+from outbox.db import make_engine, make_sessionmaker
+from outbox.kafka import admin_client, ensure_topics
+from outbox.models import OutboxMessage
+from outbox.publishing import Publisher
+from outbox.registry import register_topic
+from outbox.settings import Settings
+
+TOPIC = "bench.latency"
+WARMUP_S = 2.0
+# Commits wait for the disk; several publishers keep the offered rate steady.
+PUBLISHERS = 8
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_worker(settings: Settings, concurrency: int) -> subprocess.Popen[bytes]:
+    """A real ``celery -A tasks worker``; returns once it is ready."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "worker",
+            "-n",
+            "bench@%h",
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env={**os.environ, **settings.as_env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        if b" ready." in line:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
+            return proc
+        if time.monotonic() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("the benchmark's Celery worker did not start")
+
+
+def run(settings: Settings, *, rate: float, seconds: float, workers: int, command: str) -> Report:
+    """The latency scenario on running services; returns the report."""
+    from api.kick import Kicker  # the API's own kick; the bench drives every layer
+
+    report = Report("latency", command)
+    engine = make_engine(settings, pool_size=PUBLISHERS)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as session:
+        register_topic(session, TOPIC)
+    ensure_topics(admin_client(settings), [TOPIC], settings.kafka_topic_partitions)
+    worker = start_worker(settings, workers)
+    kicker = Kicker(settings)
+    publisher = Publisher(settings)
+    committed: dict[str, float] = {}
+    total = int(rate * seconds)
+    progress(f"publishing {total:,} messages at {rate:g}/s, one per transaction")
+
+    def publish_share(first: int) -> None:
+        # Each thread keeps its own schedule, so one slow commit delays only its thread.
+        for i in range(first, total, PUBLISHERS):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            with engine.begin() as conn:
+                message_id = publisher.publish(conn, TOPIC, {"n": i}, key=f"k{i % 100}")
+            committed[str(message_id)] = time.time()
+            kicker.kick()
+
+    try:
+        started = time.monotonic()
+        threads = [threading.Thread(target=publish_share, args=(n,)) for n in range(PUBLISHERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        offered = total / (time.monotonic() - started)
+        progress("waiting for the relay to finish")
+        deadline = time.monotonic() + 60
+        sent: dict[str, datetime | None] = {}
+        while time.monotonic() < deadline:
+            with sessions() as session:
+                sent = {
+                    str(m): at
+                    for m, at in session.execute(
+                        select(OutboxMessage.message_id, OutboxMessage.sent_at).where(
+                            OutboxMessage.topic == TOPIC, OutboxMessage.sent_at.is_not(None)
+                        )
+                    )
+                }
+            if len(sent) >= total:
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+        engine.dispose()
+    skip = int(rate * WARMUP_S)
+    ordered = sorted(committed.items(), key=lambda kv: kv[1])[skip:]
+    latencies = [(ack.timestamp() - at) * 1000 for m, at in ordered if (ack := sent.get(m))]
+    report.add("offered load", offered, "msg/s")
+    report.add(
+        "messages measured",
+        len(latencies),
+        "messages",
+        f"after {WARMUP_S:g} s warm-up; {len(ordered) - len(latencies)} not sent",
+    )
+    p50 = report.add("commit -> Kafka ack, p50", _percentile(latencies, 0.50), "ms")
+    report.add("commit -> Kafka ack, p90", _percentile(latencies, 0.90), "ms")
+    p99 = report.add("commit -> Kafka ack, p99", _percentile(latencies, 0.99), "ms")
+    report.add("commit -> Kafka ack, max", max(latencies), "ms")
+    report.series["commit -> Kafka ack"] = latencies
+    report.target("p50 under 20 ms", p50, 20.0, at_most=True)
+    report.target("p99 under 100 ms", p99, 100.0, at_most=True)
+    report.target("every message sent", len(latencies), len(ordered))
+    return report
