@@ -90,7 +90,9 @@ class Report:
 
         panels = 2 if self.series else 1
         fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-        rates = [f for f in self.figures if f.unit.endswith("/s")]
+        # A latency report shows its percentiles; a throughput report its rates.
+        unit = "ms" if self.series else "/s"
+        rates = [f for f in self.figures if f.unit.endswith(unit)]
         ax = axes[0][0]
         ax.barh([f.name for f in rates], [f.value for f in rates], color="#4472c4")
         ax.set_xlabel(rates[0].unit if rates else "")

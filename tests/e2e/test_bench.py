@@ -18,13 +18,21 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.parametrize(
     ("scenario", "args", "figures"),
     [
-        ("relay", ["--rows", "3000"], {"bare produce (limit)",
-                                       "PostgreSQL claim-and-mark (limit)",
-                                       "relay (one process)"}),
-        ("api", ["--seconds", "1", "--batch", "10"], {"bare Flask + one INSERT (limit)",
-                                                      "publish one message"}),
-        ("latency", ["--rate", "50", "--seconds", "3"], {"commit -> Kafka ack, p50",
-                                                          "commit -> Kafka ack, p99"}),
+        (
+            "relay",
+            ["--rows", "3000"],
+            {"bare produce (limit)", "PostgreSQL claim-and-mark (limit)", "relay (one process)"},
+        ),
+        (
+            "api",
+            ["--seconds", "1", "--batch", "10"],
+            {"bare Flask + one INSERT (limit)", "publish one message"},
+        ),
+        (
+            "latency",
+            ["--rate", "50", "--seconds", "3"],
+            {"commit -> Kafka ack, p50", "commit -> Kafka ack, p99"},
+        ),
     ],
 )
 def test_a_benchmark_prints_its_table_and_writes_json_and_png(
@@ -33,7 +41,10 @@ def test_a_benchmark_prints_its_table_and_writes_json_and_png(
     out = tmp_path / "results"
     result = subprocess.run(
         [sys.executable, "-m", "outbox", "bench", scenario, *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in figures:
