@@ -3,14 +3,20 @@ every layer; everything they do is a call into a module that tests call directly
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from outbox.errors import OutboxError
 from outbox.logs import setup_logging
 from outbox.settings import Settings, describe, env_name
+
+# Every option can also come from an OUTBOX_* variable (explicit, or OUTBOX_<COMMAND>_<OPTION>
+# by click's auto prefix), and --help shows which.
+option = functools.partial(click.option, show_envvar=True)
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -32,7 +38,7 @@ def cli(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option(
+@option(
     "--dir",
     "dev_dir",
     type=click.Path(file_okay=False),
@@ -40,14 +46,14 @@ def cli(ctx: click.Context) -> None:
     show_envvar=True,
     help="Data directory of the embedded services.",
 )
-@click.option(
+@option(
     "--api-port",
     type=int,
     envvar=env_name("api_port"),
     show_envvar=True,
     help="API port (0: a free port).",
 )
-@click.option(
+@option(
     "--flower-port",
     type=int,
     envvar=env_name("flower_port"),
@@ -73,14 +79,14 @@ def dev(
 
 
 @cli.command()
-@click.option(
+@option(
     "--group",
     required=True,
     envvar=env_name("consumer_group"),
     show_envvar=True,
     help="Kafka consumer group.",
 )
-@click.option(
+@option(
     "--topics",
     required=True,
     envvar=env_name("consumer_topics"),
@@ -103,7 +109,7 @@ def consume(ctx: click.Context, group: str, topics: str) -> None:
 
 
 @cli.command()
-@click.option("--once", is_flag=True, help="One pass: relay what is claimable now, then exit.")
+@option("--once", is_flag=True, help="One pass: relay what is claimable now, then exit.")
 @click.pass_context
 def relay(ctx: click.Context, once: bool) -> None:
     """Relay outbox rows to Kafka from this process (workers do this via outbox.publish)."""
@@ -132,81 +138,61 @@ def bench() -> None:
     """Benchmarks: each prints a table and writes JSON and a PNG plot."""
 
 
-def _bench_out(report: object, out: str) -> None:
-    from outbox.bench.report import Report
+def _run_bench(ctx: click.Context, scenario: str, out: str, **options: Any) -> None:
+    """Run ``outbox.bench.<scenario>`` on its own services; print and write its report."""
+    import importlib
 
-    assert isinstance(report, Report)
+    from outbox.bench.env import bench_environment
+
+    module = importlib.import_module(f"outbox.bench.{scenario}")
+    shown = " ".join(
+        f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+        for k, v in options.items()
+    )
+    with bench_environment(_settings(ctx)) as settings:
+        report = module.run(settings, command=f"outbox bench {scenario} {shown}", **options)
     click.echo(report.table())
     json_path, png_path = report.write(Path(out))
     click.echo(f"wrote {json_path} and {png_path}")
 
 
+OUT = option("--out", default="bench-results", show_default=True, help="Output folder.")
+
+
 @bench.command("relay")
-@click.option("--rows", default=100_000, show_default=True, help="Outbox rows to relay.")
-@click.option("--payload-bytes", default=200, show_default=True, help="Payload size.")
-@click.option("--keys", default=1000, show_default=True, help="Distinct message keys.")
-@click.option("--out", default="bench-results", show_default=True, help="Output folder.")
+@option("--rows", default=100_000, show_default=True, help="Outbox rows to relay.")
+@option("--payload-bytes", default=200, show_default=True, help="Payload size.")
+@option("--keys", default=1000, show_default=True, help="Distinct message keys.")
+@OUT
 @click.pass_context
 def bench_relay(ctx: click.Context, rows: int, payload_bytes: int, keys: int, out: str) -> None:
     """Relay throughput next to bare PostgreSQL claim-and-mark and bare produce rates."""
-    from outbox.bench import relay as scenario
-    from outbox.bench.env import bench_environment
-
-    command = f"outbox bench relay --rows {rows} --payload-bytes {payload_bytes} --keys {keys}"
-    with bench_environment(_settings(ctx)) as settings:
-        report = scenario.run(
-            settings, rows=rows, payload_bytes=payload_bytes, keys=keys, command=command
-        )
-    _bench_out(report, out)
+    _run_bench(ctx, "relay", out, rows=rows, payload_bytes=payload_bytes, keys=keys)
 
 
 @bench.command("api")
-@click.option("--seconds", default=10.0, show_default=True, help="Load time per measurement.")
-@click.option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
-@click.option("--threads", default=4, show_default=True, help="Threads per gunicorn worker.")
-@click.option("--batch", default=100, show_default=True, help="Messages per batch request.")
-@click.option("--out", default="bench-results", show_default=True, help="Output folder.")
+@option("--seconds", default=10.0, show_default=True, help="Load time per measurement.")
+@option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
+@option("--threads", default=4, show_default=True, help="Threads per gunicorn worker.")
+@option("--batch", default=100, show_default=True, help="Messages per batch request.")
+@OUT
 @click.pass_context
 def bench_api(
     ctx: click.Context, seconds: float, workers: int, threads: int, batch: int, out: str
 ) -> None:
     """Publish requests/s under gunicorn next to a bare Flask endpoint doing one INSERT."""
-    from outbox.bench import api as scenario
-    from outbox.bench.env import bench_environment
-
-    command = (
-        f"outbox bench api --seconds {seconds:g} --workers {workers} "
-        f"--threads {threads} --batch {batch}"
-    )
-    with bench_environment(_settings(ctx)) as settings:
-        report = scenario.run(
-            settings,
-            seconds=seconds,
-            workers=workers,
-            threads=threads,
-            batch=batch,
-            command=command,
-        )
-    _bench_out(report, out)
+    _run_bench(ctx, "api", out, seconds=seconds, workers=workers, threads=threads, batch=batch)
 
 
 @bench.command("latency")
-@click.option("--rate", default=500.0, show_default=True, help="Offered messages per second.")
-@click.option("--seconds", default=20.0, show_default=True, help="How long to offer them.")
-@click.option("--workers", default=2, show_default=True, help="Celery worker processes.")
-@click.option("--out", default="bench-results", show_default=True, help="Output folder.")
+@option("--rate", default=500.0, show_default=True, help="Offered messages per second.")
+@option("--seconds", default=20.0, show_default=True, help="How long to offer them.")
+@option("--workers", default=2, show_default=True, help="Celery worker processes.")
+@OUT
 @click.pass_context
 def bench_latency(ctx: click.Context, rate: float, seconds: float, workers: int, out: str) -> None:
     """Commit-to-Kafka latency percentiles at a fixed offered load, via a real worker."""
-    from outbox.bench import latency as scenario
-    from outbox.bench.env import bench_environment
-
-    command = f"outbox bench latency --rate {rate:g} --seconds {seconds:g} --workers {workers}"
-    with bench_environment(_settings(ctx)) as settings:
-        report = scenario.run(
-            settings, rate=rate, seconds=seconds, workers=workers, command=command
-        )
-    _bench_out(report, out)
+    _run_bench(ctx, "latency", out, rate=rate, seconds=seconds, workers=workers)
 
 
 @cli.group()
@@ -246,7 +232,7 @@ def current(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option(
+@option(
     "--dir",
     "dev_dir",
     type=click.Path(file_okay=False),
@@ -287,7 +273,7 @@ def settings_cmd() -> None:
 def main() -> None:
     """Console-script entry point; a bad setting exits 2 with its message."""
     try:
-        cli(standalone_mode=True)
+        cli(standalone_mode=True, auto_envvar_prefix="OUTBOX")
     except OutboxError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -65,6 +65,25 @@ def _http_status(url: str) -> int | None:
         return None
 
 
+def worker_argv(name: str, log_level: str, concurrency: int | None = None) -> list[str]:
+    """The command line of a Celery worker named ``name@<host>``."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks",
+        "worker",
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        log_level,
+    ]
+    if concurrency is not None:
+        argv += ["-c", str(concurrency), "--without-mingle", "--without-gossip"]
+    return argv
+
+
 def plan(settings: Settings, schedule_file: Path) -> list[Child]:
     """The children of ``outbox dev``, in start order."""
     py = sys.executable
@@ -92,7 +111,7 @@ def plan(settings: Settings, schedule_file: Path) -> list[Child]:
         ),
         Child(
             "worker",
-            [*celery, "worker", "-n", "worker1@%h", "--loglevel", level],
+            worker_argv("worker1", level),
             ready_pattern=r"@\S+ ready\.",
         ),
         Child(

@@ -7,10 +7,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from outbox.dev import worker_argv
 from outbox.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,22 +30,7 @@ class WorkerProcess:
     ) -> None:
         self.name = name
         self.log = log_dir / f"{name}.log"
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tasks",
-            "worker",
-            "-n",
-            f"{name}@%h",
-            "-c",
-            str(concurrency),
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ]
+        argv = worker_argv(name, "INFO", concurrency)
         full_env = {**os.environ, **settings.as_env(), **(env or {}), "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(

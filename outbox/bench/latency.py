@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
@@ -23,6 +22,7 @@ from sqlalchemy import select
 
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
+from outbox.dev import worker_argv
 from outbox.kafka import admin_client, ensure_topics
 from outbox.models import OutboxMessage
 from outbox.publishing import Publisher
@@ -43,22 +43,7 @@ def _percentile(values: list[float], q: float) -> float:
 def start_worker(settings: Settings, concurrency: int) -> subprocess.Popen[bytes]:
     """A real ``celery -A tasks worker``; returns once it is ready."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tasks",
-            "worker",
-            "-n",
-            "bench@%h",
-            "-c",
-            str(concurrency),
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ],
+        worker_argv("bench", "INFO", concurrency),
         env={**os.environ, **settings.as_env()},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
