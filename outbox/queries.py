@@ -139,7 +139,7 @@ SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :leas
 FROM claimable c
 WHERE m.id = c.id
 RETURNING m.id, m.topic, m.key, CAST(m.payload AS text) AS payload,
-          CAST(m.headers AS text) AS headers, m.attempts
+          CAST(m.headers AS text) AS headers, m.attempts, m.bucket
 """)
 
 MARK_SENT = _sql("""

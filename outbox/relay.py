@@ -25,6 +25,7 @@ those later ones are already in Kafka and the failed one follows on retry.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import json
 import logging
 import os
@@ -123,69 +124,83 @@ class Relay:
 
     def _drain(self, deadline: float, report: RelayReport) -> None:
         held: dict[int, int] = {}
-        renew_at = 0.0
-        fresh = False
+        relet_at = 0.0  # when to renew the leases and look for buckets with new work
+        work_elsewhere = True  # the last lease saw work in buckets it could not take
         s = self.settings
         try:
             while time.monotonic() < deadline and self.circuit.state != "open":
-                if not held or time.monotonic() >= renew_at:
-                    held = self._lease(held)
-                    renew_at = time.monotonic() + s.relay_lease_s / 3
-                    fresh = True
-                    report.buckets = max(report.buckets, len(held))
+                relet = not held or time.monotonic() >= relet_at
+                with self.sessions.begin() as session:
+                    if relet:
+                        held, work_elsewhere = self._lease(session, held)
+                        relet_at = time.monotonic() + s.relay_lease_s / 3
+                        report.buckets = max(report.buckets, len(held))
                     if not held:
                         return
-                token, batch, attempts = self._claim(list(held))
+                    token, batch, attempts, drained = self._claim(session, list(held))
                 if not batch:
-                    if fresh:
-                        return  # our buckets hold nothing sendable now
-                    renew_at = 0.0  # drained these buckets: look for others with work
+                    if relet:
+                        return  # the buckets with work hold nothing sendable now
+                    relet_at = 0.0  # ours are drained: look for others with work
                     continue
-                fresh = False
                 report.batches += 1
-                self._mark(token, attempts, self.producer.send(batch), report)
-                if len(batch) < s.relay_batch_size // 2:
-                    # A short batch drained its buckets: look for work in others now,
-                    # rather than claim once more in buckets known to be empty.
-                    renew_at = 0.0
+                deliveries = self.producer.send(batch)
+                self._mark(token, attempts, deliveries, report)
+                if drained:
+                    # Every held bucket came back short. If every row went out, they are
+                    # empty; a row committed since this task began queued a kick of its
+                    # own (outbox.kick), so stop unless the lease saw work it could not take.
+                    all_sent = all(d.error is None and not d.held for d in deliveries)
+                    if all_sent and not work_elsewhere:
+                        return
+                    relet_at = 0.0
         finally:
             if held:
                 with self.sessions.begin() as session:
                     leases.release(session, SCOPE, self.owner, held)
 
-    def _lease(self, held: dict[int, int]) -> dict[int, int]:
-        s = self.settings
-        with self.sessions.begin() as session:
-            if not self._lease_rows_ready:
-                leases.ensure_rows(session, SCOPE, s.buckets)
-                self._lease_rows_ready = True
-            with_work = session.scalars(queries.BUCKETS_WITH_WORK, {"buckets": s.buckets})
-            # Held buckets that still have work are renewed first.
-            granted = leases.acquire(
-                session,
-                SCOPE,
-                self.owner,
-                with_work,
-                limit=s.relay_buckets_per_task,
-                lease_s=s.relay_lease_s,
-            )
-            # Drained buckets go back at once, for whichever relay next finds work there.
-            leases.release(session, SCOPE, self.owner, set(held) - set(granted))
-        return granted
+    def _lease(self, session: Session, held: dict[int, int]) -> tuple[dict[int, int], bool]:
+        """Renew held buckets that still have work and take others, up to the limit.
 
-    def _claim(self, buckets: list[int]) -> tuple[uuid.UUID, list[Outgoing], dict[int, int]]:
-        """Claim a batch; return its token, its rows in id order, and each row's attempts."""
+        Returns the buckets now held, and whether any bucket with work was left unheld.
+        """
+        s = self.settings
+        if not self._lease_rows_ready:
+            leases.ensure_rows(session, SCOPE, s.buckets)
+            self._lease_rows_ready = True
+        with_work = set(session.scalars(queries.BUCKETS_WITH_WORK, {"buckets": s.buckets}))
+        # Held buckets that still have work are renewed first.
+        granted = leases.acquire(
+            session,
+            SCOPE,
+            self.owner,
+            with_work,
+            limit=s.relay_buckets_per_task,
+            lease_s=s.relay_lease_s,
+        )
+        # Drained buckets go back at once, for whichever relay next finds work there.
+        leases.release(session, SCOPE, self.owner, set(held) - set(granted))
+        return granted, bool(with_work - set(granted))
+
+    def _claim(
+        self, session: Session, buckets: list[int]
+    ) -> tuple[uuid.UUID, list[Outgoing], dict[int, int], bool]:
+        """Claim a batch from ``buckets``.
+
+        Returns its token, its rows in id order, each row's attempts, and whether every
+        bucket gave fewer rows than its share (so none has more to send now).
+        """
         token = uuid.uuid4()
-        with self.sessions.begin() as session:
-            rows = session.execute(
-                queries.CLAIM_BATCH,
-                {
-                    "buckets": buckets,
-                    "token": token,
-                    "lease_s": self.settings.relay_lease_s,
-                    "per_bucket": max(1, self.settings.relay_batch_size // len(buckets)),
-                },
-            ).all()
+        share = max(1, self.settings.relay_batch_size // len(buckets))
+        rows = session.execute(
+            queries.CLAIM_BATCH,
+            {
+                "buckets": buckets,
+                "token": token,
+                "lease_s": self.settings.relay_lease_s,
+                "per_bucket": share,
+            },
+        ).all()
         rows = sorted(rows, key=lambda r: r[0])
         outgoing = [
             Outgoing(
@@ -195,9 +210,11 @@ class Relay:
                 value=payload.encode(),
                 headers=[(k, v.encode()) for k, v in json.loads(headers).items()],
             )
-            for row_id, topic, key, payload, headers, _ in rows
+            for row_id, topic, key, payload, headers, _, _ in rows
         ]
-        return token, outgoing, {row[0]: row[5] for row in rows}
+        per_bucket = Counter(row[6] for row in rows)
+        drained = all(n < share for n in per_bucket.values())
+        return token, outgoing, {row[0]: row[5] for row in rows}, drained
 
     def _mark(
         self,

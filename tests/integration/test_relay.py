@@ -109,6 +109,12 @@ def test_a_message_kafka_refuses_backs_off_ends_dead_and_holds_its_key_not_other
     ]
 
 
+def _lease(relay: Relay, held: dict[int, int]) -> dict[int, int]:
+    with relay.sessions.begin() as session:
+        granted, _ = relay._lease(session, held)
+    return granted
+
+
 def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
     relay_settings, engine, session, topic
 ):
@@ -120,8 +126,8 @@ def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
     sessions = make_sessionmaker(engine)
     a = Relay(relay_settings.replace(relay_lease_s=11.0), sessions=sessions)
     b = Relay(relay_settings.replace(relay_buckets_per_task=16), sessions=sessions)
-    held_a = a._lease({})
-    held_b = b._lease({})  # wants up to 16, gets the 8 that A does not hold
+    held_a = _lease(a, {})
+    held_b = _lease(b, {})  # wants up to 16, gets the 8 that A does not hold
     assert len(held_a) == len(held_b) == 8
     assert not set(held_a) & set(held_b)
     # A dies: once its leases expire, B may take them, with a new fencing token.
@@ -130,7 +136,7 @@ def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
         {"owner": a.owner},
     )
     session.commit()
-    taken = b._lease(held_b)
+    taken = _lease(b, held_b)
     assert set(held_a) & set(taken)
     for bucket in set(held_a) & set(taken):
         assert taken[bucket] == held_a[bucket] + 1
