@@ -25,13 +25,13 @@ those later ones are already in Kafka and the failed one follows on retry.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 import json
 import logging
 import os
 import socket
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -145,14 +145,17 @@ class Relay:
                     continue
                 report.batches += 1
                 deliveries = self.producer.send(batch)
-                self._mark(token, attempts, deliveries, report)
+                # Every held bucket came back short and every row went out: they are
+                # empty. A row committed since this task began queued a kick of its own
+                # (outbox.kick), so stop, unless the lease saw work it could not take.
+                all_sent = all(d.error is None and not d.held for d in deliveries)
+                done = drained and all_sent and not work_elsewhere
+                # A finishing pass gives its leases back in the same transaction.
+                self._mark(token, attempts, deliveries, report, release=list(held) if done else [])
+                if done:
+                    held = {}
+                    return
                 if drained:
-                    # Every held bucket came back short. If every row went out, they are
-                    # empty; a row committed since this task began queued a kick of its
-                    # own (outbox.kick), so stop unless the lease saw work it could not take.
-                    all_sent = all(d.error is None and not d.held for d in deliveries)
-                    if all_sent and not work_elsewhere:
-                        return
                     relet_at = 0.0
         finally:
             if held:
@@ -222,6 +225,7 @@ class Relay:
         attempts: dict[int, int],
         deliveries: list[Delivery],
         report: RelayReport,
+        release: list[int] | None = None,
     ) -> None:
         sent = [d for d in deliveries if d.error is None and not d.held]
         unavailable = [d for d in deliveries if d.broker_unavailable]
@@ -254,6 +258,8 @@ class Relay:
                 session.execute(
                     queries.RELEASE_CLAIMS, {"token": token, "ids": [d.id for d in released]}
                 )
+            if release:
+                leases.release(session, SCOPE, self.owner, release)
         if sent:
             self._last_delivery = time.monotonic()
         if unavailable:
