@@ -8,7 +8,6 @@ import zlib
 HEADER_MESSAGE_ID = "message_id"
 HEADER_IDEMPOTENCY_KEY = "idempotency_key"
 HEADER_CORRELATION_ID = "correlation_id"
-HEADER_CAUSATION_ID = "causation_id"
 HEADER_TRACEPARENT = "traceparent"
 # Set by the outbox itself; a caller may not supply them.
 RESERVED_HEADERS = frozenset({HEADER_MESSAGE_ID, HEADER_IDEMPOTENCY_KEY})
