@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery import Celery
 
@@ -32,6 +33,8 @@ class Kicker:
 
     def kick(self) -> None:
         """Note that rows were committed; returns at once."""
+        if self._wanted.is_set():
+            return  # the next look is already due and will cover this commit
         self._wanted.set()
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
@@ -57,4 +60,5 @@ class Kicker:
             except Exception:
                 log.exception("could not kick the relay; beat will pick the rows up")
             if debounce_s:
-                self._wanted.wait(debounce_s)
+                # Commits meanwhile gather behind one look.
+                time.sleep(debounce_s)

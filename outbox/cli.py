@@ -171,17 +171,33 @@ def bench_relay(ctx: click.Context, rows: int, payload_bytes: int, keys: int, ou
 
 
 @bench.command("api")
-@option("--seconds", default=10.0, show_default=True, help="Load time per measurement.")
+@option("--seconds", default=5.0, show_default=True, help="Load time per measurement.")
+@option("--rounds", default=3, show_default=True, help="Turns of bare and single publish.")
 @option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
 @option("--threads", default=4, show_default=True, help="Threads per gunicorn worker.")
 @option("--batch", default=100, show_default=True, help="Messages per batch request.")
 @OUT
 @click.pass_context
 def bench_api(
-    ctx: click.Context, seconds: float, workers: int, threads: int, batch: int, out: str
+    ctx: click.Context,
+    seconds: float,
+    rounds: int,
+    workers: int,
+    threads: int,
+    batch: int,
+    out: str,
 ) -> None:
     """Publish requests/s under gunicorn next to a bare Flask endpoint doing one INSERT."""
-    _run_bench(ctx, "api", out, seconds=seconds, workers=workers, threads=threads, batch=batch)
+    _run_bench(
+        ctx,
+        "api",
+        out,
+        seconds=seconds,
+        rounds=rounds,
+        workers=workers,
+        threads=threads,
+        batch=batch,
+    )
 
 
 @bench.command("latency")

@@ -66,7 +66,7 @@ class _Row:
     payload: str
     headers: str
     idempotency_key: str | None
-    request_hash: str
+    request_hash: str | None
     bucket: int
 
 
@@ -84,7 +84,7 @@ def _document(rows: list[_Row]) -> str:
         + ",".join(
             f'{{"n":{n},"message_id":"{r.message_id}","topic":{_compact(r.topic)},'
             f'"key":{_compact(r.key)},"payload":{r.payload},"headers":{r.headers},'
-            f'"idempotency_key":{_compact(r.idempotency_key)},"request_hash":"{r.request_hash}",'
+            f'"idempotency_key":{_compact(r.idempotency_key)},"request_hash":{_compact(r.request_hash)},'
             f'"bucket":{r.bucket}}}'
             for n, r in enumerate(rows)
         )
@@ -133,7 +133,9 @@ class Publisher:
         if len(rows) == 1:
             r = rows[0]
             result = session.execute(
-                queries.INSERT_MESSAGE,
+                queries.INSERT_MESSAGE
+                if r.idempotency_key is None
+                else queries.INSERT_MESSAGE_ONCE,
                 {
                     "message_id": str(r.message_id),
                     "topic": r.topic,
@@ -234,10 +236,15 @@ class Publisher:
         headers.setdefault(HEADER_CORRELATION_ID, text_id)
         if idem is not None:
             headers[HEADER_IDEMPOTENCY_KEY] = idem
-        # What makes a repeat "the same message": everything the caller chose.
-        request_hash = hashlib.sha256(
-            "\0".join((_compact([topic, key]), payload, _compact(caller_headers))).encode()
-        ).hexdigest()
+        # What makes a repeat "the same message": everything the caller chose. Only a
+        # message with an idempotency key can be repeated.
+        request_hash = (
+            None
+            if idem is None
+            else hashlib.sha256(
+                "\0".join((_compact([topic, key]), payload, _compact(caller_headers))).encode()
+            ).hexdigest()
+        )
         return _Row(
             message_id,
             topic,

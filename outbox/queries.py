@@ -36,7 +36,7 @@ RETURNING message_id
 """)
 
 # The same for one message, with plain parameters: far cheaper to plan than a recordset.
-INSERT_MESSAGE = _sql("""
+_INSERT_ONE = """
 INSERT INTO outbox_messages
     (message_id, topic, key, payload, headers, idempotency_key, request_hash, bucket)
 SELECT CAST(:message_id AS uuid), t.name, :key, CAST(:payload AS jsonb),
@@ -44,10 +44,16 @@ SELECT CAST(:message_id AS uuid), t.name, :key, CAST(:payload AS jsonb),
 FROM topics t
 -- only a registered, active topic takes messages
 WHERE t.name = :topic AND t.active
--- a taken idempotency key (a repeat, or a concurrent twin) inserts nothing
+"""
+# A fresh random message id cannot collide, so a message without an idempotency key
+# needs no conflict handling.
+INSERT_MESSAGE = _sql(_INSERT_ONE + "RETURNING message_id")
+INSERT_MESSAGE_ONCE = _sql(
+    _INSERT_ONE
+    + """-- a taken idempotency key (a repeat, or a concurrent twin) inserts nothing
 ON CONFLICT DO NOTHING
-RETURNING message_id
-""")
+RETURNING message_id"""
+)
 
 TOPIC_STATES = _sql("""
 SELECT name, active FROM topics WHERE name = ANY(CAST(:names AS text[]))

@@ -95,7 +95,10 @@ class Settings:
         2.0, "Pause after the broker stops answering, before probing it again.", minimum=0.1
     )
     kick_debounce_ms: int = _setting(
-        0, "Least time between two looks at the kick flag after commits (0: none).", minimum=0
+        5,
+        "Least time between two looks at the kick flag: bounds the Redis calls of a busy API "
+        "process (0: none).",
+        minimum=0,
     )
 
     publish_interval_s: float = _setting(1.0, "Beat interval of `outbox.publish`.", minimum=0.05)

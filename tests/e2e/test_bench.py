@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
         ),
         (
             "api",
-            ["--seconds", "1", "--batch", "10"],
+            ["--seconds", "1", "--rounds", "2", "--batch", "10"],
             {"bare Flask + one INSERT (limit)", "publish one message"},
         ),
         (

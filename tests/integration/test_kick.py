@@ -1,0 +1,50 @@
+"""The API's relay kick on a real Redis broker: a burst of commits queues one task, and a
+commit after the relay task started queues the next."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from api.kick import Kicker
+from outbox.kick import FLAG, kick_started
+from outbox.settings import Settings
+
+QUEUE = "celery"  # Celery's default queue: a list in the broker's Redis database
+
+
+def _queued_tasks(client: redis.Redis) -> list[str]:
+    return [json.loads(m)["headers"]["task"] for m in client.lrange(QUEUE, 0, -1)]
+
+
+def _wait_for(predicate, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_a_burst_of_commits_queues_one_relay_task_and_a_later_commit_queues_another(
+    settings: Settings,
+):
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    kicker = Kicker(settings.replace(publish_interval_s=30.0))
+
+    for _ in range(500):
+        kicker.kick()
+    assert _wait_for(lambda: len(_queued_tasks(client)) >= 1)
+    time.sleep(0.2)  # every kick of the burst has been looked at by now
+    assert _queued_tasks(client) == ["outbox.publish"]
+    assert client.exists(FLAG)
+
+    # The relay task starts (it clears the flag before claiming): the next commit kicks.
+    client.lpop(QUEUE)
+    kick_started(client)
+    kicker.kick()
+    assert _wait_for(lambda: _queued_tasks(client) == ["outbox.publish"])
+    client.close()
