@@ -22,6 +22,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "outbox.retry_targeted": settings.retry_interval_s,
         "outbox.heartbeat": settings.heartbeat_interval_s,
         "outbox.cleanup": settings.cleanup_interval_s,
+        "consumer.sweep": settings.lane_sweep_interval_s,
     }
     return {
         name: {"task": name, "schedule": interval, "options": {"expires": interval}}

@@ -63,15 +63,15 @@ def _text(value: str | bytes | None) -> str | None:
     return value
 
 
-def record(session: Session, rows: list[dict[str, Any]]) -> int:
+def record(session: Session, rows: list[dict[str, Any]]) -> list[int]:
     """Insert rows, skipping any this group already holds (by message id or idempotency key).
 
-    Returns how many rows were new. The caller commits; only then may offsets be stored.
+    Returns the lane of each new row. The caller commits; only then may offsets be stored.
     """
     if not rows:
-        return 0
+        return []
     # No conflict target: both unique keys (message id, idempotency key) absorb duplicates.
     result = session.execute(
-        insert(InboxMessage).on_conflict_do_nothing().returning(InboxMessage.id), rows
+        insert(InboxMessage).on_conflict_do_nothing().returning(InboxMessage.lane), rows
     )
-    return len(result.all())
+    return list(result.scalars())

@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from confluent_kafka import Consumer as KafkaConsumer
@@ -42,12 +42,15 @@ class Consumer:
         topics: Sequence[str],
         *,
         sessions: sessionmaker[Session] | None = None,
+        on_recorded: Callable[[str, set[int]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.group = group
         self.topics = list(topics)
         self.instance = instance_id("consumer")
         self.sessions = sessions or make_sessionmaker(make_engine(settings, pool_size=2))
+        # Told the lanes of each committed batch's new rows (to start their processing).
+        self.on_recorded = on_recorded
         self.stopping = threading.Event()
         self.received = 0
         self._kafka: KafkaConsumer | None = None
@@ -106,12 +109,17 @@ class Consumer:
             return
         rows = [inbox_row(self.group, m, self.settings.buckets) for m in messages]
         with self.sessions.begin() as session:
-            new = record(session, rows)
+            lanes = record(session, rows)
         # Only now is the batch safe in PostgreSQL: let its offsets be committed.
         for msg in messages:
             kafka.store_offsets(message=msg)
         self.received += len(messages)
-        log.debug("consumer %s: %d messages, %d new", self.instance, len(messages), new)
+        if lanes and self.on_recorded is not None:
+            try:
+                self.on_recorded(self.group, set(lanes))
+            except Exception:
+                log.exception("consumer %s: could not kick lanes; the sweep will", self.instance)
+        log.debug("consumer %s: %d messages, %d new", self.instance, len(messages), len(lanes))
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()

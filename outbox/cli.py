@@ -95,15 +95,23 @@ def dev(
 )
 @click.pass_context
 def consume(ctx: click.Context, group: str, topics: str) -> None:
-    """Read TOPICS as a member of GROUP into the inbox, until SIGTERM."""
+    """Read TOPICS as a member of GROUP into the inbox, until SIGTERM; Celery workers run
+    the handlers (``consumer.process_lane``), kicked as each batch commits."""
     from consumer import Consumer
+    from tasks import make_celery
+    from tasks.lanes import kick_lanes
 
     settings = _settings(ctx)
     setup_logging(settings, "consumer")
     names = [t.strip() for t in topics.split(",") if t.strip()]
     if not names:
         raise click.BadParameter("needs at least one topic", param_hint="--topics")
-    consumer = Consumer(settings, group, names)
+    app = make_celery(settings)
+
+    def kick(group: str, lanes: set[int]) -> None:
+        kick_lanes(app, settings, {(group, lane) for lane in lanes})
+
+    consumer = Consumer(settings, group, names, on_recorded=kick)
     consumer.install_signal_handlers()
     consumer.run()
 

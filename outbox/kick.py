@@ -15,11 +15,24 @@ import redis
 FLAG = "outbox:relay:kick-pending"
 
 
-def claim_kick(client: redis.Redis, ttl_ms: int) -> bool:
+def lane_flag(group: str, lane: int) -> str:
+    """The pending-kick flag of one consumer lane (the same scheme as the relay's)."""
+    return f"outbox:lane:{group}:{lane}:kick-pending"
+
+
+def claim_kick(client: redis.Redis, ttl_ms: int, flag: str = FLAG) -> bool:
     """True when the caller should send a kick (no kick is pending)."""
-    return bool(client.set(FLAG, b"1", nx=True, px=ttl_ms))
+    return bool(client.set(flag, b"1", nx=True, px=ttl_ms))
 
 
-def kick_started(client: redis.Redis) -> None:
-    """Called by the relay task before it claims: later commits may kick again."""
-    client.delete(FLAG)
+def claim_kicks(client: redis.Redis, ttl_ms: int, flags: list[str]) -> list[bool]:
+    """:func:`claim_kick` for several flags in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for flag in flags:
+        pipe.set(flag, b"1", nx=True, px=ttl_ms)
+    return [bool(r) for r in pipe.execute()]
+
+
+def kick_started(client: redis.Redis, flag: str = FLAG) -> None:
+    """Called by a task before it looks for work: later commits may kick again."""
+    client.delete(flag)

@@ -180,3 +180,66 @@ WHERE id = ANY(CAST(:ids AS bigint[]))
   -- fencing: a relay whose claim was taken over changes nothing
   AND claim_token = :token
 """)
+
+# Consumer lanes. In an ordered topic a key's later rows wait while an earlier one waits
+# for its retry (earlier rows that are due come first in the same batch anyway).
+_LANE_ROW_READY = """
+m.consumer_group = :group AND m.lane = :lane
+AND m.status IN ('received', 'failed')
+AND (m.key IS NULL OR m.topic = ANY(CAST(:unordered_topics AS text[])) OR NOT EXISTS (
+    SELECT 1 FROM inbox_messages e
+    WHERE e.consumer_group = m.consumer_group AND e.lane = m.lane
+      AND e.status = 'failed' AND e.key = m.key AND e.id < m.id
+))
+"""
+
+# Due rows of one lane in Kafka order (ids follow the poll order). Rows are locked for
+# the processing transaction, so even two tasks on one lane (a lease lost to a stall)
+# never run a row twice.
+CLAIM_LANE = _sql(f"""
+SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts,
+       m.partition, m."offset"
+FROM inbox_messages m
+WHERE {_LANE_ROW_READY}
+  -- backoff after a failed attempt has elapsed
+  AND m.next_attempt_at <= now()
+ORDER BY m.id
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+""")  # noqa: S608 (composed of constants only)
+
+# Seconds until the lane's next row is due (NULL: nothing waits); rows held back by
+# their key do not count, their blocker does.
+LANE_NEXT_DUE = _sql(f"""
+SELECT EXTRACT(EPOCH FROM min(m.next_attempt_at) - now())
+FROM inbox_messages m
+WHERE {_LANE_ROW_READY}
+""")  # noqa: S608 (composed of constants only)
+
+MARK_INBOX_DONE = _sql("""
+UPDATE inbox_messages
+SET status = 'done', attempts = attempts + 1, processed_at = now(), worker = :worker,
+    last_error = NULL
+WHERE id = ANY(CAST(:ids AS bigint[]))
+""")
+
+MARK_INBOX_FAILED = _sql("""
+UPDATE inbox_messages m
+SET status = v.status, attempts = m.attempts + 1, worker = :worker, last_error = v.error,
+    next_attempt_at = now() + make_interval(secs => v.delay_s)
+FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:delays AS float8[]),
+            CAST(:errors AS text[])) AS v(id, status, delay_s, error)
+WHERE m.id = v.id
+""")
+
+# Lanes with due rows, for the beat sweep that recovers lost lane tasks.
+LANES_WITH_DUE_ROWS = _sql("""
+SELECT DISTINCT consumer_group, lane FROM inbox_messages
+WHERE status IN ('received', 'failed') AND next_attempt_at <= now()
+LIMIT :limit
+""")
+
+GROUP_POLICIES = _sql("""
+SELECT topic, ordered, retry_base_s, retry_factor, retry_cap_s, max_attempts
+FROM consumer_groups WHERE name = :group
+""")

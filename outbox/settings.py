@@ -91,6 +91,16 @@ class Settings:
     relay_drain_s: float = _setting(
         10.0, "Longest one relay task keeps claiming before it yields its worker.", minimum=0.1
     )
+    lane_batch_size: int = _setting(100, "Inbox rows one lane transaction takes.", minimum=1)
+    lane_lease_s: float = _setting(
+        60.0, "Lane lease: a dead worker's lane moves to another after this.", minimum=1.0
+    )
+    lane_budget_s: float = _setting(
+        10.0, "Longest one lane task keeps processing before it yields its worker.", minimum=0.1
+    )
+    lane_sweep_interval_s: float = _setting(
+        5.0, "Beat: how often lanes with due rows are kicked (recovers lost tasks).", minimum=0.5
+    )
     relay_circuit_open_s: float = _setting(
         2.0, "Pause after the broker stops answering, before probing it again.", minimum=0.1
     )

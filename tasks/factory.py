@@ -29,9 +29,10 @@ def make_celery(settings: Settings) -> Celery:
     def _logging(**_: Any) -> None:
         setup_logging(settings, _role(sys.argv))
 
-    from tasks import beat, relay
+    from tasks import beat, lanes, relay
 
     relay.register(app, settings)
+    lanes.register(app, settings)
     beat.register(app)
     # Handler modules register their handlers (and anything else) on import.
     for module in settings.handler_modules:

@@ -1,0 +1,77 @@
+"""Handlers: ``@handler("topic")`` on ``def handle(message, session)``.
+
+A handler runs inside the transaction that marks its inbox row done, so what it
+writes through ``session`` happens exactly once. Raising :class:`Permanent`
+makes the message a dead letter at once; any other exception is retried with
+backoff until the group's attempts are spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from outbox.errors import OutboxError
+
+Handler = Callable[["Message", Session], None]
+
+_handlers: dict[str, Handler] = {}
+
+
+class Permanent(OutboxError):
+    """The message can never succeed: it goes to the dead letters without more attempts."""
+
+
+class NoHandler(OutboxError):
+    """No handler is registered for the message's topic."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """What a handler sees of one received message."""
+
+    id: uuid.UUID
+    topic: str
+    key: str | None
+    payload: Any
+    headers: Mapping[str, str]
+    attempt: int  # 1 for the first try
+    partition: int
+    offset: int
+
+    @property
+    def is_retry(self) -> bool:
+        """True from the second attempt on."""
+        return self.attempt > 1
+
+
+def handler(topic: str) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of ``topic`` (one per topic)."""
+
+    def register(fn: Handler) -> Handler:
+        existing = _handlers.get(topic)
+        if existing is not None and existing is not fn:
+            raise ValueError(f"topic {topic!r} already has a handler: {existing.__qualname__}")
+        _handlers[topic] = fn
+        return fn
+
+    return register
+
+
+def handler_for(topic: str) -> Handler:
+    """The handler registered for ``topic``."""
+    try:
+        return _handlers[topic]
+    except KeyError:
+        raise NoHandler(f"no handler is registered for topic {topic!r}") from None
+
+
+def import_handler_modules(modules: Iterable[str]) -> None:
+    """Import the modules that register handlers (``OUTBOX_HANDLER_MODULES``)."""
+    for module in modules:
+        importlib.import_module(module)

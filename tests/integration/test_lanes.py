@@ -1,0 +1,188 @@
+"""Lane processing on a real PostgreSQL: handlers run once with their effects, failures
+back off and end dead, and in an ordered group a failing key holds back only itself."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text, update
+from sqlalchemy.orm import Session
+
+import consumer
+from consumer.lanes import LaneProcessor
+from outbox.db import make_sessionmaker
+from outbox.models import ConsumerGroup, InboxMessage, Topic
+from outbox.settings import Settings
+
+GROUP = "billing"
+LANE = 3
+
+
+@pytest.fixture
+def effects(engine: Engine) -> Engine:
+    with engine.begin() as conn:
+        conn.execute(
+            text("CREATE TABLE effects (message_id uuid PRIMARY KEY, body jsonb, attempt int)")
+        )
+    return engine
+
+
+def _register(session: Session, topic: str, **group: Any) -> None:
+    session.add(Topic(name=topic))
+    session.flush()
+    session.add(ConsumerGroup(name=GROUP, topic=topic, **group))
+    session.commit()
+
+
+def _receive(
+    session: Session, topic: str, messages: list[tuple[str | None, dict]]
+) -> list[uuid.UUID]:
+    ids = [uuid.uuid4() for _ in messages]
+    session.add_all(
+        InboxMessage(
+            consumer_group=GROUP,
+            message_id=message_id,
+            topic=topic,
+            partition=0,
+            offset=n,
+            key=key,
+            lane=LANE,
+            payload=payload,
+            headers={"message_id": str(message_id)},
+        )
+        for n, (message_id, (key, payload)) in enumerate(zip(ids, messages, strict=True))
+    )
+    session.commit()
+    return ids
+
+
+def _rows(session: Session) -> dict[uuid.UUID, InboxMessage]:
+    session.expire_all()
+    return {r.message_id: r for r in session.scalars(select(InboxMessage))}
+
+
+def _make_due(session: Session) -> None:
+    """Skip the backoff: every waiting row is due now."""
+    session.execute(
+        update(InboxMessage)
+        .where(InboxMessage.status == "failed")
+        .values(next_attempt_at=text("now()"))
+    )
+    session.commit()
+
+
+def test_effects_commit_with_the_inbox_row_and_happen_once(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+
+    @consumer.handler(topic)
+    def record(message: consumer.Message, tx: Session) -> None:
+        tx.execute(
+            text("INSERT INTO effects VALUES (:id, CAST(:body AS jsonb), :attempt)"),
+            {
+                "id": message.id,
+                "body": f'{{"n": {message.payload["n"]}}}',
+                "attempt": message.attempt,
+            },
+        )
+
+    ids = _receive(session, topic, [(f"k{n % 7}", {"n": n}) for n in range(250)])
+    processor = LaneProcessor(settings, make_sessionmaker(effects), "worker-a")
+
+    report = processor.run(GROUP, LANE)
+    again = processor.run(GROUP, LANE)  # a duplicate task finds nothing left
+
+    assert (report.done, report.failed, report.dead, report.next_due_s) == (250, 0, 0, None)
+    assert again.done == 0
+    rows = _rows(session)
+    assert {r.status for r in rows.values()} == {"done"}
+    assert {r.worker for r in rows.values()} == {"worker-a"}
+    assert all(r.attempts == 1 and r.processed_at is not None for r in rows.values())
+    effect_ids = session.execute(text("SELECT message_id, attempt FROM effects")).all()
+    assert sorted(effect_ids) == sorted((i, 1) for i in ids)
+
+
+def test_a_failing_message_backs_off_then_succeeds_and_a_poison_one_goes_dead(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic, ordered=True, max_attempts=3, retry_base_s=30.0)
+
+    @consumer.handler(topic)
+    def flaky(message: consumer.Message, tx: Session) -> None:
+        if message.payload.get("poison"):
+            raise ValueError("cannot parse the order")
+        if message.attempt <= message.payload.get("fail_times", 0):
+            raise ConnectionError(f"downstream down (attempt {message.attempt})")
+        tx.execute(
+            text("INSERT INTO effects VALUES (:id, '{}', :attempt)"),
+            {"id": message.id, "attempt": message.attempt},
+        )
+
+    flaky_id, after_flaky, poison_id, after_poison, other = _receive(
+        session,
+        topic,
+        [
+            ("a", {"fail_times": 2}),
+            ("a", {}),  # same key: must wait for the flaky one
+            ("b", {"poison": True}),
+            ("b", {}),
+            ("c", {}),  # another key flows
+        ],
+    )
+    processor = LaneProcessor(settings, make_sessionmaker(effects), "worker-a")
+
+    first = processor.run(GROUP, LANE)
+    rows = _rows(session)
+    assert rows[other].status == "done"
+    assert rows[flaky_id].status == rows[poison_id].status == "failed"
+    assert rows[after_flaky].status == rows[after_poison].status == "received"
+    assert "downstream down (attempt 1)" in (rows[flaky_id].last_error or "")
+    assert 0 < first.next_due_s <= 30.0  # the backoff of the first failures, full jitter
+
+    # Nothing is due before the backoff ends: a new task changes nothing.
+    assert processor.run(GROUP, LANE).done == 0
+    _make_due(session)
+    processor.run(GROUP, LANE)
+    _make_due(session)
+    processor.run(GROUP, LANE)
+
+    rows = _rows(session)
+    assert (rows[flaky_id].status, rows[flaky_id].attempts) == ("done", 3)
+    assert (rows[poison_id].status, rows[poison_id].attempts) == ("dead", 3)
+    assert "cannot parse the order" in (rows[poison_id].last_error or "")
+    # The keys' later rows ran only after their predecessor finished, once each.
+    assert rows[after_flaky].status == rows[after_poison].status == "done"
+    assert rows[after_flaky].processed_at >= rows[flaky_id].processed_at
+    effects_by_id = dict(session.execute(text("SELECT message_id, attempt FROM effects")).all())
+    assert effects_by_id == {flaky_id: 3, after_flaky: 1, after_poison: 1, other: 1}
+
+
+def test_a_permanent_error_is_dead_at_once_and_an_unordered_group_does_not_wait(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic, ordered=False, max_attempts=10)
+
+    @consumer.handler(topic)
+    def strict(message: consumer.Message, tx: Session) -> None:
+        if message.payload.get("bad"):
+            raise consumer.Permanent("schema v1 is not supported")
+        if message.payload.get("flaky"):
+            raise TimeoutError("slow dependency")
+        tx.execute(text("INSERT INTO effects VALUES (:id, '{}', 1)"), {"id": message.id})
+
+    bad, flaky, later = _receive(
+        session, topic, [("k", {"bad": True}), ("k", {"flaky": True}), ("k", {})]
+    )
+    LaneProcessor(settings, make_sessionmaker(effects), "w").run(GROUP, LANE)
+
+    rows = _rows(session)
+    assert (rows[bad].status, rows[bad].attempts) == ("dead", 1)
+    assert "schema v1 is not supported" in (rows[bad].last_error or "")
+    assert rows[flaky].status == "failed"
+    assert rows[later].status == "done"  # unordered: the same key's later row did not wait
