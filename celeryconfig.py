@@ -12,7 +12,13 @@ from typing import Any
 from outbox.errors import SettingsError
 from outbox.settings import Settings, env_name
 
-BEAT_TASKS = ("outbox.publish", "outbox.retry_targeted", "outbox.heartbeat", "outbox.cleanup")
+BEAT_TASKS = (
+    "outbox.publish",
+    "outbox.retry_targeted",
+    "outbox.heartbeat",
+    "outbox.cleanup",
+    "consumer.sweep",
+)
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:

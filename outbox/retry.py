@@ -1,4 +1,4 @@
-"""How long to wait before the next attempt: exponential backoff with full jitter."""
+"""How long to wait before the next attempt: exponential backoff with jitter."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import random
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """``delay(attempt)`` is uniform in ``[0, min(cap_s, base_s * factor ** (attempt - 1))]``.
+    """``delay(attempt)`` is uniform in ``[ceiling(attempt) / factor, ceiling(attempt)]``,
+    where ``ceiling(attempt) = min(cap_s, base_s * factor ** (attempt - 1))`` (the first
+    delay is uniform in ``[0, base_s]``).
 
-    Full jitter spreads retries of many messages that failed together, so a
-    recovering dependency is not hit by all of them at once. ``attempt`` counts
-    from 1 (the delay after the first failure). The database row's ``attempts``
-    and ``available_at`` are the source of truth, never a timer in a process.
+    The jitter spreads retries of many messages that failed together, so a recovering
+    dependency is not hit by all of them at once; drawing each delay from its own band
+    rather than from zero keeps one message's waits growing until the cap, so a failing
+    message backs off for real. ``attempt`` counts from 1 (the delay after the first
+    failure). The database row's ``attempts`` and due time are the source of truth,
+    never a timer in a process.
     """
 
     base_s: float = 1.0
@@ -29,9 +33,13 @@ class RetryPolicy:
         exponent = min(attempt - 1, 64)
         return min(self.cap_s, self.base_s * self.factor**exponent)
 
+    def floor(self, attempt: int) -> float:
+        """The smallest delay after failed attempt number ``attempt``."""
+        return 0.0 if attempt <= 1 else self.ceiling(attempt) / max(self.factor, 1.0)
+
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """A random delay in ``[0, ceiling(attempt)]``."""
-        return (rng or random).uniform(0.0, self.ceiling(attempt))
+        """A random delay in ``[floor(attempt), ceiling(attempt)]``."""
+        return (rng or random).uniform(self.floor(attempt), self.ceiling(attempt))
 
     def exhausted(self, attempts: int) -> bool:
         """True when ``attempts`` failures use up the budget."""

@@ -82,7 +82,7 @@ class Settings:
         10, "Delivery attempts before an outbox row is dead.", minimum=1
     )
     relay_retry_base_s: float = _setting(
-        1.0, "First backoff after a failed delivery (doubles, full jitter).", minimum=0.0
+        1.0, "First backoff after a failed delivery (doubles, jittered).", minimum=0.0
     )
     relay_retry_cap_s: float = _setting(300.0, "Longest backoff between deliveries.", minimum=0.0)
     relay_delivery_timeout_ms: int = _setting(

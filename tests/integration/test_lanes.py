@@ -142,7 +142,7 @@ def test_a_failing_message_backs_off_then_succeeds_and_a_poison_one_goes_dead(
     assert rows[flaky_id].status == rows[poison_id].status == "failed"
     assert rows[after_flaky].status == rows[after_poison].status == "received"
     assert "downstream down (attempt 1)" in (rows[flaky_id].last_error or "")
-    assert 0 < first.next_due_s <= 30.0  # the backoff of the first failures, full jitter
+    assert 0 < first.next_due_s <= 30.0  # the backoff of the first failures, jitter
 
     # Nothing is due before the backoff ends: a new task changes nothing.
     assert processor.run(GROUP, LANE).done == 0

@@ -14,13 +14,18 @@ def test_backoff_ceiling_doubles_then_caps():
     assert policy.ceiling(10_000) == 10.0
 
 
-def test_full_jitter_stays_within_zero_and_the_ceiling_and_spreads():
-    policy = RetryPolicy(base_s=1.0, factor=2.0, cap_s=600.0)
+def test_jitter_spreads_each_delay_over_its_band_and_the_bands_grow_until_the_cap():
+    policy = RetryPolicy(base_s=1.0, factor=2.0, cap_s=10.0)
     rng = random.Random(7)
-    delays = [policy.delay(4, rng) for _ in range(1000)]
-    assert min(delays) >= 0.0 and max(delays) <= 8.0
-    # Jitter spreads retries over the whole window rather than bunching them.
-    assert min(delays) < 1.0 and max(delays) > 7.0
+    bands = {a: [policy.delay(a, rng) for _ in range(1000)] for a in range(1, 7)}
+    # Jitter spreads retries over the whole band rather than bunching them.
+    assert 0.0 <= min(bands[1]) < 0.05 and 0.95 < max(bands[1]) <= 1.0
+    assert 4.0 <= min(bands[4]) < 4.2 and 7.8 < max(bands[4]) <= 8.0
+    # One message's waits grow: each band starts where the one before ends.
+    for attempt in range(1, 4):
+        assert max(bands[attempt]) <= min(bands[attempt + 1])
+    # At the cap the waits stop growing but stay spread.
+    assert 5.0 <= min(bands[6]) and max(bands[6]) <= 10.0 and max(bands[6]) - min(bands[6]) > 4
 
 
 def test_attempts_count_from_one_and_the_budget_is_exhausted_at_max():
