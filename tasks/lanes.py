@@ -21,6 +21,9 @@ from tasks.relay import flags_for_this_process
 
 SWEEP_LIMIT = 10_000
 IDLE_RETRY_S = 1.0
+# A pending kick's flag lapses after this, so a kick lost with its worker holds back its
+# lane only until the next sweep after it; a kick queued longer than this may be doubled.
+KICK_FLAG_TTL_S = 30.0
 
 _processor: tuple[int, LaneProcessor] | None = None
 
@@ -39,15 +42,14 @@ def kick_lanes(app: Celery, settings: Settings, lanes: set[tuple[str, int]]) -> 
     if not lanes:
         return 0
     ordered = sorted(lanes)
-    ttl_ms = int(settings.lane_sweep_interval_s * 1000)
     flags = flags_for_this_process(app.conf.broker_url)
-    claimed = claim_kicks(flags, ttl_ms, [lane_flag(g, n) for g, n in ordered])
+    claimed = claim_kicks(flags, int(KICK_FLAG_TTL_S * 1000), [lane_flag(g, n) for g, n in ordered])
     sent = 0
     for (group, lane), claim in zip(ordered, claimed, strict=True):
         if claim:
-            app.send_task(
-                "consumer.process_lane", args=(group, lane), expires=settings.lane_sweep_interval_s
-            )
+            # No expiry: the flag keeps at most one kick per lane queued, and an expired
+            # kick would leave its rows waiting for the sweep.
+            app.send_task("consumer.process_lane", args=(group, lane))
             sent += 1
     return sent
 

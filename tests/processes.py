@@ -1,4 +1,4 @@
-"""Real Celery worker processes for end-to-end and fault tests."""
+"""Real worker, beat and consumer processes for end-to-end and fault tests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,21 +17,21 @@ from outbox.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class WorkerProcess:
-    """``celery -A tasks worker`` in its own session, logging to a file."""
+class ServiceProcess:
+    """A process of ours in its own session, logging to ``<log_dir>/<name>.log``."""
+
+    ready_pattern = ""
 
     def __init__(
         self,
         settings: Settings,
         name: str,
         log_dir: Path,
-        *,
-        concurrency: int = 1,
+        argv: list[str],
         env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.log = log_dir / f"{name}.log"
-        argv = worker_argv(name, "INFO", concurrency)
         full_env = {**os.environ, **settings.as_env(), **(env or {}), "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
@@ -48,15 +49,15 @@ class WorkerProcess:
     def wait_ready(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if re.search(r"@\S+ ready\.", self.text()):
+            if re.search(self.ready_pattern, self.text()):
                 return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.1)
-        raise AssertionError(f"worker {self.name} not ready:\n{self.text()[-3000:]}")
+        raise AssertionError(f"{self.name} not ready:\n{self.text()[-3000:]}")
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: the pool dies with its parent."""
+        """SIGKILL the whole process group: a worker's pool dies with its parent."""
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
@@ -70,3 +71,51 @@ class WorkerProcess:
                 self.proc.wait(10)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # pool processes left behind
+
+
+class WorkerProcess(ServiceProcess):
+    """``celery -A tasks worker -n <name>@<host>``."""
+
+    ready_pattern = r"@\S+ ready\."
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        log_dir: Path,
+        *,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(settings, name, log_dir, worker_argv(name, "INFO", concurrency), env)
+
+
+class BeatProcess(ServiceProcess):
+    """``celery -A tasks beat``, its schedule file in ``log_dir``."""
+
+    ready_pattern = r"beat: Starting"
+
+    def __init__(self, settings: Settings, log_dir: Path, env: dict[str, str] | None = None):
+        argv = [sys.executable, "-m", "celery", "-A", "tasks", "beat", "--loglevel", "INFO"]
+        argv += ["-s", str(log_dir / "celerybeat-schedule")]
+        super().__init__(settings, "beat", log_dir, argv, env)
+
+
+class ConsumerProcess(ServiceProcess):
+    """``outbox consume``; ready once it holds partitions."""
+
+    ready_pattern = r"assigned \S*\["
+
+    def __init__(
+        self,
+        settings: Settings,
+        name: str,
+        log_dir: Path,
+        *,
+        group: str,
+        topics: list[str],
+        env: dict[str, str] | None = None,
+    ) -> None:
+        argv = [sys.executable, "-m", "outbox", "consume", "--group", group]
+        argv += ["--topics", ",".join(topics)]
+        super().__init__(settings, name, log_dir, argv, env)

@@ -1,0 +1,176 @@
+"""From the API to a handler's effect, through the relay, Kafka, a consumer process, the
+inbox and Celery lane tasks on a real worker: every effect once, in order per key;
+failures back off with growing gaps; a poison message goes dead and blocks nobody."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+from api import create_app
+from outbox.models import InboxMessage
+from outbox.settings import Settings
+from tests.handlers import SCHEMA, TOPIC_VARIABLE
+from tests.processes import BeatProcess, ConsumerProcess, WorkerProcess
+
+TOKEN = "e2e"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Flow:
+    """An API client, with a worker and a consumer process serving one topic."""
+
+    def __init__(self, settings: Settings, engine: Engine, topic: str, group: str) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.topic = topic
+        self.group = group
+        self.client: FlaskClient = create_app(settings).test_client()
+
+    def publish(self, messages: list[dict[str, Any]]) -> list[str]:
+        ids: list[str] = []
+        for start in range(0, len(messages), 500):
+            batch = [dict(m, topic=self.topic) for m in messages[start : start + 500]]
+            response = self.client.post("/v1/messages", json={"messages": batch}, headers=AUTH)
+            assert response.status_code == 202, response.get_json()
+            ids += response.get_json()["message_ids"]
+        return ids
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(text(sql), params).scalar()
+
+    def wait(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if done():
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def flow(
+    settings: Settings, engine: Engine, topic: str, tmp_path: Path, request: Any
+) -> Iterator[Flow]:
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    retry = getattr(request, "param", {"base_s": 0.3, "factor": 3.0, "max_attempts": 5})
+    s = settings.replace(api_tokens=(TOKEN,), handler_modules=("tests.handlers",))
+    with engine.begin() as conn:
+        conn.execute(text(SCHEMA))
+    flow = Flow(s, engine, topic, group)
+    response = flow.client.post(
+        "/v1/topics",
+        json={"name": topic, "consumer_groups": [{"name": group, "retry": retry}]},
+        headers=AUTH,
+    )
+    assert response.status_code == 201, response.get_json()
+    env = {TOPIC_VARIABLE: topic}
+    worker = WorkerProcess(s, "worker", tmp_path, concurrency=2, env=env)
+    beat = BeatProcess(s, tmp_path)
+    reader = ConsumerProcess(s, "consumer", tmp_path, group=group, topics=[topic], env=env)
+    try:
+        for process in (worker, beat, reader):
+            process.wait_ready()
+        yield flow
+    finally:
+        reader.stop()
+        beat.stop()
+        worker.stop()
+
+
+def test_ten_thousand_messages_reach_their_handler_once_each_in_order_per_key(
+    flow: Flow, session: Session
+):
+    # Given 10,000 messages over 100 keys, published through the API
+    total, keys = 10_000, 100
+    ids = flow.publish(
+        [{"key": f"k{i % keys}", "payload": {"seq": i // keys}} for i in range(total)]
+    )
+
+    # When the relay, the consumer and the lane tasks have done their work
+    flow.wait(lambda: flow.scalar("SELECT count(*) FROM effects") >= total, 180, "10,000 effects")
+    time.sleep(1.0)  # anything extra would show up now
+
+    # Then each message had exactly one effect, on its first attempt
+    effects = flow.scalar("SELECT count(*) FROM effects")
+    assert effects == total
+    effect_ids = {str(i) for i in session.scalars(text("SELECT message_id FROM effects"))}
+    assert effect_ids == set(ids)
+    statuses = dict(
+        session.execute(
+            select(InboxMessage.status, func.count())
+            .where(InboxMessage.consumer_group == flow.group)
+            .group_by(InboxMessage.status)
+        ).all()
+    )
+    assert statuses == {"done": total}
+    assert flow.scalar("SELECT max(attempt) FROM attempts") == 1
+    # And in the order of publication within each key
+    per_key: dict[str, list[int]] = collections.defaultdict(list)
+    for key, seq in session.execute(text("SELECT key, seq FROM effects ORDER BY at, seq")):
+        per_key[key].append(seq)
+    assert len(per_key) == keys
+    assert all(seqs == list(range(total // keys)) for seqs in per_key.values())
+
+
+def test_a_failing_message_succeeds_on_attempt_four_with_growing_gaps_and_a_poison_one_goes_dead(
+    flow: Flow, session: Session
+):
+    # Given a message failing three times, a poison message, and messages of other keys
+    flaky, poison, *_others = flow.publish(
+        [
+            {"key": "flaky", "payload": {"fail_times": 3, "seq": 0}},
+            {"key": "poison", "payload": {"poison": True, "seq": 0}},
+        ]
+        + [{"key": f"k{i}", "payload": {"seq": i}} for i in range(50)]
+    )
+
+    # Then the other keys flow at once, whatever the poison message does
+    flow.wait(
+        lambda: flow.scalar("SELECT count(*) FROM effects WHERE key LIKE 'k%'") == 50,
+        60,
+        "the other keys' effects",
+    )
+    assert flow.scalar("SELECT count(*) FROM effects WHERE message_id = :id", id=poison) == 0
+
+    # And the flaky message succeeds on its fourth attempt, the waits between attempts growing
+    flow.wait(
+        lambda: flow.scalar("SELECT attempt FROM effects WHERE message_id = :id", id=flaky) == 4,
+        60,
+        "the flaky message's effect",
+    )
+    times = [
+        at.timestamp()
+        for at in session.scalars(
+            text("SELECT at FROM attempts WHERE message_id = :id ORDER BY attempt"), {"id": flaky}
+        )
+    ]
+    assert len(times) == 4
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] < gaps[1] < gaps[2], gaps
+    assert gaps[2] <= 2.7 + 1.0  # the third band ends at 0.3 * 3**2 s, plus task pick-up
+
+    # And the poison message is dead after its five attempts, once each
+    flow.wait(
+        lambda: (
+            flow.scalar("SELECT status FROM inbox_messages WHERE message_id = :id", id=poison)
+            == "dead"
+        ),
+        60,
+        "the poison message to go dead",
+    )
+    assert flow.scalar("SELECT count(*) FROM attempts WHERE message_id = :id", id=poison) == 5
+    error = flow.scalar("SELECT last_error FROM inbox_messages WHERE message_id = :id", id=poison)
+    assert "cannot process this message" in error
+    assert flow.scalar("SELECT count(*) FROM effects") == 51
