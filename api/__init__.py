@@ -7,6 +7,7 @@ from flask_openapi3 import Info, OpenAPI
 from werkzeug.exceptions import BadRequest
 
 from api.auth import token_accepted
+from api.deadletters import dead_letters
 from api.errors import error_response, register_error_handlers, validation_error_response
 from api.health import health
 from api.messages import messages
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_blueprint(health)
     app.register_api(messages)
     app.register_api(topics)
+    app.register_api(dead_letters)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> Response:
@@ -65,7 +67,13 @@ def _guard() -> tuple[Response, int] | None:
             )
             response.headers["WWW-Authenticate"] = 'Bearer realm="outbox"'
             return response, status
-    if request.method in BODY_METHODS and request.path.startswith("/v1/"):
+    # A bodiless POST (e.g. a requeue) is fine; a body, or one announced as JSON, must be JSON.
+    has_body = (
+        bool(request.content_length)
+        or "Transfer-Encoding" in request.headers
+        or "Content-Type" in request.headers
+    )
+    if request.method in BODY_METHODS and has_body and request.path.startswith("/v1/"):
         if not request.is_json:
             return error_response(
                 415,

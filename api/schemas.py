@@ -179,3 +179,51 @@ class ErrorOut(BaseModel):
 
 class Published(RootModel[PublishedOne | PublishedBatch]):
     """``{"message_id"}`` for one message, ``{"message_ids"}`` for a batch."""
+
+
+class DeadLetterQuery(Strict):
+    side: Literal["outbox", "inbox"] | None = None
+    group: str | None = Field(None, description="Inbox side only.")
+    topic: str | None = None
+    error: str | None = Field(None, description="Part of the last error, case-insensitive.")
+    after: datetime | None = Field(None, description="Created (outbox) or received (inbox).")
+    before: datetime | None = None
+    cursor: str | None = Field(None, description="next_cursor of the previous page.")
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class DeadLetterOut(BaseModel):
+    id: str = Field(description="outbox:<row> or inbox:<row>")
+    side: Literal["outbox", "inbox"]
+    message_id: str
+    group: str | None
+    topic: str
+    key: str | None
+    attempts: int
+    error: str | None
+    headers: dict[str, Any]
+    payload: Any
+    at: datetime
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetterOut]
+    next_cursor: str | None
+
+
+class DeadLetterPath(Strict):
+    id: str = Field(min_length=1, max_length=40)
+
+
+class RequeueFilterIn(Strict):
+    side: Literal["outbox", "inbox"] | None = None
+    group: str | None = None
+    topic: str | None = None
+    error: str | None = None
+    after: datetime | None = None
+    before: datetime | None = None
+    limit: int = Field(1000, ge=1, le=10000, description="Most dead letters to requeue.")
+
+
+class RequeuedOut(BaseModel):
+    requeued: dict[str, int]

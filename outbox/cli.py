@@ -37,6 +37,112 @@ def cli(ctx: click.Context) -> None:
         raise click.UsageError(str(exc)) from exc
 
 
+DLQ_FILTERS = [
+    option("--side", type=click.Choice(["outbox", "inbox"]), help="One side only."),
+    option("--group", help="Consumer group (inbox side)."),
+    option("--topic", help="Topic."),
+    option("--error", help="Part of the last error, case-insensitive."),
+    option("--after", type=click.DateTime(), help="Created or received at or after (UTC)."),
+    option("--before", type=click.DateTime(), help="Created or received before (UTC)."),
+]
+
+
+def _dlq_filters(fn: Any) -> Any:
+    for decorate in reversed(DLQ_FILTERS):
+        fn = decorate(fn)
+    return fn
+
+
+def _dead_letter_filter(**options: Any) -> Any:
+    from datetime import UTC
+
+    from outbox.deadletters import DeadLetterFilter
+
+    def aware(at: Any) -> Any:
+        return at if at is None or at.tzinfo else at.replace(tzinfo=UTC)
+
+    return DeadLetterFilter(
+        options["side"],
+        options["group"],
+        options["topic"],
+        options["error"],
+        aware(options["after"]),
+        aware(options["before"]),
+    )
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters of both sides: list them, requeue them."""
+
+
+@dlq.command("list")
+@_dlq_filters
+@option("--limit", default=50, show_default=True, help="Most dead letters to show.")
+@option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def dlq_list(ctx: click.Context, limit: int, as_json: bool, **filters: Any) -> None:
+    """Dead letters, newest first."""
+    import json
+
+    from outbox.db import make_engine, make_sessionmaker
+    from outbox.deadletters import list_dead_letters
+
+    settings = _settings(ctx)
+    engine = make_engine(settings, pool_size=1)
+    with make_sessionmaker(engine)() as session:
+        items, more = list_dead_letters(session, _dead_letter_filter(**filters), limit=limit)
+    engine.dispose()
+    for item in items:
+        if as_json:
+            click.echo(json.dumps(item))
+        else:
+            where = item["group"] or "-"
+            click.echo(
+                f"{item['id']:<16} {item['at'][:19]}  {item['topic']}  group={where}  "
+                f"key={item['key']}  attempts={item['attempts']}  {item['error']}"
+            )
+    if more and not as_json:
+        click.echo(f"... more than {limit}; narrow the filters or raise --limit", err=True)
+
+
+@dlq.command("requeue")
+@click.argument("ids", nargs=-1)
+@option("--all", "matching", is_flag=True, help="Requeue every dead letter the filters match.")
+@_dlq_filters
+@option("--limit", default=1000, show_default=True, help="Most dead letters to requeue.")
+@click.pass_context
+def dlq_requeue(
+    ctx: click.Context, ids: tuple[str, ...], matching: bool, limit: int, **filters: Any
+) -> None:
+    """Requeue dead letters by id (outbox:N, inbox:N), or --all that match the filters.
+
+    A requeued message keeps its id and headers and gets a fresh attempt budget; beat's
+    next relay tick or lane sweep picks it up."""
+    from outbox.db import make_engine, make_sessionmaker
+    from outbox.deadletters import requeue, requeue_matching
+
+    if bool(ids) == matching:
+        raise click.UsageError("give dead-letter ids, or --all with filters (not both)")
+    settings = _settings(ctx)
+    engine = make_engine(settings, pool_size=1)
+    missing = []
+    with make_sessionmaker(engine).begin() as session:
+        if matching:
+            counts = requeue_matching(session, _dead_letter_filter(**filters), limit=limit)
+        else:
+            counts = {"outbox": 0, "inbox": 0}
+            for dead_letter_id in ids:
+                if requeue(session, dead_letter_id):
+                    counts[dead_letter_id.partition(":")[0]] += 1
+                else:
+                    missing.append(dead_letter_id)
+    engine.dispose()
+    click.echo(f"requeued {counts['outbox']} outbox and {counts['inbox']} inbox dead letters")
+    if missing:
+        raise click.ClickException(f"no such dead letter: {', '.join(missing)}")
+
+
 @cli.command()
 @option(
     "--dir",

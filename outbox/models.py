@@ -108,6 +108,8 @@ class OutboxMessage(Base):
         ),
         # Cleanup walks sent rows by age.
         Index("ix_outbox_messages_sent_at", "sent_at", postgresql_where=text("status = 'sent'")),
+        # The dead letters, newest first.
+        Index("ix_outbox_messages_dead", "created_at", postgresql_where=text("status = 'dead'")),
         # One row per idempotency key; retries carry the original's key.
         Index(
             "uq_outbox_messages_idempotency_key",
@@ -213,6 +215,7 @@ class InboxMessage(Base):
             "processed_at",
             postgresql_where=text("status = 'done'"),
         ),
+        Index("ix_inbox_messages_dead", "received_at", postgresql_where=text("status = 'dead'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

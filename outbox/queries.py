@@ -243,3 +243,58 @@ GROUP_POLICIES = _sql("""
 SELECT topic, ordered, retry_base_s, retry_factor, retry_cap_s, max_attempts
 FROM consumer_groups WHERE name = :group
 """)
+
+# Dead letters of both sides, filtered; each side walks its own partial index.
+_DEAD_LETTERS = """
+SELECT * FROM (
+    SELECT 'outbox' AS side, o.id, o.message_id, NULL AS consumer_group, o.topic, o.key,
+           o.attempts, o.last_error, o.headers, o.payload, o.created_at AS at
+    FROM outbox_messages o
+    WHERE o.status = 'dead' AND CAST(:group AS text) IS NULL
+    UNION ALL
+    SELECT 'inbox', i.id, i.message_id, i.consumer_group, i.topic, i.key,
+           i.attempts, i.last_error, i.headers, i.payload, i.received_at
+    FROM inbox_messages i
+    WHERE i.status = 'dead'
+      AND (CAST(:group AS text) IS NULL OR i.consumer_group = CAST(:group AS text))
+) d
+WHERE (CAST(:side AS text) IS NULL OR d.side = CAST(:side AS text))
+  AND (CAST(:topic AS text) IS NULL OR d.topic = CAST(:topic AS text))
+  AND (CAST(:error AS text) IS NULL OR d.last_error ILIKE CAST(:error AS text))
+  AND (CAST(:after AS timestamptz) IS NULL OR d.at >= CAST(:after AS timestamptz))
+  AND (CAST(:before AS timestamptz) IS NULL OR d.at < CAST(:before AS timestamptz))
+"""
+
+DEAD_LETTERS = _sql(
+    _DEAD_LETTERS
+    + """
+  -- keyset pagination: strictly after the previous page's last row
+  AND (CAST(:cursor_at AS timestamptz) IS NULL
+       OR (d.at, d.side, d.id) < (CAST(:cursor_at AS timestamptz), CAST(:cursor_side AS text),
+                                  CAST(:cursor_id AS bigint)))
+ORDER BY d.at DESC, d.side DESC, d.id DESC
+LIMIT :limit
+"""
+)
+
+DEAD_LETTERS_TO_REQUEUE = _sql(
+    "SELECT side, id FROM (" + _DEAD_LETTERS + ") m ORDER BY at, side, id LIMIT :limit"  # noqa: S608 (constants only)
+)
+
+# A requeued message keeps its id, payload and headers, with a fresh attempt budget.
+REQUEUE_OUTBOX = _sql("""
+UPDATE outbox_messages
+SET status = 'pending', attempts = 0, available_at = now(), claim_token = NULL,
+    lease_expires_at = NULL
+WHERE id = ANY(CAST(:ids AS bigint[]))
+  -- only dead rows: requeueing never disturbs a message in flight
+  AND status = 'dead'
+""")
+
+REQUEUE_INBOX = _sql("""
+UPDATE inbox_messages
+SET status = 'received', attempts = 0, next_attempt_at = now()
+WHERE id = ANY(CAST(:ids AS bigint[]))
+  -- only dead rows: requeueing never disturbs a message in flight
+  AND status = 'dead'
+""")

@@ -174,3 +174,25 @@ def test_a_failing_message_succeeds_on_attempt_four_with_growing_gaps_and_a_pois
     error = flow.scalar("SELECT last_error FROM inbox_messages WHERE message_id = :id", id=poison)
     assert "cannot process this message" in error
     assert flow.scalar("SELECT count(*) FROM effects") == 51
+
+    # When the handler is fixed and the dead letter requeued through the API
+    dead = flow.client.get(f"/v1/dead-letters?group={flow.group}", headers=AUTH).get_json()
+    assert [d["message_id"] for d in dead["items"]] == [poison]
+    with flow.engine.begin() as conn:
+        conn.execute(text("INSERT INTO fixes VALUES (:id)"), {"id": poison})
+    requeued = flow.client.post(f"/v1/dead-letters/{dead['items'][0]['id']}/requeue", headers=AUTH)
+    assert requeued.status_code == 200
+
+    # Then it is processed once, keeping its id, and leaves the dead letters
+    flow.wait(
+        lambda: flow.scalar("SELECT count(*) FROM effects WHERE message_id = :id", id=poison) == 1,
+        30,
+        "the requeued message's effect",
+    )
+    assert flow.scalar("SELECT status FROM inbox_messages WHERE message_id = :id", id=poison) == (
+        "done"
+    )
+    time.sleep(1.0)
+    assert flow.scalar("SELECT count(*) FROM effects") == 52
+    left = flow.client.get(f"/v1/dead-letters?group={flow.group}", headers=AUTH).get_json()
+    assert left["items"] == []

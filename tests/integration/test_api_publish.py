@@ -335,3 +335,10 @@ def test_the_openapi_document_and_docs_page_are_served(client):
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     page = client.get("/docs/swagger")
     assert page.status_code == 200 and b"swagger" in page.data.lower()
+
+
+def test_a_publish_without_any_body_is_refused_as_invalid_and_writes_nothing(client, session):
+    response = client.post("/v1/messages", headers=AUTH)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["details"]["fields"][0]["field"] == "body"
+    assert session.scalar(select(func.count()).select_from(OutboxMessage)) == 0

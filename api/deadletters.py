@@ -1,0 +1,77 @@
+"""``/v1/dead-letters``: list both sides' dead letters, requeue one or many.
+
+A requeued outbox row is relayed at once (kick); a requeued inbox row is picked
+up by its lane at the next ``consumer.sweep`` tick (``OUTBOX_LANE_SWEEP_INTERVAL_S``).
+"""
+
+from __future__ import annotations
+
+from flask import Response, jsonify
+from flask_openapi3 import APIBlueprint, Tag
+
+from api.errors import error_response
+from api.schemas import (
+    DeadLetterPage,
+    DeadLetterPath,
+    DeadLetterQuery,
+    ErrorOut,
+    RequeuedOut,
+    RequeueFilterIn,
+)
+from api.state import state
+from outbox.deadletters import (
+    DeadLetterFilter,
+    decode_cursor,
+    list_dead_letters,
+    requeue,
+    requeue_matching,
+)
+
+TAG = Tag(name="dead letters", description="Messages that failed for good, and their requeue")
+dead_letters = APIBlueprint(
+    "dead_letters", __name__, url_prefix="/v1", abp_tags=[TAG], abp_security=[{"bearer": []}]
+)
+
+
+@dead_letters.get("/dead-letters", responses={200: DeadLetterPage, 422: ErrorOut})
+def list_all(query: DeadLetterQuery) -> tuple[Response, int]:
+    """Dead letters of both sides, newest first; follow ``next_cursor`` for the next page."""
+    cursor = None
+    if query.cursor is not None:
+        cursor = decode_cursor(query.cursor)
+        if cursor is None:
+            return error_response(
+                422, "validation_error", "cursor is not valid", {"field": "cursor"}
+            )
+    where = DeadLetterFilter(
+        query.side, query.group, query.topic, query.error, query.after, query.before
+    )
+    with state().sessions() as session:
+        items, next_cursor = list_dead_letters(session, where, cursor=cursor, limit=query.limit)
+    return jsonify(items=items, next_cursor=next_cursor), 200
+
+
+@dead_letters.post("/dead-letters/<id>/requeue", responses={200: RequeuedOut, 404: ErrorOut})
+def requeue_one(path: DeadLetterPath) -> tuple[Response, int]:
+    """Requeue one dead letter: same message id and headers, a fresh attempt budget."""
+    s = state()
+    with s.sessions.begin() as session:
+        found = requeue(session, path.id)
+    if not found:
+        return error_response(404, "not_found", "no such dead letter", {"id": path.id})
+    side = path.id.partition(":")[0]
+    if side == "outbox":
+        s.kicker.kick()
+    return jsonify(requeued={side: 1}), 200
+
+
+@dead_letters.post("/dead-letters/requeue", responses={200: RequeuedOut, 422: ErrorOut})
+def requeue_many(body: RequeueFilterIn) -> tuple[Response, int]:
+    """Requeue the dead letters matching a filter, oldest first, up to ``limit``."""
+    s = state()
+    where = DeadLetterFilter(body.side, body.group, body.topic, body.error, body.after, body.before)
+    with s.sessions.begin() as session:
+        counts = requeue_matching(session, where, limit=body.limit)
+    if counts["outbox"]:
+        s.kicker.kick()
+    return jsonify(requeued=counts), 200

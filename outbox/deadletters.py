@@ -1,0 +1,134 @@
+"""Dead letters on both sides: outbox rows the relay gave up on, and inbox rows whose
+handler failed for good. List them with filters, and requeue them in place: a
+requeued message keeps its id, payload and headers and gets a fresh attempt budget.
+
+A dead letter's id names its side: ``outbox:<row id>`` or ``inbox:<row id>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from outbox import queries
+
+SIDES = ("outbox", "inbox")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterFilter:
+    """Filters of a dead-letter listing or a bulk requeue; None means any."""
+
+    side: str | None = None
+    group: str | None = None  # inbox side only: outbox rows belong to no group
+    topic: str | None = None
+    error: str | None = None  # a part of the last error, case-insensitive
+    after: datetime | None = None  # created (outbox) or received (inbox) at or after
+    before: datetime | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "side": self.side,
+            "group": self.group,
+            "topic": self.topic,
+            "error": None if self.error is None else f"%{_escape_like(self.error)}%",
+            "after": self.after,
+            "before": self.before,
+        }
+
+
+def parse_id(dead_letter_id: str) -> tuple[str, int] | None:
+    """``("outbox", 12)`` from ``"outbox:12"``; None if it is not a dead-letter id."""
+    side, _, number = dead_letter_id.partition(":")
+    if side not in SIDES or not number.isdigit():
+        return None
+    return side, int(number)
+
+
+def encode_cursor(at: datetime, side: str, row_id: int) -> str:
+    raw = json.dumps([at.isoformat(), side, row_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str, int] | None:
+    """The position a cursor names, or None if it is not one of ours."""
+    try:
+        at, side, row_id = json.loads(base64.urlsafe_b64decode(cursor.encode() + b"=="))
+        position = (datetime.fromisoformat(at), side, int(row_id))
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        return None
+    return position if side in SIDES else None
+
+
+def list_dead_letters(
+    session: Session,
+    where: DeadLetterFilter,
+    *,
+    cursor: tuple[datetime, str, int] | None = None,
+    limit: int = 100,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest first; returns a page and the cursor of the next one (None at the end)."""
+    at, side, row_id = cursor or (None, None, None)
+    rows = session.execute(
+        queries.DEAD_LETTERS,
+        {
+            **where.params(),
+            "cursor_at": at,
+            "cursor_side": side,
+            "cursor_id": row_id,
+            "limit": limit + 1,
+        },
+    ).all()
+    page = [
+        {
+            "id": f"{r.side}:{r.id}",
+            "side": r.side,
+            "message_id": str(r.message_id),
+            "group": r.consumer_group,
+            "topic": r.topic,
+            "key": r.key,
+            "attempts": r.attempts,
+            "error": r.last_error,
+            "headers": r.headers,
+            "payload": r.payload,
+            "at": r.at.isoformat(),
+        }
+        for r in rows[:limit]
+    ]
+    last = rows[limit - 1] if len(rows) > limit else None
+    return page, (encode_cursor(last.at, last.side, last.id) if last is not None else None)
+
+
+def requeue(session: Session, dead_letter_id: str) -> bool:
+    """Requeue one dead letter; False when there is no such dead letter. The caller commits."""
+    parsed = parse_id(dead_letter_id)
+    if parsed is None:
+        return False
+    side, row_id = parsed
+    statement = queries.REQUEUE_OUTBOX if side == "outbox" else queries.REQUEUE_INBOX
+    return session.execute(statement, {"ids": [row_id]}).rowcount == 1  # type: ignore[attr-defined]
+
+
+def requeue_matching(session: Session, where: DeadLetterFilter, *, limit: int) -> dict[str, int]:
+    """Requeue up to ``limit`` dead letters matching ``where`` (oldest first); the caller
+    commits. Returns how many were requeued on each side."""
+    ids: dict[str, list[int]] = {side: [] for side in SIDES}
+    for side, row_id in session.execute(
+        queries.DEAD_LETTERS_TO_REQUEUE, {**where.params(), "limit": limit}
+    ):
+        ids[side].append(row_id)
+    if ids["outbox"]:
+        session.execute(queries.REQUEUE_OUTBOX, {"ids": ids["outbox"]})
+    if ids["inbox"]:
+        session.execute(queries.REQUEUE_INBOX, {"ids": ids["inbox"]})
+    return {side: len(rows) for side, rows in ids.items()}
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
