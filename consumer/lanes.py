@@ -23,8 +23,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from consumer.acks import ack_payload, register_ack_topic, write_ack
 from consumer.handlers import Message, Permanent, handler_for
 from outbox import leases, queries
+from outbox.publishing import Publisher
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings
 
@@ -57,7 +59,12 @@ class LaneReport:
 @dataclasses.dataclass(frozen=True)
 class _TopicPolicy:
     ordered: bool
+    requires_ack: bool
     retry: RetryPolicy
+
+
+# A topic the group has not registered: ordered, no acks, the default retry policy.
+UNREGISTERED = _TopicPolicy(ordered=True, requires_ack=False, retry=DEFAULT_POLICY)
 
 
 class LaneProcessor:
@@ -69,6 +76,8 @@ class LaneProcessor:
         self.worker = worker
         self.owner = f"lane@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._scopes_ready: set[str] = set()
+        self.publisher = Publisher(settings)
+        self._ack_topic_ready = False
 
     def run(self, group: str, lane: int, budget_s: float | None = None) -> LaneReport:
         """Process the lane's due rows until none is left or ``budget_s`` ends."""
@@ -78,6 +87,9 @@ class LaneProcessor:
         report = LaneReport()
         with self.sessions.begin() as session:
             policies = self._policies(session, group)
+            if not self._ack_topic_ready and any(p.requires_ack for p in policies.values()):
+                register_ack_topic(session)
+                self._ack_topic_ready = True
             if scope not in self._scopes_ready:
                 leases.ensure_rows(session, scope, s.buckets)
                 self._scopes_ready.add(scope)
@@ -109,9 +121,11 @@ class LaneProcessor:
     def _policies(self, session: Session, group: str) -> dict[str, _TopicPolicy]:
         return {
             topic: _TopicPolicy(
-                ordered, RetryPolicy(base_s=base, factor=factor, cap_s=cap, max_attempts=most)
+                ordered,
+                requires_ack,
+                RetryPolicy(base_s=base, factor=factor, cap_s=cap, max_attempts=most),
             )
-            for topic, ordered, base, factor, cap, most in session.execute(
+            for topic, ordered, requires_ack, base, factor, cap, most in session.execute(
                 queries.GROUP_POLICIES, {"group": group}
             )
         }
@@ -126,6 +140,7 @@ class LaneProcessor:
         """
         done: list[int] = []
         failures: list[tuple[int, str, float, str]] = []
+        failure_acks: list[dict[str, Any]] = []
         with self.sessions.begin() as session:
             rows = session.execute(
                 queries.CLAIM_LANE,
@@ -139,13 +154,16 @@ class LaneProcessor:
             failed_keys: set[tuple[str, str]] = set()
             unblocked = False
             for row_id, message_id, topic, key, payload, headers, attempts, part, off in rows:
-                policy = policies.get(topic, _TopicPolicy(True, DEFAULT_POLICY))
+                policy = policies.get(topic, UNREGISTERED)
                 if policy.ordered and key is not None and (topic, key) in failed_keys:
                     continue  # an earlier row of its key failed in this batch: it waits
                 message = Message(message_id, topic, key, payload, headers, attempts + 1, part, off)
                 savepoint = session.begin_nested()
                 try:
                     handler_for(topic)(message, session)
+                    if policy.requires_ack:
+                        ack = ack_payload(message, group, self.worker)
+                        write_ack(session, self.publisher, ack)
                     savepoint.commit()
                     done.append(row_id)
                     unblocked = unblocked or attempts > 0
@@ -162,6 +180,8 @@ class LaneProcessor:
                         report.failed += 1
                     if key is not None:
                         failed_keys.add((topic, key))
+                    if policy.requires_ack:
+                        failure_acks.append(ack_payload(message, group, self.worker, error))
                     log.warning(
                         "lane %s/%d: message %s attempt %d failed: %s",
                         group,
@@ -184,6 +204,8 @@ class LaneProcessor:
                         "worker": self.worker,
                     },
                 )
+            for ack in failure_acks:
+                write_ack(session, self.publisher, ack)
         report.done += len(done)
         return len(rows), unblocked
 

@@ -25,6 +25,7 @@ from outbox.agents import instance_id, upsert_agent
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kafka import admin_client, consumer_config, ensure_topics
 from outbox.settings import Settings
+from outbox.wire import HEADER_TARGET_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class Consumer:
         if not messages:
             return
         rows = [inbox_row(self.group, m, self.settings.buckets) for m in messages]
+        # A retry aimed at another group is not ours: its offset is stored, it gets no row.
+        rows = [r for r in rows if r["headers"].get(HEADER_TARGET_GROUP, self.group) == self.group]
         with self.sessions.begin() as session:
             lanes = record(session, rows)
         # Only now is the batch safe in PostgreSQL: let its offsets be committed.

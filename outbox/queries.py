@@ -148,16 +148,28 @@ RETURNING m.id, m.topic, m.key, CAST(m.payload AS text) AS payload,
           CAST(m.headers AS text) AS headers, m.attempts, m.bucket
 """)
 
+# Marking rows sent also opens their deliveries: one per active group of the topic that
+# requires acks, awaiting its ack until the group's ack timeout (database clock).
 MARK_SENT = _sql("""
-UPDATE outbox_messages m
-SET status = 'sent', sent_at = clock_timestamp(), kafka_partition = v.kafka_partition,
-    kafka_offset = v.kafka_offset, last_error = NULL, claim_token = NULL,
-    lease_expires_at = NULL
-FROM unnest(CAST(:ids AS bigint[]), CAST(:partitions AS int[]), CAST(:offsets AS bigint[]))
-     AS v(id, kafka_partition, kafka_offset)
-WHERE m.id = v.id
-  -- fencing: a relay whose claim was taken over changes nothing
-  AND m.claim_token = :token
+WITH marked AS (
+    UPDATE outbox_messages m
+    SET status = 'sent', sent_at = clock_timestamp(), kafka_partition = v.kafka_partition,
+        kafka_offset = v.kafka_offset, last_error = NULL, claim_token = NULL,
+        lease_expires_at = NULL
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:partitions AS int[]), CAST(:offsets AS bigint[]))
+         AS v(id, kafka_partition, kafka_offset)
+    WHERE m.id = v.id
+      -- fencing: a relay whose claim was taken over changes nothing
+      AND m.claim_token = :token
+    RETURNING m.message_id, m.topic, m.is_retry
+)
+INSERT INTO deliveries (message_id, consumer_group_id, status, next_retry_at)
+SELECT k.message_id, g.id, 'awaiting_ack', now() + make_interval(secs => g.ack_timeout_s)
+FROM marked k
+JOIN consumer_groups g ON g.topic = k.topic AND g.requires_ack AND g.active
+-- a retry re-sends a message whose deliveries exist already
+WHERE NOT k.is_retry
+ON CONFLICT (message_id, consumer_group_id) DO NOTHING
 """)
 
 MARK_FAILED = _sql("""
@@ -240,8 +252,25 @@ LIMIT :limit
 """)
 
 GROUP_POLICIES = _sql("""
-SELECT topic, ordered, retry_base_s, retry_factor, retry_cap_s, max_attempts
+SELECT topic, ordered, requires_ack, retry_base_s, retry_factor, retry_cap_s, max_attempts
 FROM consumer_groups WHERE name = :group
+""")
+
+# An ack moves a delivery forward only: a success ack wins over anything but dead; a
+# failure ack counts only while the delivery still waits, so a late or repeated failure
+# after a success changes nothing.
+APPLY_ACK = _sql("""
+UPDATE deliveries d
+SET status = CASE WHEN :ok THEN 'acked' ELSE 'failed' END,
+    error = CASE WHEN :ok THEN NULL ELSE :error END,
+    instance_id = :instance, updated_at = now(),
+    -- a failed delivery is due for its targeted retry at once
+    next_retry_at = CASE WHEN :ok THEN NULL ELSE now() END
+FROM consumer_groups g
+WHERE d.consumer_group_id = g.id AND g.name = :group AND g.topic = :topic
+  AND d.message_id = CAST(:message_id AS uuid)
+  AND d.status IN ('awaiting_ack', 'failed')
+  AND (:ok OR d.status = 'awaiting_ack')
 """)
 
 # Dead letters of both sides, filtered; each side walks its own partial index.

@@ -9,6 +9,10 @@ HEADER_MESSAGE_ID = "message_id"
 HEADER_IDEMPOTENCY_KEY = "idempotency_key"
 HEADER_CORRELATION_ID = "correlation_id"
 HEADER_TRACEPARENT = "traceparent"
+# A retry aimed at one consumer group; other groups skip it.
+HEADER_TARGET_GROUP = "target_group"
+# Consumers acknowledge processed messages on this topic, through their own outbox.
+ACK_TOPIC = "outbox.acks"
 # Set by the outbox itself; a caller may not supply them.
 RESERVED_HEADERS = frozenset({HEADER_MESSAGE_ID, HEADER_IDEMPOTENCY_KEY})
 

@@ -34,7 +34,8 @@ def make_celery(settings: Settings) -> Celery:
     relay.register(app, settings)
     lanes.register(app, settings)
     beat.register(app)
-    # Handler modules register their handlers (and anything else) on import.
+    # The built-in ack handler, then the handler modules, register on import.
+    importlib.import_module("consumer.acks")
     for module in settings.handler_modules:
         importlib.import_module(module)
     return app

@@ -57,18 +57,20 @@ def test_each_message_is_recorded_once_and_offsets_follow_the_commit(
             (b"k1", b'{"n": 1}', {"message_id": first}),  # redelivered by an upstream retry
             (b"k2", b'{"n": 2}', {"message_id": second, "idempotency_key": "order-2"}),
             (b"k3", b"not json", {}),
+            # a retry aimed at another group: skipped, its offset still stored
+            (b"k4", b'{"n": 4}', {"message_id": str(uuid.uuid4()), "target_group": "other"}),
         ],
     )
     group = f"g-{uuid.uuid4().hex[:8]}"
     consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
 
-    # When the consumer runs until it has seen all four
+    # When the consumer runs until it has seen all five
     thread = threading.Thread(target=consumer.run)
     thread.start()
     try:
         rows = _wait_rows(session, group, 3)
         deadline = time.monotonic() + 10
-        while consumer.received < 4 and time.monotonic() < deadline:
+        while consumer.received < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         consumer.stop()
@@ -89,7 +91,7 @@ def test_each_message_is_recorded_once_and_offsets_follow_the_commit(
     probe = KafkaConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
     committed = probe.committed([TopicPartition(topic, 0)], timeout=10)
     probe.close()
-    assert committed[0].offset == 4
+    assert committed[0].offset == 5
     # And the consumer registered itself as an agent
     agent = session.scalars(select(Agent).where(Agent.role == "consumer")).one()
     assert agent.consumer_group == group and agent.active

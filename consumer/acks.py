@@ -1,0 +1,64 @@
+"""Acknowledgements: consumers of groups that require acks publish one per outcome on
+``outbox.acks`` through their own outbox, in the handler's transaction; the built-in
+handler below applies them to ``deliveries`` on the producer side.
+
+Run it there with ``outbox consume --group outbox-acks --topics outbox.acks``
+(``outbox dev`` does). Applying is idempotent and only moves a delivery forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from consumer.handlers import Message, Permanent, handler
+from outbox import queries
+from outbox.publishing import Publisher
+from outbox.wire import ACK_TOPIC
+
+MAX_ERROR_CHARS = 2000
+
+
+def ack_payload(
+    message: Message, group: str, instance: str, error: str | None = None
+) -> dict[str, Any]:
+    """The ack of one attempt at ``message`` by ``group``: success when ``error`` is None."""
+    return {
+        "message_id": str(message.id),
+        "topic": message.topic,
+        "group": group,
+        "status": "success" if error is None else "failure",
+        "instance": instance,
+        "attempt": message.attempt,
+        "error": None if error is None else error[:MAX_ERROR_CHARS],
+    }
+
+
+def register_ack_topic(session: Session) -> None:
+    """Make sure the ack topic takes messages (it is left as it is if it exists)."""
+    session.execute(queries.REGISTER_TOPICS, {"names": [ACK_TOPIC]})
+
+
+def write_ack(session: Session, publisher: Publisher, ack: dict[str, Any]) -> None:
+    """Add an ack to the session's transaction (the consumer's own outbox)."""
+    publisher.publish(session, ACK_TOPIC, ack, key=ack["message_id"])
+
+
+@handler(ACK_TOPIC)
+def apply_ack(message: Message, session: Session) -> None:
+    """Record an ack on its delivery; one for an unknown delivery changes nothing."""
+    ack = message.payload
+    try:
+        ok = ack["status"] == "success"
+        params = {
+            "ok": ok,
+            "error": ack.get("error"),
+            "instance": ack.get("instance"),
+            "group": ack["group"],
+            "topic": ack["topic"],
+            "message_id": ack["message_id"],
+        }
+    except (KeyError, TypeError) as exc:
+        raise Permanent(f"not an ack: {exc!r}") from exc
+    session.execute(queries.APPLY_ACK, params)

@@ -1,0 +1,145 @@
+"""Acknowledgements on real PostgreSQL and Kafka: the relay opens one delivery per group
+that requires acks, the consumer's handler transaction writes an ack to its own outbox,
+and the built-in ack handler moves the delivery forward only."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+import consumer
+from consumer.acks import apply_ack
+from consumer.lanes import LaneProcessor
+from outbox import Publisher
+from outbox.db import make_sessionmaker
+from outbox.models import ConsumerGroup, Delivery, InboxMessage, OutboxMessage, Topic
+from outbox.relay import Relay
+from outbox.settings import Settings
+from outbox.wire import ACK_TOPIC
+
+
+def _topic_with_groups(session: Session, topic: str) -> None:
+    session.add(Topic(name=topic))
+    session.flush()
+    session.add_all(
+        [
+            ConsumerGroup(name="billing", topic=topic, requires_ack=True, ack_timeout_s=120),
+            ConsumerGroup(name="audit", topic=topic, requires_ack=False),
+            ConsumerGroup(name="legacy", topic=topic, requires_ack=True, active=False),
+        ]
+    )
+    session.commit()
+
+
+def _ack(message_id: uuid.UUID, topic: str, status: str, instance: str) -> consumer.Message:
+    payload = {
+        "message_id": str(message_id),
+        "topic": topic,
+        "group": "billing",
+        "status": status,
+        "instance": instance,
+        "attempt": 1,
+        "error": None if status == "success" else "boom",
+    }
+    return consumer.Message(uuid.uuid4(), ACK_TOPIC, str(message_id), payload, {}, 1, 0, 0)
+
+
+def test_sending_opens_one_delivery_per_active_group_that_requires_acks(
+    settings: Settings, engine, session: Session, topic: str
+):
+    _topic_with_groups(session, topic)
+    message_id = Publisher(settings).publish(session, topic, {"order": 1}, key="o-1")
+    session.commit()
+
+    assert Relay(settings, sessions=make_sessionmaker(engine)).run().sent == 1
+
+    deliveries = session.execute(
+        select(ConsumerGroup.name, Delivery.status, text("deliveries.next_retry_at - now()"))
+        .join(ConsumerGroup, ConsumerGroup.id == Delivery.consumer_group_id)
+        .where(Delivery.message_id == message_id)
+    ).all()
+    assert [(name, status) for name, status, _ in deliveries] == [("billing", "awaiting_ack")]
+    assert 100 < deliveries[0][2].total_seconds() <= 120  # due at the group's ack timeout
+
+
+def test_the_handler_transaction_writes_a_success_or_failure_ack_to_the_outbox(
+    settings: Settings, engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _topic_with_groups(session, topic)
+
+    @consumer.handler(topic)
+    def handle(message: consumer.Message, tx: Session) -> None:
+        if message.payload.get("fail"):
+            raise RuntimeError("ledger locked")
+
+    good, bad = uuid.uuid4(), uuid.uuid4()
+    session.add_all(
+        InboxMessage(
+            consumer_group="billing",
+            message_id=message_id,
+            topic=topic,
+            partition=0,
+            offset=n,
+            key=f"k{n}",
+            lane=1,
+            payload=payload,
+            headers={},
+        )
+        for n, (message_id, payload) in enumerate([(good, {}), (bad, {"fail": True})])
+    )
+    session.commit()
+
+    LaneProcessor(settings, make_sessionmaker(engine), "worker-7").run("billing", 1)
+
+    acks = {
+        row.payload["message_id"]: row
+        for row in session.scalars(select(OutboxMessage).where(OutboxMessage.topic == ACK_TOPIC))
+    }
+    assert set(acks) == {str(good), str(bad)}
+    success, failure = acks[str(good)].payload, acks[str(bad)].payload
+    assert (success["status"], success["group"], success["instance"]) == (
+        "success",
+        "billing",
+        "worker-7",
+    )
+    assert (failure["status"], failure["attempt"]) == ("failure", 1)
+    assert "ledger locked" in failure["error"]
+    assert acks[str(good)].key == str(good)
+
+
+def test_acks_move_a_delivery_forward_only(
+    settings: Settings, engine, session: Session, topic: str
+):
+    _topic_with_groups(session, topic)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    billing = session.scalars(select(ConsumerGroup.id).where(ConsumerGroup.name == "billing")).one()
+    session.add_all(
+        [
+            Delivery(message_id=first, consumer_group_id=billing),
+            Delivery(message_id=second, consumer_group_id=billing),
+        ]
+    )
+    session.commit()
+
+    def status(message_id: uuid.UUID) -> tuple[str, str | None]:
+        session.expire_all()
+        row = session.scalars(select(Delivery).where(Delivery.message_id == message_id)).one()
+        return row.status, row.instance_id
+
+    # A success, its duplicate, then a late failure: acked, by the first instance
+    for ack in (("success", "w1"), ("success", "w1"), ("failure", "w2")):
+        apply_ack(_ack(first, topic, *ack), session)
+        session.commit()
+    assert status(first) == ("acked", "w1")
+
+    # A failure, repeated, then the success of a later attempt: failed, then acked
+    apply_ack(_ack(second, topic, "failure", "w1"), session)
+    session.commit()
+    assert status(second) == ("failed", "w1")
+    apply_ack(_ack(second, topic, "failure", "w1"), session)
+    apply_ack(_ack(second, topic, "success", "w2"), session)
+    session.commit()
+    assert status(second) == ("acked", "w2")
