@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import Producer, TopicPartition
 from flask.testing import FlaskClient
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
@@ -20,8 +22,9 @@ from sqlalchemy.orm import Session
 from api import create_app
 from outbox.models import InboxMessage
 from outbox.settings import Settings
+from outbox.wire import ACK_TOPIC
 from tests.handlers import SCHEMA, TOPIC_VARIABLE
-from tests.processes import BeatProcess, ConsumerProcess, WorkerProcess
+from tests.processes import BeatProcess, ConsumerProcess, ServiceProcess, WorkerProcess
 
 TOKEN = "e2e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -63,30 +66,38 @@ class Flow:
 def flow(
     settings: Settings, engine: Engine, topic: str, tmp_path: Path, request: Any
 ) -> Iterator[Flow]:
+    """Serves ``topic`` for one group; ``request.param`` may set ``requires_ack`` (then an
+    acks consumer runs too) and ``workers`` (Celery worker processes, 1 by default)."""
+    options = getattr(request, "param", {})
     group = f"g-{uuid.uuid4().hex[:8]}"
-    retry = getattr(request, "param", {"base_s": 0.3, "factor": 3.0, "max_attempts": 5})
+    retry = {"base_s": 0.3, "factor": 3.0, "max_attempts": 5}
     s = settings.replace(api_tokens=(TOKEN,), handler_modules=("tests.handlers",))
     with engine.begin() as conn:
         conn.execute(text(SCHEMA))
     flow = Flow(s, engine, topic, group)
+    spec = {"name": group, "retry": retry, "requires_ack": options.get("requires_ack", False)}
     response = flow.client.post(
-        "/v1/topics",
-        json={"name": topic, "consumer_groups": [{"name": group, "retry": retry}]},
-        headers=AUTH,
+        "/v1/topics", json={"name": topic, "consumer_groups": [spec]}, headers=AUTH
     )
     assert response.status_code == 201, response.get_json()
     env = {TOPIC_VARIABLE: topic}
-    worker = WorkerProcess(s, "worker", tmp_path, concurrency=2, env=env)
-    beat = BeatProcess(s, tmp_path)
-    reader = ConsumerProcess(s, "consumer", tmp_path, group=group, topics=[topic], env=env)
+    processes: list[ServiceProcess] = [
+        WorkerProcess(s, f"worker{n}", tmp_path, concurrency=2, env=env)
+        for n in range(1, options.get("workers", 1) + 1)
+    ]
+    processes.append(BeatProcess(s, tmp_path))
+    processes.append(ConsumerProcess(s, "consumer", tmp_path, group=group, topics=[topic], env=env))
+    if options.get("requires_ack"):
+        processes.append(
+            ConsumerProcess(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC])
+        )
     try:
-        for process in (worker, beat, reader):
+        for process in processes:
             process.wait_ready()
         yield flow
     finally:
-        reader.stop()
-        beat.stop()
-        worker.stop()
+        for process in reversed(processes):
+            process.stop()
 
 
 def test_ten_thousand_messages_reach_their_handler_once_each_in_order_per_key(
@@ -196,3 +207,62 @@ def test_a_failing_message_succeeds_on_attempt_four_with_growing_gaps_and_a_pois
     assert flow.scalar("SELECT count(*) FROM effects") == 52
     left = flow.client.get(f"/v1/dead-letters?group={flow.group}", headers=AUTH).get_json()
     assert left["items"] == []
+
+
+@pytest.mark.parametrize("flow", [{"workers": 2, "requires_ack": True}], indirect=True)
+def test_two_workers_keep_per_key_order_a_kafka_duplicate_has_one_effect_and_acks_land(
+    flow: Flow, session: Session
+):
+    # Given 2,000 messages over 20 keys for an ordered group that requires acks
+    total, keys = 2_000, 20
+    ids = flow.publish(
+        [{"key": f"k{i % keys}", "payload": {"seq": i // keys}} for i in range(total)]
+    )
+    # And one of them delivered by Kafka a second time (an upstream producer's retry)
+    flow.wait(lambda: flow.scalar("SELECT count(*) FROM effects") >= 1, 60, "a first effect")
+    duplicate = Producer({"bootstrap.servers": flow.settings.kafka_bootstrap})
+    duplicate.produce(
+        flow.topic,
+        key=b"k0",
+        value=b'{"seq": 0}',
+        headers=[("message_id", ids[0].encode())],
+    )
+    assert duplicate.flush(10) == 0
+
+    # When everything has been processed and acknowledged
+    def acked() -> int:
+        return flow.scalar(
+            "SELECT count(*) FROM deliveries d JOIN consumer_groups g "
+            "ON g.id = d.consumer_group_id WHERE g.name = :group AND d.status = 'acked'",
+            group=flow.group,
+        )
+
+    def consumed() -> int:
+        # The group's committed offsets: every message read, the duplicate included.
+        probe = KafkaConsumer(
+            {"bootstrap.servers": flow.settings.kafka_bootstrap, "group.id": flow.group}
+        )
+        partitions = probe.list_topics(flow.topic, timeout=10).topics[flow.topic].partitions
+        committed = probe.committed([TopicPartition(flow.topic, p) for p in partitions], 10)
+        probe.close()
+        return sum(max(tp.offset, 0) for tp in committed)
+
+    flow.wait(lambda: acked() >= total, 180, "every delivery acked")
+    flow.wait(lambda: consumed() == total + 1, 30, "the duplicate to be read")
+    time.sleep(1.0)
+
+    # Then each message had one effect, the duplicate none, in order per key
+    assert flow.scalar("SELECT count(*) FROM effects") == total
+    assert flow.scalar("SELECT count(DISTINCT message_id) FROM effects") == total
+    per_key: dict[str, list[int]] = collections.defaultdict(list)
+    for key, seq in session.execute(text("SELECT key, seq FROM effects ORDER BY at, seq")):
+        per_key[key].append(seq)
+    assert all(seqs == list(range(total // keys)) for seqs in per_key.values())
+    # And both workers took part, and every delivery ended acked, by the instance that ran it
+    assert flow.scalar("SELECT count(DISTINCT worker) FROM inbox_messages") == 2
+    assert acked() == total
+    mismatched = flow.scalar(
+        "SELECT count(*) FROM deliveries d JOIN inbox_messages i USING (message_id) "
+        "WHERE d.instance_id IS DISTINCT FROM i.worker"
+    )
+    assert mismatched == 0
