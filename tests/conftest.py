@@ -130,3 +130,7 @@ def session(engine: Engine) -> Iterator[Session]:
 def topic() -> str:
     """A Kafka topic name no other test uses."""
     return f"test.{uuid.uuid4().hex[:12]}"
+
+
+# The whole consume flow (worker, beat and consumer processes), for e2e and fault tests.
+from tests.flow import flow  # noqa: E402, F401

@@ -5,12 +5,13 @@ row of ``effects`` (its message id is the primary key), so a repeated effect can
 Each attempt is also logged in ``attempts`` on a connection of its own, committed at
 once, so that failed attempts leave their trace. A payload may ask to fail:
 ``{"fail_times": n}`` fails the first n attempts; ``{"poison": true}`` fails until a
-row in ``fixes`` says the handler was fixed.
+row in ``fixes`` says the handler was fixed; ``{"sleep_ms": n}`` takes that long.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -42,6 +43,8 @@ def handle(message: consumer.Message, session: Session) -> None:
     """Fail as the payload asks, else write the effect."""
     _log_attempt(session, message)
     payload = message.payload
+    if payload.get("sleep_ms"):
+        time.sleep(payload["sleep_ms"] / 1000)
     if message.attempt <= payload.get("fail_times", 0):
         raise ConnectionError(f"downstream unavailable (attempt {message.attempt})")
     if payload.get("poison"):

@@ -7,97 +7,15 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer, TopicPartition
-from flask.testing import FlaskClient
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from api import create_app
 from outbox.models import InboxMessage
-from outbox.settings import Settings
-from outbox.wire import ACK_TOPIC
-from tests.handlers import SCHEMA, TOPIC_VARIABLE
-from tests.processes import BeatProcess, ConsumerProcess, ServiceProcess, WorkerProcess
-
-TOKEN = "e2e"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class Flow:
-    """An API client, with a worker and a consumer process serving one topic."""
-
-    def __init__(self, settings: Settings, engine: Engine, topic: str, group: str) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.topic = topic
-        self.group = group
-        self.client: FlaskClient = create_app(settings).test_client()
-
-    def publish(self, messages: list[dict[str, Any]]) -> list[str]:
-        ids: list[str] = []
-        for start in range(0, len(messages), 500):
-            batch = [dict(m, topic=self.topic) for m in messages[start : start + 500]]
-            response = self.client.post("/v1/messages", json={"messages": batch}, headers=AUTH)
-            assert response.status_code == 202, response.get_json()
-            ids += response.get_json()["message_ids"]
-        return ids
-
-    def scalar(self, sql: str, **params: Any) -> Any:
-        with self.engine.connect() as conn:
-            return conn.execute(text(sql), params).scalar()
-
-    def wait(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if done():
-                return
-            time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def flow(
-    settings: Settings, engine: Engine, topic: str, tmp_path: Path, request: Any
-) -> Iterator[Flow]:
-    """Serves ``topic`` for one group; ``request.param`` may set ``requires_ack`` (then an
-    acks consumer runs too) and ``workers`` (Celery worker processes, 1 by default)."""
-    options = getattr(request, "param", {})
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    retry = {"base_s": 0.3, "factor": 3.0, "max_attempts": 5}
-    s = settings.replace(api_tokens=(TOKEN,), handler_modules=("tests.handlers",))
-    with engine.begin() as conn:
-        conn.execute(text(SCHEMA))
-    flow = Flow(s, engine, topic, group)
-    spec = {"name": group, "retry": retry, "requires_ack": options.get("requires_ack", False)}
-    response = flow.client.post(
-        "/v1/topics", json={"name": topic, "consumer_groups": [spec]}, headers=AUTH
-    )
-    assert response.status_code == 201, response.get_json()
-    env = {TOPIC_VARIABLE: topic}
-    processes: list[ServiceProcess] = [
-        WorkerProcess(s, f"worker{n}", tmp_path, concurrency=2, env=env)
-        for n in range(1, options.get("workers", 1) + 1)
-    ]
-    processes.append(BeatProcess(s, tmp_path))
-    processes.append(ConsumerProcess(s, "consumer", tmp_path, group=group, topics=[topic], env=env))
-    if options.get("requires_ack"):
-        processes.append(
-            ConsumerProcess(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC])
-        )
-    try:
-        for process in processes:
-            process.wait_ready()
-        yield flow
-    finally:
-        for process in reversed(processes):
-            process.stop()
+from tests.flow import AUTH, Flow
 
 
 def test_ten_thousand_messages_reach_their_handler_once_each_in_order_per_key(
