@@ -80,43 +80,62 @@ class LaneProcessor:
         self._ack_topic_ready = False
 
     def run(self, group: str, lane: int, budget_s: float | None = None) -> LaneReport:
-        """Process the lane's due rows until none is left or ``budget_s`` ends."""
+        """Process the lane's due rows until none is left or ``budget_s`` ends.
+
+        The lease is taken in the first batch's transaction and given back in the last
+        one's, so a lane with a few new rows costs one transaction.
+        """
         s = self.settings
         deadline = time.monotonic() + (s.lane_budget_s if budget_s is None else budget_s)
         scope = lane_scope(group)
         report = LaneReport()
-        with self.sessions.begin() as session:
-            policies = self._policies(session, group)
-            if not self._ack_topic_ready and any(p.requires_ack for p in policies.values()):
-                register_ack_topic(session)
-                self._ack_topic_ready = True
-            if scope not in self._scopes_ready:
-                leases.ensure_rows(session, scope, s.buckets)
-                self._scopes_ready.add(scope)
-            granted = leases.acquire(
-                session, scope, self.owner, [lane], limit=1, lease_s=s.lane_lease_s
-            )
-        if not granted:
-            return report  # another task works this lane now
-        report.leased = True
+        first = True
+        finished = False
         try:
-            while time.monotonic() < deadline:
-                taken, unblocked = self._batch(group, lane, policies, report)
-                if taken < s.lane_batch_size and not unblocked:
-                    break
+            while not finished:
                 with self.sessions.begin() as session:
-                    leases.acquire(
+                    if first:
+                        policies = self._prepare(session, group, scope)
+                    granted = leases.acquire(
                         session, scope, self.owner, [lane], limit=1, lease_s=s.lane_lease_s
                     )
+                    if not granted:
+                        # Another task works this lane now (or took it over from us).
+                        return report
+                    report.leased = True
+                    first = False
+                    taken, unblocked = self._batch(session, group, lane, policies, report)
+                    more = taken == s.lane_batch_size or unblocked
+                    if not more or time.monotonic() >= deadline:
+                        report.next_due_s = self._finish(session, group, lane, policies)
+                        finished = True
         finally:
-            with self.sessions.begin() as session:
-                leases.release(session, scope, self.owner, [lane])
-                due = session.scalar(
-                    queries.LANE_NEXT_DUE,
-                    {"group": group, "lane": lane, "unordered_topics": _unordered(policies)},
-                )
-        report.next_due_s = None if due is None else max(float(due), 0.0)
+            if report.leased and not finished:
+                with self.sessions.begin() as session:
+                    self._finish(session, group, lane, policies)
         return report
+
+    def _prepare(self, session: Session, group: str, scope: str) -> dict[str, _TopicPolicy]:
+        """The group's policies; the lease rows and the ack topic on first need."""
+        policies = self._policies(session, group)
+        if not self._ack_topic_ready and any(p.requires_ack for p in policies.values()):
+            register_ack_topic(session)
+            self._ack_topic_ready = True
+        if scope not in self._scopes_ready:
+            leases.ensure_rows(session, scope, self.settings.lanes)
+            self._scopes_ready.add(scope)
+        return policies
+
+    def _finish(
+        self, session: Session, group: str, lane: int, policies: dict[str, _TopicPolicy]
+    ) -> float | None:
+        """Give the lane back; return seconds until its next row is due (None: none waits)."""
+        leases.release(session, lane_scope(group), self.owner, [lane])
+        due = session.scalar(
+            queries.LANE_NEXT_DUE,
+            {"group": group, "lane": lane, "unordered_topics": _unordered(policies)},
+        )
+        return None if due is None else max(float(due), 0.0)
 
     def _policies(self, session: Session, group: str) -> dict[str, _TopicPolicy]:
         return {
@@ -131,83 +150,153 @@ class LaneProcessor:
         }
 
     def _batch(
-        self, group: str, lane: int, policies: dict[str, _TopicPolicy], report: LaneReport
+        self,
+        session: Session,
+        group: str,
+        lane: int,
+        policies: dict[str, _TopicPolicy],
+        report: LaneReport,
     ) -> tuple[int, bool]:
-        """Process one locked batch in one transaction.
+        """Process one locked batch in the session's transaction.
 
         Returns how many rows it held, and whether a retried row finished (done or dead),
         which lets later rows of its key go.
         """
-        done: list[int] = []
-        failures: list[tuple[int, str, float, str]] = []
-        failure_acks: list[dict[str, Any]] = []
-        with self.sessions.begin() as session:
-            rows = session.execute(
-                queries.CLAIM_LANE,
-                {
-                    "group": group,
-                    "lane": lane,
-                    "unordered_topics": _unordered(policies),
-                    "limit": self.settings.lane_batch_size,
-                },
-            ).all()
-            failed_keys: set[tuple[str, str]] = set()
-            unblocked = False
-            for row_id, message_id, topic, key, payload, headers, attempts, part, off in rows:
-                policy = policies.get(topic, UNREGISTERED)
-                if policy.ordered and key is not None and (topic, key) in failed_keys:
-                    continue  # an earlier row of its key failed in this batch: it waits
-                message = Message(message_id, topic, key, payload, headers, attempts + 1, part, off)
-                savepoint = session.begin_nested()
-                try:
-                    handler_for(topic)(message, session)
-                    if policy.requires_ack:
-                        ack = ack_payload(message, group, self.worker)
-                        write_ack(session, self.publisher, ack)
-                    savepoint.commit()
-                    done.append(row_id)
-                    unblocked = unblocked or attempts > 0
-                except Exception as exc:
-                    savepoint.rollback()
-                    attempt = attempts + 1
-                    error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-                    if isinstance(exc, Permanent) or policy.retry.exhausted(attempt):
-                        failures.append((row_id, "dead", 0.0, error))
-                        report.dead += 1
-                        unblocked = unblocked or attempts > 0
-                    else:
-                        failures.append((row_id, "failed", policy.retry.delay(attempt), error))
-                        report.failed += 1
-                    if key is not None:
-                        failed_keys.add((topic, key))
-                    if policy.requires_ack:
-                        failure_acks.append(ack_payload(message, group, self.worker, error))
-                    log.warning(
-                        "lane %s/%d: message %s attempt %d failed: %s",
-                        group,
-                        lane,
-                        message_id,
-                        attempt,
-                        error,
-                    )
-            if done:
-                session.execute(queries.MARK_INBOX_DONE, {"ids": done, "worker": self.worker})
-            if failures:
-                ids, statuses, delays, errors = zip(*failures, strict=True)
-                session.execute(
-                    queries.MARK_INBOX_FAILED,
-                    {
-                        "ids": list(ids),
-                        "statuses": list(statuses),
-                        "delays": list(delays),
-                        "errors": list(errors),
-                        "worker": self.worker,
-                    },
-                )
-            for ack in failure_acks:
-                write_ack(session, self.publisher, ack)
-        report.done += len(done)
+        rows = session.execute(
+            queries.CLAIM_LANE,
+            {
+                "group": group,
+                "lane": lane,
+                "unordered_topics": _unordered(policies),
+                "limit": self.settings.lane_batch_size,
+            },
+        ).all()
+        batch = [
+            (row_id, policies.get(topic, UNREGISTERED), attempts, message_id, topic, key)
+            for row_id, message_id, topic, key, _, _, attempts, _, _ in rows
+        ]
+        messages = [
+            Message(message_id, topic, key, payload, headers, attempts + 1, part, off)
+            for _, message_id, topic, key, payload, headers, attempts, part, off in rows
+        ]
+        # Usually every handler succeeds: run them all under one savepoint. Only when
+        # one fails is the batch undone and run again, each row in a savepoint of its own.
+        if self._run_together(session, group, batch, messages):
+            outcome = _Outcome(done=[row_id for row_id, *_ in batch])
+        else:
+            outcome = self._run_each(session, group, lane, batch, messages)
+        outcome.write(session, self.publisher, self.worker)
+        report.done += len(outcome.done)
+        report.failed += outcome.failed
+        report.dead += outcome.dead
+        unblocked = any(
+            attempts > 0 for row_id, _, attempts, *_ in batch if row_id in outcome.ended
+        )
         return len(rows), unblocked
+
+    def _handle(self, session: Session, group: str, policy: _TopicPolicy, message: Message) -> None:
+        handler_for(message.topic)(message, session)
+        if policy.requires_ack:
+            write_ack(session, self.publisher, ack_payload(message, group, self.worker))
+
+    def _run_together(
+        self, session: Session, group: str, batch: list[_Row], messages: list[Message]
+    ) -> bool:
+        """Run every handler in one savepoint; False (nothing kept) if any of them failed."""
+        savepoint = session.begin_nested()
+        try:
+            for (_, policy, *_), message in zip(batch, messages, strict=True):
+                self._handle(session, group, policy, message)
+        except Exception:
+            savepoint.rollback()
+            return False
+        savepoint.commit()
+        return True
+
+    def _run_each(
+        self, session: Session, group: str, lane: int, batch: list[_Row], messages: list[Message]
+    ) -> _Outcome:
+        """Run each handler in a savepoint of its own; a failure undoes only its row."""
+        outcome = _Outcome()
+        failed_keys: set[tuple[str, str]] = set()
+        for (row_id, policy, attempts, message_id, topic, key), message in zip(
+            batch, messages, strict=True
+        ):
+            if policy.ordered and key is not None and (topic, key) in failed_keys:
+                continue  # an earlier row of its key failed in this batch: it waits
+            savepoint = session.begin_nested()
+            try:
+                self._handle(session, group, policy, message)
+                savepoint.commit()
+                outcome.done.append(row_id)
+                continue
+            except Exception as exc:
+                savepoint.rollback()
+                error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+                permanent = isinstance(exc, Permanent)
+            attempt = attempts + 1
+            if permanent or policy.retry.exhausted(attempt):
+                outcome.failures.append((row_id, "dead", 0.0, error))
+            else:
+                outcome.failures.append((row_id, "failed", policy.retry.delay(attempt), error))
+            if key is not None:
+                failed_keys.add((topic, key))
+            if policy.requires_ack:
+                outcome.acks.append(ack_payload(message, group, self.worker, error))
+            log.warning(
+                "lane %s/%d: message %s attempt %d failed: %s",
+                group,
+                lane,
+                message_id,
+                attempt,
+                error,
+            )
+        return outcome
+
+
+# One claimed row: id, policy, attempts so far, message id, topic, key.
+_Row = tuple[int, _TopicPolicy, int, uuid.UUID, str, "str | None"]
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What a batch did: rows done, rows failed or dead, and failure acks to write."""
+
+    done: list[int] = dataclasses.field(default_factory=list)
+    failures: list[tuple[int, str, float, str]] = dataclasses.field(default_factory=list)
+    acks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for f in self.failures if f[1] == "failed")
+
+    @property
+    def dead(self) -> int:
+        return sum(1 for f in self.failures if f[1] == "dead")
+
+    @property
+    def ended(self) -> set[int]:
+        """Rows that will not run again: done or dead."""
+        return set(self.done) | {f[0] for f in self.failures if f[1] == "dead"}
+
+    def write(self, session: Session, publisher: Publisher, worker: str) -> None:
+        """Mark the rows and write the failure acks, in the batch's transaction."""
+        if self.done:
+            session.execute(queries.MARK_INBOX_DONE, {"ids": self.done, "worker": worker})
+        if self.failures:
+            ids, statuses, delays, errors = zip(*self.failures, strict=True)
+            session.execute(
+                queries.MARK_INBOX_FAILED,
+                {
+                    "ids": list(ids),
+                    "statuses": list(statuses),
+                    "delays": list(delays),
+                    "errors": list(errors),
+                    "worker": worker,
+                },
+            )
+        for ack in self.acks:
+            write_ack(session, publisher, ack)
 
 
 def _unordered(policies: dict[str, _TopicPolicy]) -> list[str]:

@@ -88,7 +88,11 @@ class Consumer:
         )
         try:
             while not self.stopping.is_set():
-                batch = kafka.consume(POLL_BATCH, POLL_TIMEOUT_S)
+                # Wait for one message, then take what is already fetched without waiting:
+                # consume(n, timeout) would hold a batch back until n arrive.
+                batch = kafka.consume(1, POLL_TIMEOUT_S)
+                if batch:
+                    batch += kafka.consume(POLL_BATCH - 1, 0)
                 self._ingest(kafka, batch)
                 self._heartbeat()
         finally:
@@ -108,7 +112,7 @@ class Consumer:
                 log.warning("consumer %s: %s", self.instance, err)
         if not messages:
             return
-        rows = [inbox_row(self.group, m, self.settings.buckets) for m in messages]
+        rows = [inbox_row(self.group, m, self.settings.lanes) for m in messages]
         # A retry aimed at another group is not ours: its offset is stored, it gets no row.
         rows = [r for r in rows if r["headers"].get(HEADER_TARGET_GROUP, self.group) == self.group]
         with self.sessions.begin() as session:

@@ -325,6 +325,20 @@ def bench_latency(ctx: click.Context, rate: float, seconds: float, workers: int,
     _run_bench(ctx, "latency", out, rate=rate, seconds=seconds, workers=workers)
 
 
+@bench.command("e2e")
+@option("--messages", default=50_000, show_default=True, help="Messages of the throughput phase.")
+@option("--rate", default=500.0, show_default=True, help="Offered msg/s of the latency phase.")
+@option("--seconds", default=20.0, show_default=True, help="Length of the latency phase.")
+@option("--workers", default=2, show_default=True, help="Celery worker processes.")
+@OUT
+@click.pass_context
+def bench_e2e(
+    ctx: click.Context, messages: int, rate: float, seconds: float, workers: int, out: str
+) -> None:
+    """Publish to handler effect: sustained throughput, and latency at a fixed load."""
+    _run_bench(ctx, "e2e", out, messages=messages, rate=rate, seconds=seconds, workers=workers)
+
+
 @cli.group()
 def db() -> None:
     """Database schema (Alembic migrations)."""

@@ -91,6 +91,11 @@ class Settings:
     relay_drain_s: float = _setting(
         10.0, "Longest one relay task keeps claiming before it yields its worker.", minimum=0.1
     )
+    lanes: int = _setting(
+        16,
+        "Lanes per consumer group: keys hash to lanes, one task at a time works a lane.",
+        minimum=1,
+    )
     lane_batch_size: int = _setting(100, "Inbox rows one lane transaction takes.", minimum=1)
     lane_lease_s: float = _setting(
         60.0, "Lane lease: a dead worker's lane moves to another after this.", minimum=1.0

@@ -35,16 +35,18 @@ WARMUP_S = 2.0
 PUBLISHERS = 8
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def start_worker(settings: Settings, concurrency: int) -> subprocess.Popen[bytes]:
-    """A real ``celery -A tasks worker``; returns once it is ready."""
+def start_process(
+    argv: list[str], settings: Settings, ready: bytes, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start one of our processes; return once a line of its output contains ``ready``."""
     proc = subprocess.Popen(
-        worker_argv("bench", "INFO", concurrency),
-        env={**os.environ, **settings.as_env()},
+        argv,
+        env={**os.environ, **settings.as_env(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -52,13 +54,25 @@ def start_worker(settings: Settings, concurrency: int) -> subprocess.Popen[bytes
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     for line in proc.stdout:
-        if b" ready." in line:
+        if ready in line:
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
             return proc
         if time.monotonic() > deadline:
             break
     os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("the benchmark's Celery worker did not start")
+    raise RuntimeError(f"the benchmark's {argv[2:5]} did not start")
+
+
+def start_worker(
+    settings: Settings, concurrency: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """A real ``celery -A tasks worker``; returns once it is ready."""
+    return start_process(worker_argv("bench", "INFO", concurrency), settings, b" ready.", env)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
 
 
 def run(settings: Settings, *, rate: float, seconds: float, workers: int, command: str) -> Report:
@@ -114,8 +128,7 @@ def run(settings: Settings, *, rate: float, seconds: float, workers: int, comman
                 break
             time.sleep(0.5)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(30)
+        stop_process(worker)
         engine.dispose()
     skip = int(rate * WARMUP_S)
     ordered = sorted(committed.items(), key=lambda kv: kv[1])[skip:]
@@ -127,9 +140,9 @@ def run(settings: Settings, *, rate: float, seconds: float, workers: int, comman
         "messages",
         f"after {WARMUP_S:g} s warm-up; {len(ordered) - len(latencies)} not sent",
     )
-    p50 = report.add("commit -> Kafka ack, p50", _percentile(latencies, 0.50), "ms")
-    report.add("commit -> Kafka ack, p90", _percentile(latencies, 0.90), "ms")
-    p99 = report.add("commit -> Kafka ack, p99", _percentile(latencies, 0.99), "ms")
+    p50 = report.add("commit -> Kafka ack, p50", percentile(latencies, 0.50), "ms")
+    report.add("commit -> Kafka ack, p90", percentile(latencies, 0.90), "ms")
+    p99 = report.add("commit -> Kafka ack, p99", percentile(latencies, 0.99), "ms")
     report.add("commit -> Kafka ack, max", max(latencies), "ms")
     report.series["commit -> Kafka ack"] = latencies
     report.target("p50 under 20 ms", p50, 20.0, at_most=True)

@@ -1,0 +1,20 @@
+"""The handler of ``outbox bench e2e``: one effect row per message, the time it ran."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+import consumer
+
+TOPIC = "bench.e2e"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bench_effects (
+    message_id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())
+"""
+
+
+@consumer.handler(TOPIC)
+def record_effect(message: consumer.Message, session: Session) -> None:
+    """Write the message's effect, in the transaction that marks it done."""
+    session.execute(text("INSERT INTO bench_effects (message_id) VALUES (:id)"), {"id": message.id})
