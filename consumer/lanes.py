@@ -2,13 +2,16 @@
 
 A group's rows are spread over lanes by key hash. :meth:`LaneProcessor.run`
 leases one lane (so one task at a time works it, in Kafka order), locks a
-batch of its due rows, and runs each row's handler in a savepoint of one
-transaction that also marks the row: done rows and their effects commit
-together, so an effect happens exactly once. A failing row rolls back its own
-savepoint only; it is scheduled again after an exponential backoff with full
-jitter from the group's policy, or made dead once its attempts are spent (at
-once for :class:`~consumer.handlers.Permanent`). In an ordered group, later
-rows of a failing key wait for it; other keys flow.
+batch of its due rows, and runs their handlers in the transaction that also
+marks the rows: done rows and their effects commit together, so an effect
+happens exactly once. The handlers of a batch share one savepoint; when one
+fails, the batch is run again with a savepoint per row, so the failure undoes
+only its own row (handlers before it in the batch run twice, their first
+effects undone; a failing attempt runs its handler once). A failed row is
+scheduled again after an exponential backoff with jitter from the group's
+policy, or made dead once its attempts are spent (at once for
+:class:`~consumer.handlers.Permanent`). In an ordered group, later rows of a
+failing key wait for it; other keys flow.
 """
 
 from __future__ import annotations
@@ -179,12 +182,15 @@ class LaneProcessor:
             Message(message_id, topic, key, payload, headers, attempts + 1, part, off)
             for _, message_id, topic, key, payload, headers, attempts, part, off in rows
         ]
-        # Usually every handler succeeds: run them all under one savepoint. Only when
-        # one fails is the batch undone and run again, each row in a savepoint of its own.
-        if self._run_together(session, group, batch, messages):
+        # Usually every handler succeeds: run them all under one savepoint. When one
+        # fails, the batch is undone and run again from its start, each row in a savepoint
+        # of its own; the failing row keeps the failure it had, so its handler runs once
+        # per attempt (the rows before it run a second time, their first effects undone).
+        failure = self._run_together(session, group, batch, messages)
+        if failure is None:
             outcome = _Outcome(done=[row_id for row_id, *_ in batch])
         else:
-            outcome = self._run_each(session, group, lane, batch, messages)
+            outcome = self._run_each(session, group, lane, batch, messages, failure)
         outcome.write(session, self.publisher, self.worker)
         report.done += len(outcome.done)
         report.failed += outcome.failed
@@ -201,39 +207,53 @@ class LaneProcessor:
 
     def _run_together(
         self, session: Session, group: str, batch: list[_Row], messages: list[Message]
-    ) -> bool:
-        """Run every handler in one savepoint; False (nothing kept) if any of them failed."""
+    ) -> tuple[int, Exception] | None:
+        """Run every handler in one savepoint. If one fails, nothing is kept and the
+        failing row's index and exception are returned."""
         savepoint = session.begin_nested()
-        try:
-            for (_, policy, *_), message in zip(batch, messages, strict=True):
+        for index, ((_, policy, *_), message) in enumerate(zip(batch, messages, strict=True)):
+            try:
                 self._handle(session, group, policy, message)
-        except Exception:
-            savepoint.rollback()
-            return False
+            except Exception as exc:
+                savepoint.rollback()
+                return index, exc
         savepoint.commit()
-        return True
+        return None
 
     def _run_each(
-        self, session: Session, group: str, lane: int, batch: list[_Row], messages: list[Message]
+        self,
+        session: Session,
+        group: str,
+        lane: int,
+        batch: list[_Row],
+        messages: list[Message],
+        known: tuple[int, Exception],
     ) -> _Outcome:
-        """Run each handler in a savepoint of its own; a failure undoes only its row."""
+        """Run each handler in a savepoint of its own; a failure undoes only its row.
+
+        ``known`` is a row that already failed in this transaction, with its exception.
+        """
         outcome = _Outcome()
         failed_keys: set[tuple[str, str]] = set()
-        for (row_id, policy, attempts, message_id, topic, key), message in zip(
-            batch, messages, strict=True
+        for index, ((row_id, policy, attempts, message_id, topic, key), message) in enumerate(
+            zip(batch, messages, strict=True)
         ):
             if policy.ordered and key is not None and (topic, key) in failed_keys:
                 continue  # an earlier row of its key failed in this batch: it waits
-            savepoint = session.begin_nested()
-            try:
-                self._handle(session, group, policy, message)
-                savepoint.commit()
-                outcome.done.append(row_id)
-                continue
-            except Exception as exc:
-                savepoint.rollback()
-                error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-                permanent = isinstance(exc, Permanent)
+            if index == known[0]:
+                exc: Exception = known[1]
+            else:
+                savepoint = session.begin_nested()
+                try:
+                    self._handle(session, group, policy, message)
+                    savepoint.commit()
+                    outcome.done.append(row_id)
+                    continue
+                except Exception as caught:
+                    savepoint.rollback()
+                    exc = caught
+            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            permanent = isinstance(exc, Permanent)
             attempt = attempts + 1
             if permanent or policy.retry.exhausted(attempt):
                 outcome.failures.append((row_id, "dead", 0.0, error))

@@ -2,7 +2,7 @@
 
 They serve the topic named by ``OUTBOX_TEST_HANDLER_TOPIC`` and write each effect as a
 row of ``effects`` (its message id is the primary key), so a repeated effect cannot hide.
-Each attempt is also logged in ``attempts`` on a connection of its own, committed at
+Each call is also logged in ``attempts`` on a connection of its own, committed at
 once, so that failed attempts leave their trace. A payload may ask to fail:
 ``{"fail_times": n}`` fails the first n attempts; ``{"poison": true}`` fails until a
 row in ``fixes`` says the handler was fixed; ``{"sleep_ms": n}`` takes that long.

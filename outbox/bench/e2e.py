@@ -14,14 +14,21 @@ message. Two phases:
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, text
 
 from outbox.bench.handlers import SCHEMA, TOPIC
-from outbox.bench.latency import percentile, start_process, start_worker, stop_process
+from outbox.bench.latency import (
+    PUBLISHERS,
+    offer_load,
+    percentile,
+    start_process,
+    start_worker,
+    stop_process,
+)
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kafka import admin_client, ensure_topics
@@ -29,9 +36,11 @@ from outbox.publishing import Message, Publisher
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
 
+if TYPE_CHECKING:
+    from api.kick import Kicker
+
 GROUP = "bench-e2e"
 BATCH = 1_000
-PUBLISHERS = 8
 WARMUP_S = 2.0
 HANDLERS = {"OUTBOX_HANDLER_MODULES": "outbox.bench.handlers"}
 
@@ -121,32 +130,14 @@ def run(
 def _latency_phase(
     engine: Engine,
     publisher: Publisher,
-    kicker: object,
+    kicker: Kicker,
     rate: float,
     seconds: float,
     already: int,
 ) -> list[float]:
     total = int(rate * seconds)
     progress(f"latency: {total:,} messages at {rate:g}/s, one per transaction")
-    committed: dict[str, float] = {}
-    started = time.monotonic()
-
-    def publish_share(first: int) -> None:
-        # Each thread keeps its own schedule, so one slow commit delays only its thread.
-        for i in range(first, total, PUBLISHERS):
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            with engine.begin() as conn:
-                message_id = publisher.publish(conn, TOPIC, {"n": i}, key=f"k{i % 100}")
-            committed[str(message_id)] = time.time()
-            kicker.kick()  # type: ignore[attr-defined]
-
-    threads = [threading.Thread(target=publish_share, args=(n,)) for n in range(PUBLISHERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    committed = offer_load(engine, publisher, kicker, TOPIC, rate, total)
     _wait_effects(engine, already + total, timeout_s=120)
     with engine.connect() as conn:
         done: dict[str, datetime] = {

@@ -17,8 +17,9 @@ import subprocess
 import threading
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
@@ -28,6 +29,10 @@ from outbox.models import OutboxMessage
 from outbox.publishing import Publisher
 from outbox.registry import register_topic
 from outbox.settings import Settings
+
+if TYPE_CHECKING:
+    # The API's own kick: like the CLI, a benchmark drives every layer.
+    from api.kick import Kicker
 
 TOPIC = "bench.latency"
 WARMUP_S = 2.0
@@ -75,9 +80,36 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
+def offer_load(
+    engine: Engine, publisher: Publisher, kicker: Kicker, topic: str, rate: float, total: int
+) -> dict[str, float]:
+    """Publish ``total`` messages at ``rate`` per second, one per transaction, kicking the
+    relay after each commit as the API does; return each message id's commit time."""
+    committed: dict[str, float] = {}
+    started = time.monotonic()
+
+    def publish_share(first: int) -> None:
+        # Each thread keeps its own schedule, so one slow commit delays only its thread.
+        for i in range(first, total, PUBLISHERS):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            with engine.begin() as conn:
+                message_id = publisher.publish(conn, topic, {"n": i}, key=f"k{i % 100}")
+            committed[str(message_id)] = time.time()
+            kicker.kick()
+
+    threads = [threading.Thread(target=publish_share, args=(n,)) for n in range(PUBLISHERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return committed
+
+
 def run(settings: Settings, *, rate: float, seconds: float, workers: int, command: str) -> Report:
     """The latency scenario on running services; returns the report."""
-    from api.kick import Kicker  # the API's own kick; the bench drives every layer
+    from api.kick import Kicker
 
     report = Report("latency", command)
     engine = make_engine(settings, pool_size=PUBLISHERS)
@@ -88,28 +120,12 @@ def run(settings: Settings, *, rate: float, seconds: float, workers: int, comman
     worker = start_worker(settings, workers)
     kicker = Kicker(settings)
     publisher = Publisher(settings)
-    committed: dict[str, float] = {}
     total = int(rate * seconds)
     progress(f"publishing {total:,} messages at {rate:g}/s, one per transaction")
 
-    def publish_share(first: int) -> None:
-        # Each thread keeps its own schedule, so one slow commit delays only its thread.
-        for i in range(first, total, PUBLISHERS):
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            with engine.begin() as conn:
-                message_id = publisher.publish(conn, TOPIC, {"n": i}, key=f"k{i % 100}")
-            committed[str(message_id)] = time.time()
-            kicker.kick()
-
     try:
         started = time.monotonic()
-        threads = [threading.Thread(target=publish_share, args=(n,)) for n in range(PUBLISHERS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        committed = offer_load(engine, publisher, kicker, TOPIC, rate, total)
         offered = total / (time.monotonic() - started)
         progress("waiting for the relay to finish")
         deadline = time.monotonic() + 60

@@ -3,6 +3,7 @@ back off and end dead, and in an ordered group a failing key holds back only its
 
 from __future__ import annotations
 
+import collections
 import uuid
 from typing import Any
 
@@ -112,11 +113,15 @@ def test_a_failing_message_backs_off_then_succeeds_and_a_poison_one_goes_dead(
     topic = f"t.{uuid.uuid4().hex[:8]}"
     _register(session, topic, ordered=True, max_attempts=3, retry_base_s=30.0)
 
+    failed_calls: collections.Counter[tuple[uuid.UUID, int]] = collections.Counter()
+
     @consumer.handler(topic)
     def flaky(message: consumer.Message, tx: Session) -> None:
         if message.payload.get("poison"):
+            failed_calls[message.id, message.attempt] += 1
             raise ValueError("cannot parse the order")
         if message.attempt <= message.payload.get("fail_times", 0):
+            failed_calls[message.id, message.attempt] += 1
             raise ConnectionError(f"downstream down (attempt {message.attempt})")
         tx.execute(
             text("INSERT INTO effects VALUES (:id, '{}', :attempt)"),
@@ -153,6 +158,10 @@ def test_a_failing_message_backs_off_then_succeeds_and_a_poison_one_goes_dead(
 
     rows = _rows(session)
     assert (rows[flaky_id].status, rows[flaky_id].attempts) == ("done", 3)
+    # A failing attempt ran its handler once, however its batch was run again.
+    assert failed_calls == {(flaky_id, 1): 1, (flaky_id, 2): 1} | {
+        (poison_id, attempt): 1 for attempt in (1, 2, 3)
+    }
     assert (rows[poison_id].status, rows[poison_id].attempts) == ("dead", 3)
     assert "cannot parse the order" in (rows[poison_id].last_error or "")
     # The keys' later rows ran only after their predecessor finished, once each.
