@@ -1,4 +1,4 @@
-"""At most one pending relay kick, through a flag in Redis.
+"""At most one pending kick of the relay (or of a consumer lane), through a flag in Redis.
 
 A publisher that commits sets the flag with ``SET NX`` and sends a kick only if
 it set it; the relay task deletes the flag before it claims. So a row committed
@@ -6,6 +6,9 @@ before the delete is seen by that claim, and a row committed after it queues a
 new kick: no row waits for beat, and the queue never holds more than one kick
 however fast messages are published. The flag expires with the kick, so a lost
 kick cannot silence the next ones for long.
+
+Consumer lanes use the same scheme, one flag per (group, lane): the consumer
+sets it after an inbox commit, the lane task deletes it before it claims.
 """
 
 from __future__ import annotations

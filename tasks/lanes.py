@@ -74,10 +74,11 @@ def register(app: Celery, settings: Settings) -> None:
             process_lane.apply_async((group, lane), countdown=min(countdown, longest_countdown_s))
         return report.as_dict()
 
-    @app.task(name="consumer.sweep", shared=False)
-    def sweep() -> int:
+    @app.task(name="consumer.sweep", bind=True, shared=False)
+    def sweep(self: Any) -> int:
         """Kick every lane that has due rows (recovers tasks lost in Redis)."""
-        sessions = processor_for_this_process(settings, socket.gethostname()).sessions
+        worker = self.request.hostname or socket.gethostname()
+        sessions = processor_for_this_process(settings, worker).sessions
         with sessions() as session:
             lanes = {
                 (g, n)
