@@ -1,7 +1,9 @@
 """Handlers: ``@handler("topic")`` on ``def handle(message, session)``.
 
 A handler runs inside the transaction that marks its inbox row done, so what it
-writes through ``session`` happens exactly once. Raising :class:`Permanent`
+writes through ``session`` happens exactly once; it must not commit or roll back
+that session itself. Effects outside the database may repeat: a handler can run
+again after a crash, or when a later message of its batch fails. Raising :class:`Permanent`
 makes the message a dead letter at once; any other exception is retried with
 backoff until the group's attempts are spent.
 """
