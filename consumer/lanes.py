@@ -94,6 +94,7 @@ class LaneProcessor:
         report = LaneReport()
         first = True
         finished = False
+        committed = False
         try:
             while not finished:
                 with self.sessions.begin() as session:
@@ -112,6 +113,14 @@ class LaneProcessor:
                     if not more or time.monotonic() >= deadline:
                         report.next_due_s = self._finish(session, group, lane, policies)
                         finished = True
+                committed = True
+        except BaseException:
+            if not committed:
+                # The transaction that made the lease rows or the ack topic may not have
+                # committed: make them again next time.
+                self._scopes_ready.discard(scope)
+                self._ack_topic_ready = False
+            raise
         finally:
             if report.leased and not finished:
                 with self.sessions.begin() as session:
