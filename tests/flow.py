@@ -25,7 +25,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class Flow:
-    """An API client, with a worker and a consumer process serving one topic."""
+    """An API client, with worker, beat and consumer processes serving one topic."""
 
     def __init__(self, settings: Settings, engine: Engine, topic: str, group: str) -> None:
         self.settings = settings
@@ -62,7 +62,8 @@ def flow(
     settings: Settings, engine: Engine, topic: str, tmp_path: Path, request: Any
 ) -> Iterator[Flow]:
     """Serves ``topic`` for one group; ``request.param`` may set ``requires_ack`` (then an
-    acks consumer runs too) and ``workers`` (Celery worker processes, 1 by default)."""
+    acks consumer runs too), ``workers`` (Celery worker processes, 1 by default) and
+    ``settings`` (overrides for every process)."""
     options = getattr(request, "param", {})
     settings = settings.replace(**options.get("settings", {}))
     group = f"g-{uuid.uuid4().hex[:8]}"
