@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from consumer.handlers import Message, Permanent, handler
 from outbox import queries
+from outbox.publishing import Message as OutboxMessage
 from outbox.publishing import Publisher
 from outbox.wire import ACK_TOPIC
 
@@ -40,9 +41,11 @@ def register_ack_topic(session: Session) -> None:
     session.execute(queries.REGISTER_TOPICS, {"names": [ACK_TOPIC]})
 
 
-def write_ack(session: Session, publisher: Publisher, ack: dict[str, Any]) -> None:
-    """Add an ack to the session's transaction (the consumer's own outbox)."""
-    publisher.publish(session, ACK_TOPIC, ack, key=ack["message_id"])
+def write_acks(session: Session, publisher: Publisher, acks: list[dict[str, Any]]) -> None:
+    """Add acks to the session's transaction (the consumer's own outbox), in one statement."""
+    publisher.publish_batch(
+        session, [OutboxMessage(ACK_TOPIC, ack, key=ack["message_id"]) for ack in acks]
+    )
 
 
 @handler(ACK_TOPIC)

@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from consumer.acks import ack_payload, register_ack_topic, write_ack
+from consumer.acks import ack_payload, register_ack_topic, write_acks
 from consumer.handlers import Message, Permanent, handler_for
 from outbox import leases, queries
 from outbox.publishing import Publisher
@@ -195,9 +195,14 @@ class LaneProcessor:
         # fails, the batch is undone and run again from its start, each row in a savepoint
         # of its own; the failing row keeps the failure it had, so its handler runs once
         # per attempt (the rows before it run a second time, their first effects undone).
-        failure = self._run_together(session, group, batch, messages)
+        failure = self._run_together(session, messages)
         if failure is None:
             outcome = _Outcome(done=[row_id for row_id, *_ in batch])
+            outcome.acks = [
+                ack_payload(message, group, self.worker)
+                for (_, policy, *_), message in zip(batch, messages, strict=True)
+                if policy.requires_ack
+            ]
         else:
             outcome = self._run_each(session, group, lane, batch, messages, failure)
         outcome.write(session, self.publisher, self.worker)
@@ -209,20 +214,14 @@ class LaneProcessor:
         )
         return len(rows), unblocked
 
-    def _handle(self, session: Session, group: str, policy: _TopicPolicy, message: Message) -> None:
-        handler_for(message.topic)(message, session)
-        if policy.requires_ack:
-            write_ack(session, self.publisher, ack_payload(message, group, self.worker))
-
-    def _run_together(
-        self, session: Session, group: str, batch: list[_Row], messages: list[Message]
-    ) -> tuple[int, Exception] | None:
+    @staticmethod
+    def _run_together(session: Session, messages: list[Message]) -> tuple[int, Exception] | None:
         """Run every handler in one savepoint. If one fails, nothing is kept and the
         failing row's index and exception are returned."""
         savepoint = session.begin_nested()
-        for index, ((_, policy, *_), message) in enumerate(zip(batch, messages, strict=True)):
+        for index, message in enumerate(messages):
             try:
-                self._handle(session, group, policy, message)
+                handler_for(message.topic)(message, session)
             except Exception as exc:
                 savepoint.rollback()
                 return index, exc
@@ -254,9 +253,11 @@ class LaneProcessor:
             else:
                 savepoint = session.begin_nested()
                 try:
-                    self._handle(session, group, policy, message)
+                    handler_for(topic)(message, session)
                     savepoint.commit()
                     outcome.done.append(row_id)
+                    if policy.requires_ack:
+                        outcome.acks.append(ack_payload(message, group, self.worker))
                     continue
                 except Exception as caught:
                     savepoint.rollback()
@@ -289,7 +290,7 @@ _Row = tuple[int, _TopicPolicy, int, uuid.UUID, str, "str | None"]
 
 @dataclasses.dataclass
 class _Outcome:
-    """What a batch did: rows done, rows failed or dead, and failure acks to write."""
+    """What a batch did: rows done, rows failed or dead, and the acks to write."""
 
     done: list[int] = dataclasses.field(default_factory=list)
     failures: list[tuple[int, str, float, str]] = dataclasses.field(default_factory=list)
@@ -309,7 +310,7 @@ class _Outcome:
         return set(self.done) | {f[0] for f in self.failures if f[1] == "dead"}
 
     def write(self, session: Session, publisher: Publisher, worker: str) -> None:
-        """Mark the rows and write the failure acks, in the batch's transaction."""
+        """Mark the rows and write the acks, in the batch's transaction."""
         if self.done:
             session.execute(queries.MARK_INBOX_DONE, {"ids": self.done, "worker": worker})
         if self.failures:
@@ -324,8 +325,8 @@ class _Outcome:
                     "worker": worker,
                 },
             )
-        for ack in self.acks:
-            write_ack(session, publisher, ack)
+        if self.acks:
+            write_acks(session, publisher, self.acks)
 
 
 def _unordered(policies: dict[str, _TopicPolicy]) -> list[str]:

@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 GROUP = "bench-e2e"
 BATCH = 1_000
 WARMUP_S = 2.0
-HANDLERS = {"OUTBOX_HANDLER_MODULES": "outbox.bench.handlers"}
 
 
 def _effects(engine: Engine) -> int:
@@ -77,13 +76,12 @@ def run(
     ensure_topics(admin_client(s), [TOPIC], s.kafka_topic_partitions)
     py = [sys.executable, "-m"]
     processes = [
-        start_worker(s, workers, HANDLERS),
-        start_process([*py, "celery", "-A", "tasks", "beat"], s, b"beat: Starting", HANDLERS),
+        start_worker(s, workers),
+        start_process([*py, "celery", "-A", "tasks", "beat"], s, b"beat: Starting"),
         start_process(
             [*py, "outbox", "consume", "--group", GROUP, "--topics", TOPIC],
             s,
             b"assigned " + TOPIC.encode(),
-            HANDLERS,
         ),
     ]
     kicker = Kicker(s)

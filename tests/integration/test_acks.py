@@ -14,10 +14,11 @@ from consumer.acks import apply_ack
 from consumer.lanes import LaneProcessor
 from outbox import Publisher
 from outbox.db import make_sessionmaker
-from outbox.models import ConsumerGroup, Delivery, InboxMessage, OutboxMessage, Topic
+from outbox.models import ConsumerGroup, Delivery, OutboxMessage, Topic
 from outbox.relay import Relay
 from outbox.settings import Settings
 from outbox.wire import ACK_TOPIC
+from tests.inbox import receive
 
 
 def _topic_with_groups(session: Session, topic: str) -> None:
@@ -75,22 +76,7 @@ def test_the_handler_transaction_writes_a_success_or_failure_ack_to_the_outbox(
         if message.payload.get("fail"):
             raise RuntimeError("ledger locked")
 
-    good, bad = uuid.uuid4(), uuid.uuid4()
-    session.add_all(
-        InboxMessage(
-            consumer_group="billing",
-            message_id=message_id,
-            topic=topic,
-            partition=0,
-            offset=n,
-            key=f"k{n}",
-            lane=1,
-            payload=payload,
-            headers={},
-        )
-        for n, (message_id, payload) in enumerate([(good, {}), (bad, {"fail": True})])
-    )
-    session.commit()
+    good, bad = receive(session, "billing", topic, [("k0", {}), ("k1", {"fail": True})], lane=1)
 
     LaneProcessor(settings, make_sessionmaker(engine), "worker-7").run("billing", 1)
 

@@ -14,6 +14,7 @@ from outbox.cli import cli
 from outbox.models import InboxMessage, OutboxMessage
 from outbox.registry import register_topic
 from outbox.settings import Settings
+from tests.inbox import receive
 
 TOKEN = "t"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,26 +36,8 @@ def _dead_outbox(settings: Settings, session: Session, topic: str, n: int) -> li
 
 
 def _dead_inbox(session: Session, group: str, topic: str, n: int, error: str) -> list[uuid.UUID]:
-    ids = [uuid.uuid4() for _ in range(n)]
-    session.add_all(
-        InboxMessage(
-            consumer_group=group,
-            message_id=message_id,
-            topic=topic,
-            partition=0,
-            offset=i,
-            key=f"k{i}",
-            lane=0,
-            payload={"n": i},
-            headers={"message_id": str(message_id)},
-            status="dead",
-            attempts=10,
-            last_error=error,
-        )
-        for i, message_id in enumerate(ids)
-    )
-    session.commit()
-    return ids
+    messages = [(f"k{i}", {"n": i}) for i in range(n)]
+    return receive(session, group, topic, messages, status="dead", attempts=10, last_error=error)
 
 
 def test_dead_letters_are_listed_by_side_and_filter_and_paged_without_repeats(

@@ -16,6 +16,7 @@ from consumer.lanes import LaneProcessor
 from outbox.db import make_sessionmaker
 from outbox.models import ConsumerGroup, InboxMessage, Topic
 from outbox.settings import Settings
+from tests.inbox import receive
 
 GROUP = "billing"
 LANE = 3
@@ -40,23 +41,7 @@ def _register(session: Session, topic: str, **group: Any) -> None:
 def _receive(
     session: Session, topic: str, messages: list[tuple[str | None, dict]]
 ) -> list[uuid.UUID]:
-    ids = [uuid.uuid4() for _ in messages]
-    session.add_all(
-        InboxMessage(
-            consumer_group=GROUP,
-            message_id=message_id,
-            topic=topic,
-            partition=0,
-            offset=n,
-            key=key,
-            lane=LANE,
-            payload=payload,
-            headers={"message_id": str(message_id)},
-        )
-        for n, (message_id, (key, payload)) in enumerate(zip(ids, messages, strict=True))
-    )
-    session.commit()
-    return ids
+    return receive(session, GROUP, topic, messages, lane=LANE)
 
 
 def _rows(session: Session) -> dict[uuid.UUID, InboxMessage]:
