@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from outbox.agents import instance_id
 from outbox.errors import SettingsError
 from outbox.settings import Settings, env_name
 
@@ -30,10 +31,13 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "outbox.cleanup": settings.cleanup_interval_s,
         "consumer.sweep": settings.lane_sweep_interval_s,
     }
-    return {
+    schedule: dict[str, dict[str, Any]] = {
         name: {"task": name, "schedule": interval, "options": {"expires": interval}}
         for name, interval in intervals.items()
     }
+    # Each heartbeat tick names the beat that sent it: beat shows among the agents.
+    schedule["outbox.heartbeat"]["kwargs"] = {"beat": instance_id("beat")}
+    return schedule
 
 
 def from_settings(settings: Settings) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from api.deadletters import dead_letters
 from api.errors import error_response, register_error_handlers, validation_error_response
 from api.health import health
 from api.messages import messages
+from api.operations import operations
 from api.state import ApiState
 from api.topics import topics
 from outbox.logs import setup_logging
@@ -38,10 +39,12 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.extensions["outbox"] = ApiState(settings)
     register_error_handlers(app)
     app.before_request(_guard)
+    app.before_request(lambda: ApiState.current().ensure_heartbeat())
     app.register_blueprint(health)
     app.register_api(messages)
     app.register_api(topics)
     app.register_api(dead_letters)
+    app.register_api(operations)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> Response:
@@ -55,25 +58,28 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
 
 
 def _guard() -> tuple[Response, int] | None:
-    """Authenticate ``/v1``, then insist on a well-formed JSON body where one is sent."""
-    if request.path.startswith("/v1/"):
-        tokens = ApiState.current().settings.api_tokens
-        if not token_accepted(request, tokens):
-            response, status = error_response(
-                401,
-                "unauthorized",
-                "a valid bearer token is required",
-                {"header": "Authorization"},
-            )
-            response.headers["WWW-Authenticate"] = 'Bearer realm="outbox"'
-            return response, status
+    """Authenticate ``/v1``, then insist on a well-formed JSON body where one is sent.
+
+    It runs on every request, so it reads the WSGI environment directly."""
+    if not request.path.startswith("/v1/"):
+        return None
+    environ = request.environ
+    tokens = ApiState.current().settings.api_tokens
+    if not token_accepted(environ.get("HTTP_AUTHORIZATION", ""), tokens):
+        response, status = error_response(
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+            {"header": "Authorization"},
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="outbox"'
+        return response, status
     # A bodiless POST (e.g. a requeue) is fine; a body, or one announced as JSON, must be JSON.
-    has_body = (
-        bool(request.content_length)
-        or "Transfer-Encoding" in request.headers
-        or "Content-Type" in request.headers
-    )
-    if request.method in BODY_METHODS and has_body and request.path.startswith("/v1/"):
+    if request.method in BODY_METHODS and (
+        environ.get("CONTENT_LENGTH") not in (None, "", "0")
+        or "HTTP_TRANSFER_ENCODING" in environ
+        or "CONTENT_TYPE" in environ
+    ):
         if not request.is_json:
             return error_response(
                 415,

@@ -1,4 +1,4 @@
-"""``/v1/dead-letters``: list both sides' dead letters, requeue one or many.
+"""``/v1/dead-letters``: list the dead letters of every side, requeue one or many.
 
 A requeued outbox row is relayed at once (kick); a requeued inbox row is picked
 up by its lane at the next ``consumer.sweep`` tick (``OUTBOX_LANE_SWEEP_INTERVAL_S``).
@@ -35,7 +35,7 @@ dead_letters = APIBlueprint(
 
 @dead_letters.get("/dead-letters", responses={200: DeadLetterPage, 422: ErrorOut})
 def list_all(query: DeadLetterQuery) -> tuple[Response, int]:
-    """Dead letters of both sides, newest first; follow ``next_cursor`` for the next page."""
+    """Dead letters of every side, newest first; follow ``next_cursor`` for the next page."""
     cursor = None
     if query.cursor is not None:
         cursor = decode_cursor(query.cursor)
@@ -60,9 +60,17 @@ def requeue_one(path: DeadLetterPath) -> tuple[Response, int]:
     if not found:
         return error_response(404, "not_found", "no such dead letter", {"id": path.id})
     side = path.id.partition(":")[0]
-    if side == "outbox":
-        s.kicker.kick()
+    _kick(side)
     return jsonify(requeued={side: 1}), 200
+
+
+def _kick(*sides: str) -> None:
+    """Start on requeued rows now: the relay for outbox rows, the retry for deliveries."""
+    s = state()
+    if "outbox" in sides:
+        s.kicker.kick()
+    if "delivery" in sides:
+        s.celery.send_task("outbox.retry_targeted", expires=max(s.settings.retry_interval_s, 1.0))
 
 
 @dead_letters.post("/dead-letters/requeue", responses={200: RequeuedOut, 422: ErrorOut})
@@ -72,6 +80,5 @@ def requeue_many(body: RequeueFilterIn) -> tuple[Response, int]:
     where = DeadLetterFilter(body.side, body.group, body.topic, body.error, body.after, body.before)
     with s.sessions.begin() as session:
         counts = requeue_matching(session, where, limit=body.limit)
-    if counts["outbox"]:
-        s.kicker.kick()
+    _kick(*(side for side, count in counts.items() if count))
     return jsonify(requeued=counts), 200

@@ -14,8 +14,8 @@ import time
 from celery import Celery
 
 import celeryconfig
-from outbox.health import redis_client
-from outbox.kick import claim_kick
+from outbox.health import CHECK_TIMEOUT_S
+from outbox.kick import KickClaimer
 from outbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Kicker:
     def _run(self) -> None:
         app = Celery("outbox-kick")
         app.conf.update(celeryconfig.from_settings(self.settings))
-        flags = redis_client(app.conf.broker_url)
+        flags = KickClaimer(app.conf.broker_url, CHECK_TIMEOUT_S)
         debounce_s = self.settings.kick_debounce_ms / 1000
         # Ticks and kicks are interchangeable: a stale kick is dropped, not queued up.
         expires_s = max(self.settings.publish_interval_s, 1.0)
@@ -55,8 +55,8 @@ class Kicker:
             self._wanted.wait()
             self._wanted.clear()
             try:
-                if claim_kick(flags, int(expires_s * 1000)):
-                    app.send_task("outbox.publish", expires=expires_s)
+                if flags.claim(int(expires_s * 1000)):
+                    app.send_task("outbox.publish", expires=expires_s, ignore_result=True)
             except Exception:
                 log.exception("could not kick the relay; beat will pick the rows up")
             if debounce_s:

@@ -182,8 +182,8 @@ class Published(RootModel[PublishedOne | PublishedBatch]):
 
 
 class DeadLetterQuery(Strict):
-    side: Literal["outbox", "inbox"] | None = None
-    group: str | None = Field(None, description="Inbox side only.")
+    side: Literal["outbox", "inbox", "delivery"] | None = None
+    group: str | None = Field(None, description="Inbox and delivery sides only.")
     topic: str | None = None
     error: str | None = Field(None, description="Part of the last error, case-insensitive.")
     after: datetime | None = Field(None, description="Created (outbox) or received (inbox).")
@@ -193,8 +193,8 @@ class DeadLetterQuery(Strict):
 
 
 class DeadLetterOut(BaseModel):
-    id: str = Field(description="outbox:<row> or inbox:<row>")
-    side: Literal["outbox", "inbox"]
+    id: str = Field(description="outbox:<row>, inbox:<row> or delivery:<row>")
+    side: Literal["outbox", "inbox", "delivery"]
     message_id: str
     group: str | None
     topic: str
@@ -216,7 +216,7 @@ class DeadLetterPath(Strict):
 
 
 class RequeueFilterIn(Strict):
-    side: Literal["outbox", "inbox"] | None = None
+    side: Literal["outbox", "inbox", "delivery"] | None = None
     group: str | None = None
     topic: str | None = None
     error: str | None = None
@@ -227,3 +227,70 @@ class RequeueFilterIn(Strict):
 
 class RequeuedOut(BaseModel):
     requeued: dict[str, int]
+
+
+class AgentQuery(Strict):
+    role: Literal["api", "worker", "beat", "consumer"] | None = None
+    group: str | None = Field(None, description="Consumer agents of this group.")
+    active: bool | None = None
+
+
+class AgentOut(BaseModel):
+    instance_id: str
+    role: str
+    consumer_group: str | None
+    host: str
+    pid: int
+    active: bool
+    started_at: datetime
+    last_seen_at: datetime
+    health: dict[str, Any]
+
+
+class AgentList(BaseModel):
+    items: list[AgentOut]
+
+
+class HealthSummaryOut(BaseModel):
+    id: int
+    taken_at: datetime
+    age_s: float = Field(description="Seconds since the snapshot, by the database clock.")
+    backlog: dict[str, int]
+    oldest_claimable_age_s: float | None
+    dead_letters: int
+    consumer_lag: dict[str, Any] = Field(description="group -> topic -> partition -> lag")
+    agents: dict[str, int] = Field(description="Active agents by role.")
+
+
+class DeliveryQuery(Strict):
+    group: str | None = None
+    status: Literal["awaiting_ack", "acked", "failed", "dead"] | None = None
+    message_id: uuid.UUID | None = None
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class DeliveryRow(BaseModel):
+    message_id: uuid.UUID
+    group: str
+    status: str
+    attempts: int
+    next_retry_at: datetime | None
+    error: str | None
+    instance_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryRow]
+
+
+class DeliveryPath(Strict):
+    message_id: uuid.UUID
+    group: str = Field(min_length=1, max_length=255)
+
+
+class RetryForcedOut(BaseModel):
+    message_id: uuid.UUID
+    group: str
+    status: str = Field(description="The delivery's status; the retry task runs now.")

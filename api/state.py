@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from functools import cached_property
 
 import redis
+from celery import Celery
 from confluent_kafka.admin import AdminClient
 from flask import current_app
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+import celeryconfig
 from api.kick import Kicker
+from outbox.agents import instance_id, upsert_agent
 from outbox.db import make_engine, make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.health import redis_client
 from outbox.kafka import admin_client
 from outbox.publishing import Publisher
 from outbox.settings import Settings, env_name
+
+log = logging.getLogger(__name__)
 
 
 class ApiState:
@@ -26,6 +34,28 @@ class ApiState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
+        self._heartbeat_pid: int | None = None
+
+    def ensure_heartbeat(self) -> None:
+        """Start this process's heartbeat on its first request (so after gunicorn forks):
+        an ``api`` agent, refreshed every ``OUTBOX_HEARTBEAT_INTERVAL_S``."""
+        if self._heartbeat_pid == os.getpid():
+            return
+        with self._lock:
+            if self._heartbeat_pid == os.getpid():
+                return
+            self._heartbeat_pid = os.getpid()
+        threading.Thread(target=self._heartbeat, name="outbox-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        instance = instance_id("api")
+        while True:
+            try:
+                with self.sessions.begin() as session:
+                    upsert_agent(session, instance, "api")
+            except Exception as exc:
+                log.warning("api heartbeat failed: %s: %s", type(exc).__name__, exc)
+            time.sleep(self.settings.heartbeat_interval_s)
 
     @cached_property
     def engine(self) -> Engine:
@@ -49,6 +79,13 @@ class ApiState:
     @cached_property
     def publisher(self) -> Publisher:
         return Publisher(self.settings)
+
+    @cached_property
+    def celery(self) -> Celery:
+        """A Celery client for sending tasks (the workers run them)."""
+        app = Celery("outbox-api")
+        app.conf.update(celeryconfig.from_settings(self.settings))
+        return app
 
     @cached_property
     def kicker(self) -> Kicker:

@@ -25,14 +25,24 @@ def ack_payload(
     message: Message, group: str, instance: str, error: str | None = None
 ) -> dict[str, Any]:
     """The ack of one attempt at ``message`` by ``group``: success when ``error`` is None."""
+    ack = success_ack(message.id, message.topic, group, instance, message.attempt)
+    if error is not None:
+        ack.update(status="failure", error=error[:MAX_ERROR_CHARS])
+    return ack
+
+
+def success_ack(
+    message_id: object, topic: str, group: str, instance: str, attempt: int
+) -> dict[str, Any]:
+    """A success ack of ``message_id`` by ``group``, processed by ``instance``."""
     return {
-        "message_id": str(message.id),
-        "topic": message.topic,
+        "message_id": str(message_id),
+        "topic": topic,
         "group": group,
-        "status": "success" if error is None else "failure",
+        "status": "success",
         "instance": instance,
-        "attempt": message.attempt,
-        "error": None if error is None else error[:MAX_ERROR_CHARS],
+        "attempt": attempt,
+        "error": None,
     }
 
 

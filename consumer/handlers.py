@@ -45,6 +45,7 @@ class Message:
     attempt: int  # 1 for the first try
     partition: int
     offset: int
+    group: str = ""  # the consumer group processing it
 
     @property
     def is_retry(self) -> bool:

@@ -10,10 +10,14 @@ from confluent_kafka import Message
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from consumer.acks import register_ack_topic, success_ack, write_acks
+from outbox import queries
 from outbox.models import InboxMessage
+from outbox.publishing import Publisher
 from outbox.wire import (
     HEADER_IDEMPOTENCY_KEY,
     HEADER_MESSAGE_ID,
+    HEADER_TARGET_INSTANCE,
     bucket_for,
     foreign_message_id,
 )
@@ -75,3 +79,38 @@ def record(session: Session, rows: list[dict[str, Any]]) -> list[int]:
         insert(InboxMessage).on_conflict_do_nothing().returning(InboxMessage.lane), rows
     )
     return list(result.scalars())
+
+
+def absorb_retries(
+    session: Session,
+    group: str,
+    retries: list[dict[str, Any]],
+    publisher: Publisher,
+    healthy_workers: set[str],
+) -> dict[int, str | None]:
+    """Settle targeted retries of messages this group holds, in the caller's transaction.
+
+    A message processed already gets its success ack again and does not run again; one
+    that failed (or went dead) runs again now with a fresh attempt budget. Returns the
+    lanes to kick, each with the worker to run it when the retry names a healthy one.
+    """
+    if not retries:
+        return {}
+    ids = [str(r["message_id"]) for r in retries]
+    target = {str(r["message_id"]): r["headers"].get(HEADER_TARGET_INSTANCE) for r in retries}
+    acks = [
+        success_ack(message_id, topic, group, worker or "unknown", attempts)
+        for message_id, topic, worker, attempts in session.execute(
+            queries.INBOX_DONE_OF, {"group": group, "ids": ids}
+        )
+    ]
+    if acks:
+        register_ack_topic(session)
+        write_acks(session, publisher, acks)
+    lanes: dict[int, str | None] = {}
+    again = session.execute(queries.INBOX_RETRY_AGAIN, {"group": group, "ids": ids}).all()
+    waiting = session.execute(queries.INBOX_LANES_OF, {"group": group, "ids": ids}).all()
+    for message_id, lane in [*again, *waiting]:
+        wanted = target.get(str(message_id))
+        lanes[lane] = wanted if wanted in healthy_workers else lanes.get(lane)
+    return lanes

@@ -1,9 +1,9 @@
-"""Processing inbox rows, one lane at a time: handlers, backoff, dead letters.
+"""Processing inbox rows by lane: handlers, backoff, dead letters.
 
 A group's rows are spread over lanes by key hash. :meth:`LaneProcessor.run`
-leases one lane (so one task at a time works it, in Kafka order), locks a
-batch of its due rows, and runs their handlers in the transaction that also
-marks the rows: done rows and their effects commit together, so an effect
+leases the lanes it is given (so one task at a time works a lane, in Kafka
+order), locks a batch of their due rows, and runs the handlers in the
+transaction that also marks the rows: done rows and their effects commit together, so an effect
 happens exactly once. The handlers of a batch share one savepoint; when one
 fails, the batch is run again with a savepoint per row, so the failure undoes
 only its own row (handlers before it in the batch run twice, their first
@@ -16,12 +16,14 @@ failing key wait for it; other keys flow.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,14 +48,21 @@ def lane_scope(group: str) -> str:
 
 @dataclasses.dataclass
 class LaneReport:
-    """What one :meth:`LaneProcessor.run` did, and when the lane has work again."""
+    """What one :meth:`LaneProcessor.run` did, and when its lanes have work again."""
 
     done: int = 0
     failed: int = 0
     dead: int = 0
-    leased: bool = False
-    # Seconds until the lane's next waiting row is due; None when nothing waits.
-    next_due_s: float | None = None
+    # The lanes this run held, and those it wanted that another task held.
+    leased: list[int] = dataclasses.field(default_factory=list)
+    busy: list[int] = dataclasses.field(default_factory=list)
+    # Per leased lane with a waiting row: seconds until that row is due.
+    due_s: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def next_due_s(self) -> float | None:
+        """Seconds until the first waiting row is due; None when nothing waits."""
+        return min(self.due_s.values()) if self.due_s else None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,16 +91,20 @@ class LaneProcessor:
         self.publisher = Publisher(settings)
         self._ack_topic_ready = False
 
-    def run(self, group: str, lane: int, budget_s: float | None = None) -> LaneReport:
-        """Process the lane's due rows until none is left or ``budget_s`` ends.
+    def run(
+        self, group: str, lanes: int | Sequence[int], budget_s: float | None = None
+    ) -> LaneReport:
+        """Process the due rows of ``lanes`` until none is left or ``budget_s`` ends.
 
-        The lease is taken in the first batch's transaction and given back in the last
-        one's, so a lane with a few new rows costs one transaction.
+        The leases are taken in the first batch's transaction and given back in the
+        last one's, so lanes with a few new rows cost one transaction together.
         """
         s = self.settings
+        wanted = sorted({lanes} if isinstance(lanes, int) else set(lanes))
         deadline = time.monotonic() + (s.lane_budget_s if budget_s is None else budget_s)
         scope = lane_scope(group)
         report = LaneReport()
+        held: list[int] = []
         first = True
         finished = False
         committed = False
@@ -101,18 +114,28 @@ class LaneProcessor:
                     if first:
                         policies = self._prepare(session, group, scope)
                     granted = leases.acquire(
-                        session, scope, self.owner, [lane], limit=1, lease_s=s.lane_lease_s
+                        session,
+                        scope,
+                        self.owner,
+                        wanted,
+                        limit=len(wanted),
+                        lease_s=s.lane_lease_s,
                     )
-                    if not granted:
-                        # Another task works this lane now (or took it over from us).
+                    if first:
+                        # Lanes another task works now: it looks for late rows as it ends.
+                        report.busy = [n for n in wanted if n not in granted]
+                    held = sorted(granted)
+                    if not held:
                         return report
-                    report.leased = True
+                    report.leased = held
                     first = False
-                    taken, unblocked = self._batch(session, group, lane, policies, report)
-                    more = taken == s.lane_batch_size or unblocked
+                    full, unblocked = self._batch(session, group, held, policies, report)
+                    more = full or unblocked
                     if not more or time.monotonic() >= deadline:
-                        report.next_due_s = self._finish(session, group, lane, policies)
+                        report.due_s = self._finish(session, group, held, policies)
                         finished = True
+                    # Lanes taken over by another task (a stall past the lease) are theirs.
+                    wanted = held
                 committed = True
         except BaseException:
             if not committed:
@@ -122,9 +145,9 @@ class LaneProcessor:
                 self._ack_topic_ready = False
             raise
         finally:
-            if report.leased and not finished:
+            if held and not finished:
                 with self.sessions.begin() as session:
-                    self._finish(session, group, lane, policies)
+                    self._finish(session, group, held, policies)
         return report
 
     def _prepare(self, session: Session, group: str, scope: str) -> dict[str, _TopicPolicy]:
@@ -139,15 +162,15 @@ class LaneProcessor:
         return policies
 
     def _finish(
-        self, session: Session, group: str, lane: int, policies: dict[str, _TopicPolicy]
-    ) -> float | None:
-        """Give the lane back; return seconds until its next row is due (None: none waits)."""
-        leases.release(session, lane_scope(group), self.owner, [lane])
-        due = session.scalar(
+        self, session: Session, group: str, lanes: list[int], policies: dict[str, _TopicPolicy]
+    ) -> dict[int, float]:
+        """Give the lanes back; return, per lane with a waiting row, seconds until it is due."""
+        leases.release(session, lane_scope(group), self.owner, lanes)
+        rows = session.execute(
             queries.LANE_NEXT_DUE,
-            {"group": group, "lane": lane, "unordered_topics": _unordered(policies)},
+            {"group": group, "lanes": lanes, "unordered_topics": _unordered(policies)},
         )
-        return None if due is None else max(float(due), 0.0)
+        return {lane: max(float(due), 0.0) for lane, due in rows}
 
     def _policies(self, session: Session, group: str) -> dict[str, _TopicPolicy]:
         return {
@@ -165,31 +188,32 @@ class LaneProcessor:
         self,
         session: Session,
         group: str,
-        lane: int,
+        lanes: list[int],
         policies: dict[str, _TopicPolicy],
         report: LaneReport,
     ) -> tuple[int, bool]:
         """Process one locked batch in the session's transaction.
 
-        Returns how many rows it held, and whether a retried row finished (done or dead),
-        which lets later rows of its key go.
+        Returns whether a lane filled its share of the batch (it may have more rows), and
+        whether a retried row finished (done or dead), which lets later rows of its key go.
         """
+        per_lane = -(-self.settings.lane_batch_size // len(lanes))
         rows = session.execute(
             queries.CLAIM_LANE,
             {
                 "group": group,
-                "lane": lane,
+                "lanes": lanes,
                 "unordered_topics": _unordered(policies),
-                "limit": self.settings.lane_batch_size,
+                "per_lane": per_lane,
             },
         ).all()
         batch = [
-            (row_id, policies.get(topic, UNREGISTERED), attempts, message_id, topic, key)
-            for row_id, message_id, topic, key, _, _, attempts, _, _ in rows
+            (row_id, policies.get(topic, UNREGISTERED), attempts, message_id, topic, key, lane)
+            for row_id, message_id, topic, key, _, _, attempts, _, _, lane in rows
         ]
         messages = [
-            Message(message_id, topic, key, payload, headers, attempts + 1, part, off)
-            for _, message_id, topic, key, payload, headers, attempts, part, off in rows
+            Message(message_id, topic, key, payload, headers, attempts + 1, part, off, group)
+            for _, message_id, topic, key, payload, headers, attempts, part, off, _ in rows
         ]
         # Usually every handler succeeds: run them all under one savepoint. When one
         # fails, the batch is undone and run again from its start, each row in a savepoint
@@ -204,7 +228,7 @@ class LaneProcessor:
                 if policy.requires_ack
             ]
         else:
-            outcome = self._run_each(session, group, lane, batch, messages, failure)
+            outcome = self._run_each(session, group, batch, messages, failure)
         outcome.write(session, self.publisher, self.worker)
         report.done += len(outcome.done)
         report.failed += outcome.failed
@@ -212,7 +236,8 @@ class LaneProcessor:
         unblocked = any(
             attempts > 0 for row_id, _, attempts, *_ in batch if row_id in outcome.ended
         )
-        return len(rows), unblocked
+        full = max(collections.Counter(row[-1] for row in rows).values(), default=0) == per_lane
+        return full, unblocked
 
     @staticmethod
     def _run_together(session: Session, messages: list[Message]) -> tuple[int, Exception] | None:
@@ -232,7 +257,6 @@ class LaneProcessor:
         self,
         session: Session,
         group: str,
-        lane: int,
         batch: list[_Row],
         messages: list[Message],
         known: tuple[int, Exception],
@@ -243,7 +267,7 @@ class LaneProcessor:
         """
         outcome = _Outcome()
         failed_keys: set[tuple[str, str]] = set()
-        for index, ((row_id, policy, attempts, message_id, topic, key), message) in enumerate(
+        for index, ((row_id, policy, attempts, message_id, topic, key, lane), message) in enumerate(
             zip(batch, messages, strict=True)
         ):
             if policy.ordered and key is not None and (topic, key) in failed_keys:
@@ -284,8 +308,8 @@ class LaneProcessor:
         return outcome
 
 
-# One claimed row: id, policy, attempts so far, message id, topic, key.
-_Row = tuple[int, _TopicPolicy, int, uuid.UUID, str, "str | None"]
+# One claimed row: id, policy, attempts so far, message id, topic, key, lane.
+_Row = tuple[int, _TopicPolicy, int, uuid.UUID, str, "str | None", int]
 
 
 @dataclasses.dataclass

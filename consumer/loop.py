@@ -20,12 +20,14 @@ from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from sqlalchemy.orm import Session, sessionmaker
 
-from consumer.inbox import inbox_row, record
+from consumer.inbox import absorb_retries, inbox_row, record
+from outbox import queries
 from outbox.agents import instance_id, upsert_agent
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kafka import admin_client, consumer_config, ensure_topics
+from outbox.publishing import Publisher
 from outbox.settings import Settings
-from outbox.wire import HEADER_TARGET_GROUP
+from outbox.wire import HEADER_RETRY_ATTEMPT, HEADER_TARGET_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class Consumer:
         *,
         sessions: sessionmaker[Session] | None = None,
         on_recorded: Callable[[str, set[int]], None] | None = None,
+        on_targeted: Callable[[str, int, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.group = group
@@ -52,6 +55,9 @@ class Consumer:
         self.sessions = sessions or make_sessionmaker(make_engine(settings, pool_size=2))
         # Told the lanes of each committed batch's new rows (to start their processing).
         self.on_recorded = on_recorded
+        # Told a lane that a targeted retry wants run by one worker (group, lane, worker).
+        self.on_targeted = on_targeted
+        self.publisher = Publisher(settings)
         self.stopping = threading.Event()
         self.received = 0
         self._kafka: KafkaConsumer | None = None
@@ -115,17 +121,33 @@ class Consumer:
         rows = [inbox_row(self.group, m, self.settings.lanes) for m in messages]
         # A retry aimed at another group is not ours: its offset is stored, it gets no row.
         rows = [r for r in rows if r["headers"].get(HEADER_TARGET_GROUP, self.group) == self.group]
+        retries = [r for r in rows if HEADER_RETRY_ATTEMPT in r["headers"]]
+        targets: dict[int, str | None] = {}
         with self.sessions.begin() as session:
             lanes = record(session, rows)
+            if retries:
+                healthy = set(
+                    session.scalars(
+                        queries.HEALTHY_WORKERS, {"window": self.settings.agent_inactive_after}
+                    )
+                )
+                targets = absorb_retries(session, self.group, retries, self.publisher, healthy)
         # Only now is the batch safe in PostgreSQL: let its offsets be committed.
         for msg in messages:
             kafka.store_offsets(message=msg)
         self.received += len(messages)
-        if lanes and self.on_recorded is not None:
-            try:
-                self.on_recorded(self.group, set(lanes))
-            except Exception:
-                log.exception("consumer %s: could not kick lanes; the sweep will", self.instance)
+        routed = {lane: worker for lane, worker in targets.items() if worker is not None}
+        plain = (set(lanes) | set(targets)) - set(routed)
+        try:
+            if plain and self.on_recorded is not None:
+                self.on_recorded(self.group, plain)
+            for lane, worker in routed.items():
+                if self.on_targeted is not None:
+                    self.on_targeted(self.group, lane, worker)
+                elif self.on_recorded is not None:
+                    self.on_recorded(self.group, {lane})
+        except Exception:
+            log.exception("consumer %s: could not kick lanes; the sweep will", self.instance)
         log.debug("consumer %s: %d messages, %d new", self.instance, len(messages), len(lanes))
 
     def _heartbeat(self, force: bool = False) -> None:

@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -25,14 +25,17 @@ def upsert_agent(
     *,
     consumer_group: str | None = None,
     health: dict[str, Any] | None = None,
+    host: str | None = None,
+    pid: int | None = None,
 ) -> None:
-    """Record that ``instance`` is alive now; the caller commits."""
+    """Record that ``instance`` is alive now; the caller commits. Host and pid default to
+    this process's."""
     stmt = insert(Agent).values(
         instance_id=instance,
         role=role,
         consumer_group=consumer_group,
-        host=socket.gethostname(),
-        pid=os.getpid(),
+        host=host or socket.gethostname(),
+        pid=os.getpid() if pid is None else pid,
         health=health or {},
     )
     session.execute(
@@ -42,7 +45,39 @@ def upsert_agent(
                 "last_seen_at": func.now(),
                 "active": True,
                 "health": stmt.excluded.health,
+                "pid": stmt.excluded.pid,
                 "consumer_group": stmt.excluded.consumer_group,
             },
         )
     )
+
+
+def list_agents(
+    session: Session,
+    *,
+    role: str | None = None,
+    group: str | None = None,
+    active: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Agents, most recently seen first, filtered; None means any."""
+    query = select(Agent).order_by(Agent.last_seen_at.desc(), Agent.id)
+    if role is not None:
+        query = query.where(Agent.role == role)
+    if group is not None:
+        query = query.where(Agent.consumer_group == group)
+    if active is not None:
+        query = query.where(Agent.active == active)
+    return [
+        {
+            "instance_id": a.instance_id,
+            "role": a.role,
+            "consumer_group": a.consumer_group,
+            "host": a.host,
+            "pid": a.pid,
+            "active": a.active,
+            "started_at": a.started_at.isoformat(),
+            "last_seen_at": a.last_seen_at.isoformat(),
+            "health": a.health,
+        }
+        for a in session.scalars(query)
+    ]

@@ -38,8 +38,8 @@ def cli(ctx: click.Context) -> None:
 
 
 DLQ_FILTERS = [
-    option("--side", type=click.Choice(["outbox", "inbox"]), help="One side only."),
-    option("--group", help="Consumer group (inbox side)."),
+    option("--side", type=click.Choice(["outbox", "inbox", "delivery"]), help="One side only."),
+    option("--group", help="Consumer group (inbox and delivery sides)."),
     option("--topic", help="Topic."),
     option("--error", help="Part of the last error, case-insensitive."),
     option("--after", type=click.DateTime(), help="Created or received at or after (UTC)."),
@@ -73,7 +73,7 @@ def _dead_letter_filter(**options: Any) -> Any:
 
 @cli.group()
 def dlq() -> None:
-    """Dead letters of both sides: list them, requeue them."""
+    """Dead letters of every side: list them, requeue them."""
 
 
 @dlq.command("list")
@@ -115,10 +115,10 @@ def dlq_list(ctx: click.Context, limit: int, as_json: bool, **filters: Any) -> N
 def dlq_requeue(
     ctx: click.Context, ids: tuple[str, ...], matching: bool, limit: int, **filters: Any
 ) -> None:
-    """Requeue dead letters by id (outbox:N, inbox:N), or --all that match the filters.
+    """Requeue dead letters by id (outbox:N, inbox:N, delivery:N), or --all that match.
 
     A requeued message keeps its id and headers and gets a fresh attempt budget; beat's
-    next relay tick or lane sweep picks it up."""
+    next relay tick, lane sweep or targeted retry picks it up."""
     from outbox.db import make_engine, make_sessionmaker
     from outbox.deadletters import requeue, requeue_matching
 
@@ -131,14 +131,17 @@ def dlq_requeue(
         if matching:
             counts = requeue_matching(session, _dead_letter_filter(**filters), limit=limit)
         else:
-            counts = {"outbox": 0, "inbox": 0}
+            counts = {"outbox": 0, "inbox": 0, "delivery": 0}
             for dead_letter_id in ids:
                 if requeue(session, dead_letter_id):
                     counts[dead_letter_id.partition(":")[0]] += 1
                 else:
                     missing.append(dead_letter_id)
     engine.dispose()
-    click.echo(f"requeued {counts['outbox']} outbox and {counts['inbox']} inbox dead letters")
+    click.echo(
+        f"requeued {counts['outbox']} outbox, {counts['inbox']} inbox and "
+        f"{counts['delivery']} delivery dead letters"
+    )
     if missing:
         raise click.ClickException(f"no such dead letter: {', '.join(missing)}")
 
@@ -205,7 +208,7 @@ def consume(ctx: click.Context, group: str, topics: str) -> None:
     the handlers (``consumer.process_lane``), kicked as each batch commits."""
     from consumer import Consumer
     from tasks import make_celery
-    from tasks.lanes import kick_lanes
+    from tasks.lanes import kick_lanes, kick_targeted
 
     settings = _settings(ctx)
     setup_logging(settings, "consumer")
@@ -217,7 +220,10 @@ def consume(ctx: click.Context, group: str, topics: str) -> None:
     def kick(group: str, lanes: set[int]) -> None:
         kick_lanes(app, settings, {(group, lane) for lane in lanes})
 
-    consumer = Consumer(settings, group, names, on_recorded=kick)
+    def route(group: str, lane: int, worker: str) -> None:
+        kick_targeted(app, group, lane, worker)
+
+    consumer = Consumer(settings, group, names, on_recorded=kick, on_targeted=route)
     consumer.install_signal_handlers()
     consumer.run()
 
@@ -245,6 +251,102 @@ def relay(ctx: click.Context, once: bool) -> None:
                 time.sleep(settings.publish_interval_s)
     finally:
         relay.close()
+
+
+@cli.command("agents")
+@option("--role", type=click.Choice(["api", "worker", "beat", "consumer"]), help="Only this role.")
+@option("--group", help="Only consumers of this group.")
+@option("--active/--inactive", default=None, help="Only active (or inactive) agents.")
+@option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def agents_command(
+    ctx: click.Context, role: str | None, group: str | None, active: bool | None, as_json: bool
+) -> None:
+    """Workers, consumers, API processes and beat, most recently seen first."""
+    import json
+
+    from outbox.agents import list_agents
+    from outbox.db import make_engine, make_sessionmaker
+
+    engine = make_engine(_settings(ctx), pool_size=1)
+    try:
+        with make_sessionmaker(engine)() as session:
+            items = list_agents(session, role=role, group=group, active=active)
+    finally:
+        engine.dispose()
+    for a in items:
+        if as_json:
+            click.echo(json.dumps(a))
+        else:
+            state = "active" if a["active"] else "inactive"
+            click.echo(
+                f"{a['role']:<9} {state:<9} {a['instance_id']}  pid={a['pid']}  "
+                f"seen={a['last_seen_at'][:19]}  group={a['consumer_group'] or '-'}  "
+                f"{json.dumps(a['health'])}"
+            )
+
+
+@cli.command("deliveries")
+@option("--group", help="Only this consumer group.")
+@option(
+    "--status",
+    type=click.Choice(["awaiting_ack", "acked", "failed", "dead"]),
+    help="Only this status.",
+)
+@option("--message-id", type=click.UUID, help="Only this message.")
+@option("--limit", default=50, show_default=True, help="Most deliveries to show.")
+@option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def deliveries_command(
+    ctx: click.Context,
+    group: str | None,
+    status: str | None,
+    message_id: Any,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Deliveries to the groups that ack, newest first."""
+    import json
+
+    from outbox.db import make_engine, make_sessionmaker
+    from outbox.status import list_deliveries
+
+    engine = make_engine(_settings(ctx), pool_size=1)
+    try:
+        with make_sessionmaker(engine)() as session:
+            items = list_deliveries(
+                session, group=group, status=status, message_id=message_id, limit=limit
+            )
+    finally:
+        engine.dispose()
+    for d in items:
+        if as_json:
+            click.echo(json.dumps(d))
+        else:
+            click.echo(
+                f"{d['message_id']}  {d['group']:<16} {d['status']:<13} "
+                f"attempts={d['attempts']}  by={d['instance_id'] or '-'}  {d['error'] or ''}"
+            )
+
+
+@cli.command("cleanup")
+@option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.pass_context
+def cleanup_command(ctx: click.Context, dry_run: bool) -> None:
+    """Delete finished rows past their retention now (beat runs this as outbox.cleanup)."""
+    from outbox.cleanup import cleanup
+    from outbox.db import make_engine, make_sessionmaker
+
+    settings = _settings(ctx)
+    setup_logging(settings, "cleanup")
+    engine = make_engine(settings, pool_size=1)
+    try:
+        report = cleanup(settings, make_sessionmaker(engine), dry_run=dry_run)
+    finally:
+        engine.dispose()
+    verb = "would delete" if dry_run else "deleted"
+    for kind, count in report.deleted.items():
+        click.echo(f"{kind:<18} {verb} {count:>10,}")
 
 
 @cli.group()
@@ -288,8 +390,8 @@ def bench_relay(ctx: click.Context, rows: int, payload_bytes: int, keys: int, ou
 
 
 @bench.command("api")
-@option("--seconds", default=5.0, show_default=True, help="Load time per measurement.")
-@option("--rounds", default=3, show_default=True, help="Turns of bare and single publish.")
+@option("--seconds", default=4.0, show_default=True, help="Load time per measurement.")
+@option("--rounds", default=5, show_default=True, help="Rounds of bare and single publish.")
 @option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
 @option("--threads", default=4, show_default=True, help="Threads per gunicorn worker.")
 @option("--batch", default=100, show_default=True, help="Messages per batch request.")

@@ -1,8 +1,10 @@
-"""Dead letters on both sides: outbox rows the relay gave up on, and inbox rows whose
-handler failed for good. List them with filters, and requeue them in place: a
-requeued message keeps its id, payload and headers and gets a fresh attempt budget.
+"""Dead letters: outbox rows the relay gave up on, inbox rows whose handler failed for
+good, and deliveries that a group never acknowledged after all its targeted retries.
+List them with filters, and requeue them in place: a requeued message keeps its id,
+payload and headers and gets a fresh attempt (or retry) budget.
 
-A dead letter's id names its side: ``outbox:<row id>`` or ``inbox:<row id>``.
+A dead letter's id names its side: ``outbox:<row id>``, ``inbox:<row id>`` or
+``delivery:<row id>``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ from sqlalchemy.orm import Session
 
 from outbox import queries
 
-SIDES = ("outbox", "inbox")
+SIDES = ("outbox", "inbox", "delivery")
+_REQUEUE = {
+    "outbox": queries.REQUEUE_OUTBOX,
+    "inbox": queries.REQUEUE_INBOX,
+    "delivery": queries.REQUEUE_DELIVERY,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +33,7 @@ class DeadLetterFilter:
     """Filters of a dead-letter listing or a bulk requeue; None means any."""
 
     side: str | None = None
-    group: str | None = None  # inbox side only: outbox rows belong to no group
+    group: str | None = None  # inbox and delivery sides: outbox rows belong to no group
     topic: str | None = None
     error: str | None = None  # a part of the last error, case-insensitive
     after: datetime | None = None  # created (outbox) or received (inbox) at or after
@@ -111,8 +118,7 @@ def requeue(session: Session, dead_letter_id: str) -> bool:
     if parsed is None:
         return False
     side, row_id = parsed
-    statement = queries.REQUEUE_OUTBOX if side == "outbox" else queries.REQUEUE_INBOX
-    return session.execute(statement, {"ids": [row_id]}).rowcount == 1  # type: ignore[attr-defined]
+    return session.execute(_REQUEUE[side], {"ids": [row_id]}).rowcount == 1  # type: ignore[attr-defined]
 
 
 def requeue_matching(session: Session, where: DeadLetterFilter, *, limit: int) -> dict[str, int]:
@@ -123,10 +129,9 @@ def requeue_matching(session: Session, where: DeadLetterFilter, *, limit: int) -
         queries.DEAD_LETTERS_TO_REQUEUE, {**where.params(), "limit": limit}
     ):
         ids[side].append(row_id)
-    if ids["outbox"]:
-        session.execute(queries.REQUEUE_OUTBOX, {"ids": ids["outbox"]})
-    if ids["inbox"]:
-        session.execute(queries.REQUEUE_INBOX, {"ids": ids["inbox"]})
+    for side, side_ids in ids.items():
+        if side_ids:
+            session.execute(_REQUEUE[side], {"ids": side_ids})
     return {side: len(rows) for side, rows in ids.items()}
 
 

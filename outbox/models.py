@@ -174,6 +174,7 @@ class Delivery(Base):
             "next_retry_at",
             postgresql_where=text("status IN ('awaiting_ack', 'failed')"),
         ),
+        Index("ix_deliveries_dead", "updated_at", postgresql_where=text("status = 'dead'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -216,6 +217,15 @@ class InboxMessage(Base):
             postgresql_where=text("status = 'done'"),
         ),
         Index("ix_inbox_messages_dead", "received_at", postgresql_where=text("status = 'dead'")),
+        # Whether an earlier row of a key waits for a retry (an ordered group holds it back).
+        Index(
+            "ix_inbox_messages_failed_keys",
+            "consumer_group",
+            "lane",
+            "key",
+            "id",
+            postgresql_where=text("status = 'failed'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

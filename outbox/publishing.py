@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, TextClause
 from sqlalchemy.orm import Session
 
 from outbox import queries
@@ -92,6 +92,19 @@ def _document(rows: list[_Row]) -> str:
     )
 
 
+def _prepared(session: Session | Connection, name: str) -> TextClause:
+    """The EXECUTE of prepared insert ``name``, preparing it first on a connection that
+    has not got it. A prepared statement outlives a rollback and goes with its
+    connection, as does the connection's ``info`` that remembers it."""
+    prepare, execute = queries.PREPARED_INSERTS[name]
+    conn = session.connection() if isinstance(session, Session) else session
+    done: set[str] = conn.info.setdefault("outbox_prepared", set())
+    if name not in done:
+        conn.execute(prepare)
+        done.add(name)
+    return execute
+
+
 class Publisher:
     """Validates messages against the limits in ``settings`` and writes them."""
 
@@ -132,21 +145,30 @@ class Publisher:
     def _insert(self, session: Session | Connection, rows: list[_Row]) -> set[uuid.UUID]:
         if len(rows) == 1:
             r = rows[0]
-            result = session.execute(
-                queries.INSERT_MESSAGE
-                if r.idempotency_key is None
-                else queries.INSERT_MESSAGE_ONCE,
-                {
-                    "message_id": str(r.message_id),
-                    "topic": r.topic,
-                    "key": r.key,
-                    "payload": r.payload,
-                    "headers": r.headers,
-                    "idempotency_key": r.idempotency_key,
-                    "request_hash": r.request_hash,
-                    "bucket": r.bucket,
-                },
-            )
+            params = {
+                "message_id": str(r.message_id),
+                "topic": r.topic,
+                "key": r.key,
+                "payload": r.payload,
+                "headers": r.headers,
+                "idempotency_key": r.idempotency_key,
+                "request_hash": r.request_hash,
+                "bucket": r.bucket,
+            }
+            if self.settings.db_prepare_statements:
+                name = (
+                    "outbox_insert_message"
+                    if r.idempotency_key is None
+                    else "outbox_insert_message_once"
+                )
+                result = session.execute(_prepared(session, name), params)
+            else:
+                result = session.execute(
+                    queries.INSERT_MESSAGE
+                    if r.idempotency_key is None
+                    else queries.INSERT_MESSAGE_ONCE,
+                    params,
+                )
         else:
             result = session.execute(queries.INSERT_MESSAGES, {"rows": _document(rows)})
         return {row[0] for row in result}

@@ -7,6 +7,8 @@ costs one round trip whatever its size.
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import TextClause, text
 
 
@@ -47,13 +49,48 @@ WHERE t.name = :topic AND t.active
 """
 # A fresh random message id cannot collide, so a message without an idempotency key
 # needs no conflict handling.
-INSERT_MESSAGE = _sql(_INSERT_ONE + "RETURNING message_id")
-INSERT_MESSAGE_ONCE = _sql(
+_INSERT_MESSAGE = _INSERT_ONE + "RETURNING message_id"
+_INSERT_MESSAGE_ONCE = (
     _INSERT_ONE
     + """-- a taken idempotency key (a repeat, or a concurrent twin) inserts nothing
 ON CONFLICT DO NOTHING
 RETURNING message_id"""
 )
+INSERT_MESSAGE = _sql(_INSERT_MESSAGE)
+INSERT_MESSAGE_ONCE = _sql(_INSERT_MESSAGE_ONCE)
+
+# The same two, prepared once per connection (OUTBOX_DB_PREPARE_STATEMENTS): PostgreSQL
+# then plans them once rather than on every publish, where planning the join with
+# topics costs more than the insert itself.
+_ONE_PARAMS = (
+    ("message_id", "uuid"),
+    ("topic", "text"),
+    ("key", "text"),
+    ("payload", "jsonb"),
+    ("headers", "jsonb"),
+    ("idempotency_key", "text"),
+    ("request_hash", "text"),
+    ("bucket", "smallint"),
+)
+
+
+def _prepared(name: str, statement: str) -> tuple[TextClause, TextClause]:
+    """(PREPARE, EXECUTE) for ``statement``, whose parameters are those of ``_ONE_PARAMS``."""
+    body = statement
+    for n, (param, _) in enumerate(_ONE_PARAMS, 1):
+        body = re.sub(rf":{param}\b", f"${n}", body)
+    types = ", ".join(t for _, t in _ONE_PARAMS)
+    arguments = ", ".join(f":{p}" for p, _ in _ONE_PARAMS)
+    return (
+        _sql(f"PREPARE {name} ({types}) AS {body}"),
+        _sql(f"EXECUTE {name} ({arguments})"),
+    )
+
+
+PREPARED_INSERTS = {
+    "outbox_insert_message": _prepared("outbox_insert_message", _INSERT_MESSAGE),
+    "outbox_insert_message_once": _prepared("outbox_insert_message_once", _INSERT_MESSAGE_ONCE),
+}
 
 TOPIC_STATES = _sql("""
 SELECT name, active FROM topics WHERE name = ANY(CAST(:names AS text[]))
@@ -193,39 +230,49 @@ WHERE id = ANY(CAST(:ids AS bigint[]))
   AND claim_token = :token
 """)
 
+
 # Consumer lanes. In an ordered topic a key's later rows wait while an earlier one waits
 # for its retry (earlier rows that are due come first in the same batch anyway).
-_LANE_ROW_READY = """
-m.consumer_group = :group AND m.lane = :lane
+def _lane_row_ready(lane: str) -> str:
+    """The rows of the lane(s) that ``lane`` picks out which may run once due."""
+    return f"""
+m.consumer_group = :group AND m.lane {lane}
 AND m.status IN ('received', 'failed')
 AND (m.key IS NULL OR m.topic = ANY(CAST(:unordered_topics AS text[])) OR NOT EXISTS (
     SELECT 1 FROM inbox_messages e
     WHERE e.consumer_group = m.consumer_group AND e.lane = m.lane
       AND e.status = 'failed' AND e.key = m.key AND e.id < m.id
 ))
-"""
+"""  # noqa: S608 (composed of constants only)
 
-# Due rows of one lane in Kafka order (ids follow the poll order). Rows are locked for
-# the processing transaction, so even two tasks on one lane (a lease lost to a stall)
-# never run a row twice.
+
+# Due rows of the leased lanes, each lane in Kafka order (ids follow the poll order):
+# up to :per_lane rows from each lane, so that a busy lane does not crowd the others out
+# of a batch. Rows are locked for the processing transaction, so even two tasks on one
+# lane (a lease lost to a stall) never run a row twice.
 CLAIM_LANE = _sql(f"""
 SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts,
-       m.partition, m."offset"
-FROM inbox_messages m
-WHERE {_LANE_ROW_READY}
-  -- backoff after a failed attempt has elapsed
-  AND m.next_attempt_at <= now()
+       m.partition, m."offset", m.lane
+FROM unnest(CAST(:lanes AS int[])) AS l(lane)
+CROSS JOIN LATERAL (
+    SELECT * FROM inbox_messages m
+    WHERE {_lane_row_ready("= l.lane")}
+      -- backoff after a failed attempt has elapsed
+      AND m.next_attempt_at <= now()
+    ORDER BY m.id
+    LIMIT :per_lane
+    FOR UPDATE SKIP LOCKED
+) m
 ORDER BY m.id
-LIMIT :limit
-FOR UPDATE SKIP LOCKED
 """)  # noqa: S608 (composed of constants only)
 
-# Seconds until the lane's next row is due (NULL: nothing waits); rows held back by
-# their key do not count, their blocker does.
+# Per lane, seconds until its next row is due (lanes where nothing waits are left out);
+# rows held back by their key do not count, their blocker does.
 LANE_NEXT_DUE = _sql(f"""
-SELECT EXTRACT(EPOCH FROM min(m.next_attempt_at) - now())
+SELECT m.lane, EXTRACT(EPOCH FROM min(m.next_attempt_at) - now())
 FROM inbox_messages m
-WHERE {_LANE_ROW_READY}
+WHERE {_lane_row_ready("= ANY(CAST(:lanes AS int[]))")}
+GROUP BY m.lane
 """)  # noqa: S608 (composed of constants only)
 
 MARK_INBOX_DONE = _sql("""
@@ -264,8 +311,11 @@ UPDATE deliveries d
 SET status = CASE WHEN :ok THEN 'acked' ELSE 'failed' END,
     error = CASE WHEN :ok THEN NULL ELSE :error END,
     instance_id = :instance, updated_at = now(),
-    -- a failed delivery is due for its targeted retry at once
-    next_retry_at = CASE WHEN :ok THEN NULL ELSE now() END
+    -- a failed delivery is due for its targeted retry after the group's backoff: drawn
+    -- from [ceiling / factor, ceiling], the ceiling growing with the retries so far
+    next_retry_at = CASE WHEN :ok THEN NULL ELSE now() + make_interval(secs =>
+        LEAST(g.retry_cap_s, g.retry_base_s * power(g.retry_factor, LEAST(d.attempts, 64)))
+        * (1 / g.retry_factor + random() * (1 - 1 / g.retry_factor))) END
 FROM consumer_groups g
 WHERE d.consumer_group_id = g.id AND g.name = :group AND g.topic = :topic
   AND d.message_id = CAST(:message_id AS uuid)
@@ -286,6 +336,15 @@ SELECT * FROM (
     FROM inbox_messages i
     WHERE i.status = 'dead'
       AND (CAST(:group AS text) IS NULL OR i.consumer_group = CAST(:group AS text))
+    UNION ALL
+    -- a group that never acknowledged a message, after all its retries
+    SELECT 'delivery', v.id, v.message_id, g.name, g.topic, o.key,
+           v.attempts, v.error, o.headers, o.payload, v.updated_at
+    FROM deliveries v
+    JOIN consumer_groups g ON g.id = v.consumer_group_id
+    JOIN outbox_messages o ON o.message_id = v.message_id AND NOT o.is_retry
+    WHERE v.status = 'dead'
+      AND (CAST(:group AS text) IS NULL OR g.name = CAST(:group AS text))
 ) d
 WHERE (CAST(:side AS text) IS NULL OR d.side = CAST(:side AS text))
   AND (CAST(:topic AS text) IS NULL OR d.topic = CAST(:topic AS text))
@@ -320,10 +379,239 @@ WHERE id = ANY(CAST(:ids AS bigint[]))
   AND status = 'dead'
 """)
 
+# A dead delivery gets a fresh retry budget; outbox.retry_targeted sends it now.
+REQUEUE_DELIVERY = _sql("""
+UPDATE deliveries
+SET status = 'failed', attempts = 0, next_retry_at = now(), updated_at = now()
+WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'dead'
+""")
+
 REQUEUE_INBOX = _sql("""
 UPDATE inbox_messages
 SET status = 'received', attempts = 0, next_attempt_at = now()
 WHERE id = ANY(CAST(:ids AS bigint[]))
   -- only dead rows: requeueing never disturbs a message in flight
   AND status = 'dead'
+""")
+
+
+# Cleanup. Each kind of finished row, past its retention, oldest first. None of these
+# can pick a pending, claimed, awaiting-ack, failed or retrying row: each names the
+# finished status it takes.
+_FINISHED = {
+    # Sent, and every group that needs acks acked it (or its delivery is dead past the
+    # dead letters' retention).
+    "outbox_sent": (
+        "outbox_messages",
+        "sent_at",
+        """
+m.status = 'sent' AND m.sent_at < now() - make_interval(secs => :retention)
+AND NOT EXISTS (
+    SELECT 1 FROM deliveries d
+    WHERE d.message_id = m.message_id AND d.status <> 'acked'
+      AND NOT (d.status = 'dead' AND :dead_retention > 0
+               AND d.updated_at < now() - make_interval(secs => :dead_retention))
+)""",
+    ),
+    "outbox_dead": (
+        "outbox_messages",
+        "created_at",
+        """
+m.status = 'dead' AND m.created_at < now() - make_interval(secs => :retention)""",
+    ),
+    "inbox_done": (
+        "inbox_messages",
+        "processed_at",
+        """
+m.status = 'done' AND m.processed_at < now() - make_interval(secs => :retention)""",
+    ),
+    "inbox_dead": (
+        "inbox_messages",
+        "received_at",
+        """
+m.status = 'dead' AND m.received_at < now() - make_interval(secs => :retention)""",
+    ),
+    "health_snapshots": (
+        "health_snapshots",
+        "taken_at",
+        """
+m.taken_at < now() - make_interval(secs => :retention)""",
+    ),
+    "agents": (
+        "agents",
+        "last_seen_at",
+        """
+NOT m.active AND m.last_seen_at < now() - make_interval(secs => :retention)""",
+    ),
+}
+
+
+def _cleanup_batch(table: str, age: str, where: str) -> str:
+    """Delete at most :batch rows, skipping rows another transaction holds (a late ack,
+    a requeue) instead of waiting for them; return how many went. A sent outbox row
+    takes its finished deliveries along once no row of its message id is left."""
+    deliveries = (
+        """,
+deliveries_gone AS (
+    DELETE FROM deliveries d USING gone
+    WHERE d.message_id = gone.message_id AND d.status IN ('acked', 'dead')
+      -- a retry shares its original's id: the delivery goes with the last of them
+      AND NOT EXISTS (
+        SELECT 1 FROM outbox_messages o
+        WHERE o.message_id = d.message_id AND o.id NOT IN (SELECT id FROM doomed)
+      )
+)"""
+        if table == "outbox_messages"
+        else ""
+    )
+    returning = "m.id, m.message_id" if table == "outbox_messages" else "m.id"
+    return f"""
+WITH doomed AS (
+    SELECT {returning} FROM {table} m WHERE {where}
+    ORDER BY m.{age} LIMIT :batch FOR UPDATE OF m SKIP LOCKED
+),
+gone AS (
+    DELETE FROM {table} m USING doomed WHERE m.id = doomed.id RETURNING {returning}
+){deliveries}
+SELECT count(*) FROM gone
+"""  # noqa: S608 (composed of constants only)
+
+
+CLEANUP = {name: _sql(_cleanup_batch(*spec)) for name, spec in _FINISHED.items()}
+CLEANUP_COUNT = {
+    name: _sql(f"SELECT count(*) FROM {table} m WHERE {where}")  # noqa: S608 (constants)
+    for name, (table, _, where) in _FINISHED.items()
+}
+
+# Heartbeat. Agents silent past the window are inactive (never chosen as retry targets).
+MARK_AGENTS_INACTIVE = _sql("""
+UPDATE agents SET active = false
+WHERE active AND last_seen_at < now() - make_interval(secs => :after)
+RETURNING instance_id
+""")
+
+# What is left to do and what failed for good; every count walks a partial index.
+HEALTH_BACKLOG = _sql("""
+SELECT
+    (SELECT count(*) FROM outbox_messages WHERE status = 'pending') AS outbox_pending,
+    (SELECT count(*) FROM outbox_messages WHERE status = 'dead') AS outbox_dead,
+    (SELECT count(*) FROM inbox_messages WHERE status = 'received') AS inbox_received,
+    (SELECT count(*) FROM inbox_messages WHERE status = 'failed') AS inbox_failed,
+    (SELECT count(*) FROM inbox_messages WHERE status = 'dead') AS inbox_dead,
+    (SELECT count(*) FROM deliveries WHERE status = 'awaiting_ack') AS deliveries_awaiting_ack,
+    (SELECT count(*) FROM deliveries WHERE status = 'failed') AS deliveries_failed,
+    (SELECT count(*) FROM deliveries WHERE status = 'dead') AS deliveries_dead,
+    (SELECT EXTRACT(EPOCH FROM now() - min(available_at)) FROM outbox_messages
+     WHERE status = 'pending' AND available_at <= now()) AS oldest_claimable_age_s
+""")
+
+ACTIVE_AGENTS_BY_ROLE = _sql("""
+SELECT role, count(*) FROM agents WHERE active GROUP BY role
+""")
+
+ACTIVE_GROUP_TOPICS = _sql("""
+SELECT name, topic FROM consumer_groups WHERE active ORDER BY name, topic
+""")
+
+INSERT_SNAPSHOT = _sql("""
+INSERT INTO health_snapshots (backlog, oldest_claimable_age_s, dead_letters, consumer_lag, agents)
+VALUES (CAST(:backlog AS jsonb), :oldest, :dead_letters, CAST(:lag AS jsonb),
+        CAST(:agents AS jsonb))
+RETURNING id
+""")
+
+LATEST_SNAPSHOT = _sql("""
+SELECT id, taken_at, EXTRACT(EPOCH FROM now() - taken_at) AS age_s, backlog,
+       oldest_claimable_age_s, dead_letters, consumer_lag, agents
+FROM health_snapshots ORDER BY taken_at DESC, id DESC LIMIT 1
+""")
+
+
+# Targeted retry. Deliveries that failed, or waited for an ack past their group's
+# timeout, and whose retry is due; locked so that two retry tasks never take the same
+# one. The original row (never a retry) gives what to send again.
+DUE_DELIVERIES = _sql("""
+SELECT d.id, d.message_id, d.attempts, d.instance_id, g.name AS group_name, g.max_retries,
+       g.ack_timeout_s, g.retry_base_s, g.retry_factor, g.retry_cap_s,
+       m.topic, m.key, m.payload, m.headers, m.idempotency_key
+FROM deliveries d
+JOIN consumer_groups g ON g.id = d.consumer_group_id
+JOIN outbox_messages m ON m.message_id = d.message_id
+WHERE d.status IN ('awaiting_ack', 'failed') AND d.next_retry_at <= now()
+ORDER BY d.next_retry_at
+LIMIT :limit
+FOR UPDATE OF d SKIP LOCKED
+""")
+
+# Workers that heartbeat within the window: the candidates for a targeted retry.
+HEALTHY_WORKERS = _sql("""
+SELECT instance_id FROM agents
+WHERE role = 'worker' AND active AND last_seen_at > now() - make_interval(secs => :window)
+ORDER BY instance_id
+""")
+
+INSERT_RETRIES = _sql("""
+INSERT INTO outbox_messages
+    (message_id, topic, key, payload, headers, idempotency_key, bucket, is_retry,
+     original_message_id, target_group, target_instance)
+SELECT u.message_id, u.topic, u.key, u.payload, u.headers, u.idempotency_key, u.bucket, true,
+       u.original_message_id, u.target_group, u.target_instance
+FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+     AS u(message_id uuid, topic text, key text, payload jsonb, headers jsonb,
+          idempotency_key text, bucket smallint, original_message_id uuid,
+          target_group text, target_instance text)
+""")
+
+# A retry went out: wait for its ack (or the next retry) until the given time.
+MARK_DELIVERIES_RETRIED = _sql("""
+UPDATE deliveries d
+SET status = 'awaiting_ack', attempts = d.attempts + 1, updated_at = now(),
+    next_retry_at = now() + make_interval(secs => v.wait_s)
+FROM unnest(CAST(:ids AS bigint[]), CAST(:waits AS float8[])) AS v(id, wait_s)
+WHERE d.id = v.id
+""")
+
+MARK_DELIVERIES_DEAD = _sql("""
+UPDATE deliveries
+SET status = 'dead', next_retry_at = NULL, updated_at = now(),
+    error = COALESCE(error, 'no ack after the last retry')
+WHERE id = ANY(CAST(:ids AS bigint[]))
+""")
+
+# Force one delivery's retry now (a dead one gets a fresh budget); acked ones stay.
+FORCE_RETRY = _sql("""
+UPDATE deliveries d
+SET status = CASE WHEN d.status = 'dead' THEN 'failed' ELSE d.status END,
+    attempts = CASE WHEN d.status = 'dead' THEN 0 ELSE d.attempts END,
+    next_retry_at = now(), updated_at = now()
+FROM consumer_groups g
+WHERE d.consumer_group_id = g.id AND g.name = :group
+  AND d.message_id = CAST(:message_id AS uuid) AND d.status <> 'acked'
+RETURNING d.status
+""")
+
+DELIVERY_STATUS = _sql("""
+SELECT d.status FROM deliveries d JOIN consumer_groups g ON g.id = d.consumer_group_id
+WHERE g.name = :group AND d.message_id = CAST(:message_id AS uuid)
+""")
+
+# A retry of a message this group holds already. One it processed: its ack goes again.
+INBOX_DONE_OF = _sql("""
+SELECT message_id, topic, worker, attempts FROM inbox_messages
+WHERE consumer_group = :group AND message_id = ANY(CAST(:ids AS uuid[])) AND status = 'done'
+""")
+
+# One it failed (or gave up on): it runs again now, with a fresh attempt budget.
+INBOX_RETRY_AGAIN = _sql("""
+UPDATE inbox_messages
+SET status = 'received', attempts = 0, next_attempt_at = now()
+WHERE consumer_group = :group AND message_id = ANY(CAST(:ids AS uuid[]))
+  AND status IN ('failed', 'dead')
+RETURNING message_id, lane
+""")
+
+INBOX_LANES_OF = _sql("""
+SELECT message_id, lane FROM inbox_messages
+WHERE consumer_group = :group AND message_id = ANY(CAST(:ids AS uuid[]))
+  AND status = 'received'
 """)

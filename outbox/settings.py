@@ -40,6 +40,11 @@ class Settings:
         None, "Kafka bootstrap servers (host:port,...). Unset: an embedded broker is started."
     )
     db_pool_size: int = _setting(5, "SQLAlchemy connection pool size per process.", minimum=1)
+    db_prepare_statements: bool = _setting(
+        True,
+        "Prepare the single-message insert once per connection; off behind PgBouncer in "
+        "transaction mode.",
+    )
 
     api_host: str = _setting("127.0.0.1", "Address the API listens on under `outbox dev`.")
     api_port: int = _setting(8000, "API port under `outbox dev` (0: a free port).", minimum=0)
@@ -96,7 +101,9 @@ class Settings:
         "Lanes per consumer group: keys hash to lanes, one task at a time works a lane.",
         minimum=1,
     )
-    lane_batch_size: int = _setting(100, "Inbox rows one lane transaction takes.", minimum=1)
+    lane_batch_size: int = _setting(
+        100, "Inbox rows one lane transaction takes, shared among its lanes.", minimum=1
+    )
     lane_lease_s: float = _setting(
         60.0, "Lane lease: a dead worker's lane moves to another after this.", minimum=1.0
     )
@@ -120,10 +127,41 @@ class Settings:
     retry_interval_s: float = _setting(
         10.0, "Beat interval of `outbox.retry_targeted`.", minimum=0.05
     )
+    retry_batch_size: int = _setting(
+        500, "Most deliveries one transaction of `outbox.retry_targeted` retries.", minimum=1
+    )
     heartbeat_interval_s: float = _setting(
         30.0, "Beat interval of `outbox.heartbeat`.", minimum=0.05
     )
     cleanup_interval_s: float = _setting(3600.0, "Beat interval of `outbox.cleanup`.", minimum=0.05)
+    agent_inactive_after: float = _setting(
+        300.0,
+        "Seconds of silence after which an agent is inactive and never a retry target.",
+        minimum=1,
+    )
+    heartbeat_inspect_timeout_s: float = _setting(
+        1.0, "How long `outbox.heartbeat` waits for workers to answer.", minimum=0.1
+    )
+    retention_sent: float = _setting(
+        7 * 86400.0,
+        "Seconds a sent outbox row stays once every group that needs acks acked it.",
+        minimum=0,
+    )
+    retention_done: float = _setting(
+        7 * 86400.0, "Seconds a processed (done) inbox row stays.", minimum=0
+    )
+    retention_dead: float = _setting(
+        30 * 86400.0, "Seconds a dead letter (either side) stays; 0 keeps them.", minimum=0
+    )
+    retention_health: float = _setting(
+        86400.0, "Seconds health snapshots and inactive agents stay.", minimum=0
+    )
+    cleanup_batch_size: int = _setting(
+        5000, "Most rows one DELETE of `outbox.cleanup` removes.", minimum=1
+    )
+    cleanup_pause_ms: int = _setting(
+        50, "Pause between two DELETE batches of `outbox.cleanup`.", minimum=0
+    )
 
     kafka_session_timeout_ms: int = _setting(
         10000,

@@ -91,3 +91,40 @@ def list_messages(
     more = len(rows) > limit
     rows = rows[:limit]
     return [message_view(r) for r in rows], (rows[-1].id if more else None)
+
+
+def list_deliveries(
+    session: Session,
+    *,
+    group: str | None = None,
+    status: str | None = None,
+    message_id: uuid.UUID | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Deliveries (one per message and group that needs acks), newest first, filtered."""
+    query = (
+        select(Delivery, ConsumerGroup.name)
+        .join(ConsumerGroup, ConsumerGroup.id == Delivery.consumer_group_id)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    )
+    if group is not None:
+        query = query.where(ConsumerGroup.name == group)
+    if status is not None:
+        query = query.where(Delivery.status == status)
+    if message_id is not None:
+        query = query.where(Delivery.message_id == message_id)
+    return [
+        {
+            "message_id": str(d.message_id),
+            "group": name,
+            "status": d.status,
+            "attempts": d.attempts,
+            "next_retry_at": d.next_retry_at.isoformat() if d.next_retry_at else None,
+            "error": d.error,
+            "instance_id": d.instance_id,
+            "created_at": d.created_at.isoformat(),
+            "updated_at": d.updated_at.isoformat(),
+        }
+        for d, name in session.execute(query)
+    ]

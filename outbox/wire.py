@@ -11,6 +11,10 @@ HEADER_CORRELATION_ID = "correlation_id"
 HEADER_TRACEPARENT = "traceparent"
 # A retry aimed at one consumer group; other groups skip it.
 HEADER_TARGET_GROUP = "target_group"
+# A retry also names the worker it is aimed at (when one is healthy), its attempt, and
+# the outbox row it repeats; its message_id header stays the original's.
+HEADER_TARGET_INSTANCE = "target_instance"
+HEADER_RETRY_ATTEMPT = "retry_attempt"
 # Consumers acknowledge processed messages on this topic, through their own outbox.
 ACK_TOPIC = "outbox.acks"
 # Set by the outbox itself; a caller may not supply them.

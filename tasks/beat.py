@@ -1,28 +1,53 @@
-"""Periodic tasks whose work arrives with the operations features (retry, heartbeat, cleanup)."""
+"""Periodic tasks of operations: targeted retry, heartbeat and cleanup."""
 
 from __future__ import annotations
 
-import logging
+import os
+from typing import Any
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
-log = logging.getLogger(__name__)
+from outbox.cleanup import cleanup as delete_finished
+from outbox.db import make_engine, make_sessionmaker
+from outbox.heartbeat import record_heartbeat
+from outbox.settings import Settings
+from outbox.targeted_retry import retry_due
+
+_sessions: tuple[int, sessionmaker[Session]] | None = None
 
 
-def register(app: Celery) -> None:
+def sessions_for_this_process(settings: Settings) -> sessionmaker[Session]:
+    """This process's sessions for the beat tasks, made on first use after fork."""
+    global _sessions
+    if _sessions is None or _sessions[0] != os.getpid():
+        _sessions = (os.getpid(), make_sessionmaker(make_engine(settings, pool_size=1)))
+    return _sessions[1]
+
+
+def register(app: Celery, settings: Settings) -> None:
     """Register the beat tasks on ``app``."""
 
     @app.task(name="outbox.retry_targeted", shared=False)
-    def retry_targeted() -> None:
-        """Re-send what a consumer group failed or never acknowledged."""
-        log.info("outbox.retry_targeted: targeted retry is not installed yet; nothing to do")
+    def retry_targeted() -> dict[str, Any]:
+        """Re-send what a consumer group failed or never acknowledged, aimed at that group
+        and a healthy worker; past the group's retries the delivery is dead."""
+        report = retry_due(settings, sessions_for_this_process(settings))
+        if report.retried:
+            # Relay the retries now rather than at the next tick.
+            app.send_task("outbox.publish", expires=max(settings.publish_interval_s, 1.0))
+        return report.as_dict()
 
     @app.task(name="outbox.heartbeat", shared=False)
-    def heartbeat() -> None:
-        """Record worker agents and a health snapshot."""
-        log.info("outbox.heartbeat: heartbeats are not installed yet; nothing to do")
+    def heartbeat(beat: str | None = None) -> dict[str, Any]:
+        """Record the workers that answer over the broker (and the beat that sent this
+        tick) as agents, mark the silent inactive, and store a health snapshot."""
+        stats = app.control.inspect(timeout=settings.heartbeat_inspect_timeout_s).stats()
+        return record_heartbeat(
+            settings, sessions_for_this_process(settings), stats or {}, beat=beat
+        ).as_dict()
 
     @app.task(name="outbox.cleanup", shared=False)
-    def cleanup() -> None:
-        """Delete finished rows past their retention."""
-        log.info("outbox.cleanup: cleanup is not installed yet; nothing to do")
+    def cleanup() -> dict[str, Any]:
+        """Delete finished rows past their retention, in bounded batches."""
+        return delete_finished(settings, sessions_for_this_process(settings)).as_dict()

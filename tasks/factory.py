@@ -7,11 +7,13 @@ import sys
 from typing import Any
 
 from celery import Celery
+from celery.signals import beat_init
 from celery.signals import setup_logging as setup_logging_signal
 
 import celeryconfig
 from outbox.logs import setup_logging
 from outbox.settings import Settings
+from tasks.single_beat import hold_beat_lock
 
 
 def _role(argv: list[str]) -> str:
@@ -29,11 +31,15 @@ def make_celery(settings: Settings) -> Celery:
     def _logging(**_: Any) -> None:
         setup_logging(settings, _role(sys.argv))
 
+    @beat_init.connect(weak=False)
+    def _one_beat(**_: Any) -> None:
+        hold_beat_lock(settings)  # its watcher thread keeps the connection, and the lock
+
     from tasks import beat, lanes, relay
 
     relay.register(app, settings)
     lanes.register(app, settings)
-    beat.register(app)
+    beat.register(app, settings)
     # The built-in ack handler, then the handler modules, register on import.
     importlib.import_module("consumer.acks")
     for module in settings.handler_modules:

@@ -1,7 +1,9 @@
 """``consumer.process_lane`` and the beat sweep ``consumer.sweep``.
 
-A lane task is a "go" signal carrying only (group, lane): the inbox rows are the
-state. A task lost in Redis delays its lane until the next sweep, never more.
+A lane task is a "go" signal carrying only a group and some of its lanes: the
+inbox rows are the state. One task takes every lane of a consumer's commit that
+had no kick pending, so a poll of the consumer costs one task, not one per lane.
+A task lost in Redis delays its lanes until the next sweep, never more.
 """
 
 from __future__ import annotations
@@ -37,21 +39,33 @@ def processor_for_this_process(settings: Settings, worker: str) -> LaneProcessor
     return _processor[1]
 
 
-def kick_lanes(app: Celery, settings: Settings, lanes: set[tuple[str, int]]) -> int:
-    """Queue ``consumer.process_lane`` for each lane with no kick pending; return how many."""
+def kick_lanes(
+    app: Celery, settings: Settings, lanes: set[tuple[str, int]], countdown: float | None = None
+) -> int:
+    """Queue ``consumer.process_lane`` for the lanes with no kick pending, one task per
+    group (after ``countdown`` seconds if given); return how many lanes were kicked."""
     if not lanes:
         return 0
     ordered = sorted(lanes)
     flags = flags_for_this_process(app.conf.broker_url)
     claimed = claim_kicks(flags, int(KICK_FLAG_TTL_S * 1000), [lane_flag(g, n) for g, n in ordered])
-    sent = 0
+    by_group: dict[str, list[int]] = {}
     for (group, lane), claim in zip(ordered, claimed, strict=True):
         if claim:
-            # No expiry: the flag keeps at most one kick per lane queued, and an expired
-            # kick would leave its rows waiting for the sweep.
-            app.send_task("consumer.process_lane", args=(group, lane))
-            sent += 1
-    return sent
+            by_group.setdefault(group, []).append(lane)
+    for group, kicked in by_group.items():
+        # No expiry: the flags keep at most one kick per lane queued, and an expired
+        # kick would leave its rows waiting for the sweep.
+        app.send_task("consumer.process_lane", args=(group, kicked), countdown=countdown)
+    return sum(len(kicked) for kicked in by_group.values())
+
+
+def kick_targeted(app: Celery, group: str, lane: int, worker: str) -> None:
+    """Queue the lane's task on ``worker``'s own queue (Celery ``worker_direct``), so the
+    targeted retry in that lane runs there."""
+    app.send_task(
+        "consumer.process_lane", args=(group, [lane]), exchange="C.dq2", routing_key=worker
+    )
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -60,18 +74,27 @@ def register(app: Celery, settings: Settings) -> None:
     longest_countdown_s = settings.celery_visibility_timeout_s / 2
 
     @app.task(name="consumer.process_lane", bind=True, shared=False)
-    def process_lane(self: Any, group: str, lane: int) -> dict[str, Any]:
-        """Run the handlers of one lane's due inbox rows, in order."""
+    def process_lane(self: Any, group: str, lanes: int | list[int]) -> dict[str, Any]:
+        """Run the handlers of the lanes' due inbox rows, each lane in order."""
+        wanted = [lanes] if isinstance(lanes, int) else list(lanes)
         worker = self.request.hostname or socket.gethostname()
-        kick_started(flags_for_this_process(app.conf.broker_url), lane_flag(group, lane))
-        report = processor_for_this_process(settings, worker).run(group, lane)
-        if report.leased and report.next_due_s is not None:
+        kick_started(
+            flags_for_this_process(app.conf.broker_url), *(lane_flag(group, n) for n in wanted)
+        )
+        report = processor_for_this_process(settings, worker).run(group, wanted)
+        if report.due_s:
             # Rows wait for a backoff (or the budget ended): come back when they are due.
-            countdown = report.next_due_s
+            countdown = min(report.due_s.values())
             if not report.done + report.failed + report.dead:
                 # Due rows that could not be had (locked elsewhere): no busy loop.
                 countdown = max(countdown, IDLE_RETRY_S)
-            process_lane.apply_async((group, lane), countdown=min(countdown, longest_countdown_s))
+            process_lane.apply_async(
+                (group, sorted(report.due_s)), countdown=min(countdown, longest_countdown_s)
+            )
+        if report.busy:
+            # Their holder may be ending just as the rows this task was kicked for commit:
+            # look again soon. The flags keep it to one such task per lane at a time.
+            kick_lanes(app, settings, {(group, n) for n in report.busy}, countdown=IDLE_RETRY_S)
         return report.as_dict()
 
     @app.task(name="consumer.sweep", bind=True, shared=False)

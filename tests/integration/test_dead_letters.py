@@ -100,7 +100,7 @@ def test_requeue_keeps_the_message_and_gives_a_fresh_budget_one_or_many(
     bulk = client.post(
         "/v1/dead-letters/requeue", json={"group": "billing", "error": "keyerror"}, headers=AUTH
     )
-    assert bulk.get_json() == {"requeued": {"outbox": 0, "inbox": 3}}
+    assert bulk.get_json() == {"requeued": {"outbox": 0, "inbox": 3, "delivery": 0}}
     session.expire_all()
     rows = session.scalars(select(InboxMessage).where(InboxMessage.message_id.in_(billing))).all()
     assert {(r.status, r.attempts) for r in rows} == {("received", 0)}
@@ -122,7 +122,7 @@ def test_the_cli_lists_and_requeues_dead_letters(settings: Settings, session: Se
 
     requeued = runner.invoke(cli, ["dlq", "requeue", "--all", "--group", "billing"], env=env)
     assert requeued.exit_code == 0, requeued.output
-    assert "requeued 0 outbox and 2 inbox" in requeued.output
+    assert "requeued 0 outbox, 2 inbox and 0 delivery" in requeued.output
     outbox_id = runner.invoke(cli, ["dlq", "list", "--json"], env=env).output.split('"id": "')[1]
     by_id = runner.invoke(cli, ["dlq", "requeue", outbox_id.split('"')[0], "inbox:424242"], env=env)
     assert by_id.exit_code == 1 and "no such dead letter: inbox:424242" in by_id.output

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import redis
 
 from api.kick import Kicker
-from outbox.kick import FLAG, kick_started
+from outbox.kick import FLAG, KickClaimer, kick_started
 from outbox.settings import Settings
 
 QUEUE = "celery"  # Celery's default queue: a list in the broker's Redis database
@@ -48,3 +49,17 @@ def test_a_burst_of_commits_queues_one_relay_task_and_a_later_commit_queues_anot
     kicker.kick()
     assert _wait_for(lambda: _queued_tasks(client) == ["outbox.publish"])
     client.close()
+
+
+def test_a_claimer_whose_connection_broke_reconnects_on_the_next_claim(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    client.delete(FLAG)
+    claimer = KickClaimer(redis_url, timeout_s=2.0)
+    assert claimer.claim(60_000)
+    assert not claimer.claim(60_000)  # pending: no second kick
+    client.client_kill_filter(_type="normal", skipme=True)
+    with pytest.raises(redis.ConnectionError):
+        claimer.claim(60_000)
+    assert not claimer.claim(60_000)
+    kick_started(client)
+    assert claimer.claim(60_000)

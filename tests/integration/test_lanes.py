@@ -12,7 +12,8 @@ from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 import consumer
-from consumer.lanes import LaneProcessor
+from consumer.lanes import LaneProcessor, lane_scope
+from outbox import leases
 from outbox.db import make_sessionmaker
 from outbox.models import ConsumerGroup, InboxMessage, Topic
 from outbox.settings import Settings
@@ -180,3 +181,28 @@ def test_a_permanent_error_is_dead_at_once_and_an_unordered_group_does_not_wait(
     assert "schema v1 is not supported" in (rows[bad].last_error or "")
     assert rows[flaky].status == "failed"
     assert rows[later].status == "done"  # unordered: the same key's later row did not wait
+
+
+def test_one_run_takes_several_lanes_and_leaves_a_busy_one_to_its_holder(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+    seen: list[tuple[int, str]] = []
+
+    @consumer.handler(topic)
+    def record(message: consumer.Message, tx: Session) -> None:
+        seen.append((message.payload["lane"], message.key))
+
+    for lane in (1, 2, 5):
+        receive(session, GROUP, topic, [("k", {"lane": lane, "n": n}) for n in range(3)], lane=lane)
+    with make_sessionmaker(effects).begin() as tx:  # another task holds lane 5
+        leases.ensure_rows(tx, lane_scope(GROUP), settings.lanes)
+        assert leases.acquire(tx, lane_scope(GROUP), "another-task", [5], limit=1, lease_s=60)
+
+    report = LaneProcessor(settings, make_sessionmaker(effects), "worker-a").run(GROUP, [1, 2, 5])
+
+    assert (report.done, report.leased, report.busy) == (6, [1, 2], [5])
+    assert sorted(seen) == [(1, "k")] * 3 + [(2, "k")] * 3
+    rows = _rows(session).values()
+    assert sorted(r.lane for r in rows if r.status == "received") == [5, 5, 5]

@@ -6,7 +6,7 @@ import threading
 import uuid
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
@@ -172,3 +172,26 @@ def test_concurrent_repeats_of_an_idempotency_key_leave_exactly_one_row(
     assert errors == []
     assert len(set(results)) == 1
     assert _count(session) == 1
+
+
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepared", "plain"])
+def test_single_inserts_behave_alike_prepared_or_not(settings, session, orders, prepare):
+    publisher = Publisher(settings.replace(db_prepare_statements=prepare))
+    first = publisher.publish(session, orders, {"a": 1}, key="k", idempotency_key="once")
+    session.rollback()  # a prepared statement outlives the rollback that drops its row
+    first = publisher.publish(session, orders, {"a": 1}, key="k", idempotency_key="once")
+    plain = publisher.publish(session, orders, {"b": 2}, key="k")
+    session.commit()
+    assert publisher.publish(session, orders, {"a": 1}, key="k", idempotency_key="once") == first
+    with pytest.raises(InactiveTopic):
+        publisher.publish(session, "retired", {"c": 3})
+    session.rollback()
+    assert _count(session) == 2
+    ids = set(session.scalars(select(OutboxMessage.message_id)))
+    assert ids == {first, plain}
+    prepared = set(
+        session.scalars(text("SELECT name FROM pg_prepared_statements WHERE name LIKE 'outbox_%'"))
+    )
+    assert prepared == (
+        {"outbox_insert_message", "outbox_insert_message_once"} if prepare else set()
+    )

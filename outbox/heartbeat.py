@@ -1,0 +1,168 @@
+"""Heartbeats: which processes are alive (``agents``), and a health snapshot.
+
+``outbox.heartbeat`` asks every Celery worker for its stats over the broker and
+hands them to :func:`record_heartbeat`, which upserts a ``worker`` agent per
+answer (and the ``beat`` agent that scheduled the tick), marks agents silent
+past ``OUTBOX_AGENT_INACTIVE_AFTER`` inactive, and stores a snapshot: backlog
+by status, the oldest claimable row's age, dead letters, consumer lag per
+group, topic and partition, and live agents by role. Consumer processes and
+the API heartbeat themselves. Every time is the database clock's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import TopicPartition
+from sqlalchemy.orm import Session, sessionmaker
+
+from outbox import queries
+from outbox.agents import upsert_agent
+from outbox.kafka import admin_client, bootstrap
+from outbox.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KAFKA_TIMEOUT_S = 2.0
+
+
+@dataclasses.dataclass
+class HeartbeatReport:
+    """What one heartbeat saw and recorded."""
+
+    workers: list[str] = dataclasses.field(default_factory=list)
+    inactive: list[str] = dataclasses.field(default_factory=list)
+    snapshot_id: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def worker_agent(node: str, stats: Mapping[str, Any]) -> dict[str, Any]:
+    """An agent row's fields from one worker's ``inspect().stats()`` answer."""
+    pool = stats.get("pool") or {}
+    implementation = str(pool.get("implementation", ""))
+    return {
+        "instance": node,
+        "host": node.partition("@")[2] or node,
+        "pid": int(stats.get("pid") or 0),
+        "health": {
+            # "celery.concurrency.prefork:TaskPool" -> "prefork"
+            "pool": implementation.rpartition(":")[0].rpartition(".")[2] or implementation,
+            "concurrency": pool.get("max-concurrency"),
+            "processed": sum((stats.get("total") or {}).values()),
+        },
+    }
+
+
+def consumer_lag(settings: Settings, groups: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Per group, topic and partition: messages in Kafka not yet committed by the group.
+
+    A group that cannot be read (broker down, say) gets ``{"error": ...}`` instead.
+    """
+    lag: dict[str, Any] = {}
+    if not groups:
+        return lag
+    try:
+        metadata = admin_client(settings).list_topics(timeout=KAFKA_TIMEOUT_S).topics
+    except Exception as exc:
+        return {group: {"error": f"{type(exc).__name__}: {exc}"} for group in groups}
+    for group, topics in groups.items():
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            if topic in metadata
+            for p in sorted(metadata[topic].partitions)
+        ]
+        if not partitions:
+            lag[group] = {}
+            continue
+        # A consumer that never subscribes reads the group's offsets without joining it.
+        reader = KafkaConsumer(
+            {
+                "bootstrap.servers": bootstrap(settings),
+                "group.id": group,
+                "enable.auto.commit": False,
+            }
+        )
+        try:
+            per_topic: dict[str, dict[str, int]] = {}
+            for tp in reader.committed(partitions, timeout=KAFKA_TIMEOUT_S):
+                low, high = reader.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=KAFKA_TIMEOUT_S
+                )
+                position = tp.offset if tp.offset >= 0 else low
+                per_topic.setdefault(tp.topic, {})[str(tp.partition)] = max(high - position, 0)
+            lag[group] = per_topic
+        except Exception as exc:
+            lag[group] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            reader.close()
+    return lag
+
+
+def record_heartbeat(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    worker_stats: Mapping[str, Mapping[str, Any]],
+    *,
+    beat: str | None = None,
+) -> HeartbeatReport:
+    """Upsert the workers that answered (and ``beat``), mark the silent inactive, and
+    store a health snapshot."""
+    report = HeartbeatReport()
+    with sessions.begin() as session:
+        for node, stats in sorted(worker_stats.items()):
+            agent = worker_agent(node, stats)
+            upsert_agent(
+                session,
+                agent["instance"],
+                "worker",
+                host=agent["host"],
+                pid=agent["pid"],
+                health=agent["health"],
+            )
+            report.workers.append(node)
+        if beat:
+            upsert_agent(session, beat, "beat")
+        report.inactive = list(
+            session.scalars(queries.MARK_AGENTS_INACTIVE, {"after": settings.agent_inactive_after})
+        )
+        groups: dict[str, list[str]] = {}
+        for name, topic in session.execute(queries.ACTIVE_GROUP_TOPICS):
+            groups.setdefault(name, []).append(topic)
+    lag = consumer_lag(settings, groups)
+    with sessions.begin() as session:
+        backlog = dict(session.execute(queries.HEALTH_BACKLOG).mappings().one())
+        oldest = backlog.pop("oldest_claimable_age_s")
+        agents = {role: n for role, n in session.execute(queries.ACTIVE_AGENTS_BY_ROLE)}
+        dead = backlog["outbox_dead"] + backlog["inbox_dead"] + backlog["deliveries_dead"]
+        report.snapshot_id = session.scalar(
+            queries.INSERT_SNAPSHOT,
+            {
+                "backlog": json.dumps(backlog),
+                "oldest": None if oldest is None else float(oldest),
+                "dead_letters": dead,
+                "lag": json.dumps(lag),
+                "agents": json.dumps(agents),
+            },
+        )
+    if report.inactive:
+        log.info("heartbeat: agents now inactive: %s", ", ".join(report.inactive))
+    return report
+
+
+def latest_snapshot(session: Session) -> dict[str, Any] | None:
+    """The newest health snapshot with its age in seconds (database clock), or None."""
+    row = session.execute(queries.LATEST_SNAPSHOT).mappings().first()
+    if row is None:
+        return None
+    view = dict(row)
+    view["taken_at"] = view["taken_at"].isoformat()
+    view["age_s"] = float(view["age_s"])
+    return view

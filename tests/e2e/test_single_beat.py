@@ -1,0 +1,62 @@
+"""Two celery beats started together: one holds the schedule, the other stands by, and
+each periodic task still runs once per interval; when the first dies, the other takes over."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+
+from outbox.settings import Settings
+from tests.processes import BeatProcess, WorkerProcess
+
+
+def _snapshots(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM health_snapshots")).scalar_one())
+
+
+def _standing_by(beat: BeatProcess) -> bool:
+    return "standing by" in beat.text()
+
+
+def test_a_second_beat_stands_by_and_takes_over_when_the_first_dies(
+    settings: Settings, engine: Engine, tmp_path: Path
+):
+    # outbox.heartbeat stores one snapshot per tick: the ticks are counted by the rows.
+    s = settings.replace(heartbeat_interval_s=1.0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    worker = WorkerProcess(s, "ticker", tmp_path, concurrency=2)
+    beats = [BeatProcess(s, tmp_path / "a"), BeatProcess(s, tmp_path / "b")]
+    try:
+        worker.wait_ready()
+        for beat in beats:
+            beat.wait_ready()
+        deadline = time.monotonic() + 30
+        while not any(_standing_by(b) for b in beats) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        standby = [b for b in beats if _standing_by(b)]
+        assert len(standby) == 1, [b.text()[-2000:] for b in beats]
+        active = next(b for b in beats if b is not standby[0])
+
+        time.sleep(2)  # past the first ticks
+        before, started = _snapshots(engine), time.monotonic()
+        time.sleep(8)
+        ticks = _snapshots(engine) - before
+        elapsed = time.monotonic() - started
+        assert elapsed - 2 <= ticks <= elapsed + 1  # once per second, not twice
+
+        active.kill()
+        deadline = time.monotonic() + 30
+        while "holds the schedule" not in standby[0].text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "holds the schedule" in standby[0].text(), standby[0].text()[-2000:]
+        time.sleep(2)
+        before = _snapshots(engine)
+        time.sleep(5)
+        assert 3 <= _snapshots(engine) - before <= 6
+    finally:
+        for process in [*beats, worker]:
+            process.stop()

@@ -1,0 +1,151 @@
+"""``outbox.heartbeat`` run by real Celery workers: workers answer over the broker and
+become agents, a stopped one goes inactive after the window, and each heartbeat stores a
+snapshot that the API serves."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import Producer
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from api import create_app
+from outbox.agents import list_agents
+from outbox.kafka import admin_client, ensure_topics
+from outbox.registry import GroupSpec, put_group, register_topic
+from outbox.settings import Settings
+from tasks.factory import make_celery
+from tests.processes import WorkerProcess
+
+TOKEN = "ops-token"
+BEAT = "beat@test-host:1"
+
+
+def _agents(engine: Engine) -> dict[str, dict]:
+    with Session(engine) as session:
+        return {a["instance_id"]: a for a in list_agents(session)}
+
+
+def _wait_for(predicate, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def test_workers_become_agents_and_a_silent_one_goes_inactive(
+    settings: Settings, engine: Engine, session: Session, tmp_path: Path
+):
+    s = settings.replace(agent_inactive_after=3.0, api_tokens=(TOKEN,))
+    topic = f"ops.{uuid.uuid4().hex[:8]}"
+    register_topic(session, topic)
+    put_group(session, GroupSpec(name="billing", topic=topic, requires_ack=True))
+    session.commit()
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO outbox_messages (message_id, topic, payload, bucket, status)"
+                " SELECT gen_random_uuid(), :t, '{}', 0, s"
+                " FROM unnest(ARRAY['pending','pending','pending','dead','dead']) AS s"
+            ),
+            {"t": topic},
+        )
+    # Four messages in Kafka that the group never committed: a lag of four.
+    ensure_topics(admin_client(s), [topic], s.kafka_topic_partitions)
+    producer = Producer({"bootstrap.servers": s.kafka_bootstrap})
+    for n in range(4):
+        producer.produce(topic, key=f"k{n}", value=b"{}")
+    assert producer.flush(10) == 0
+
+    keeper = WorkerProcess(s, "keeper", tmp_path)
+    leaver = WorkerProcess(s, "leaver", tmp_path)
+    app = make_celery(s)
+    try:
+        keeper.wait_ready()
+        leaver.wait_ready()
+        app.send_task("outbox.heartbeat", kwargs={"beat": BEAT})
+        assert _wait_for(lambda: len([a for a in _agents(engine) if "@" in a]) >= 3)
+        agents = _agents(engine)
+        workers = {i: a for i, a in agents.items() if a["role"] == "worker"}
+        assert {i.split("@")[0] for i in workers} == {"keeper", "leaver"}
+        for agent in workers.values():
+            assert agent["active"] and agent["pid"] > 0
+            assert agent["health"]["pool"] == "prefork"
+            assert agent["health"]["concurrency"] == 1
+        assert agents[BEAT]["role"] == "beat"
+
+        client = create_app(s).test_client()
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        summary = client.get("/v1/health/summary", headers=auth)
+        assert summary.status_code == 200, summary.get_json()
+        body = summary.get_json()
+        assert body["backlog"]["outbox_pending"] == 3
+        assert body["backlog"]["outbox_dead"] == 2
+        assert body["dead_letters"] == 2
+        assert sum(body["consumer_lag"]["billing"][topic].values()) == 4
+        assert body["agents"] == {"worker": 2, "beat": 1}
+        assert 0 <= body["age_s"] < 30
+
+        # The leaver stops; after the window, the next heartbeat marks it inactive.
+        leaver.stop()
+        time.sleep(3.5)
+        app.send_task("outbox.heartbeat", kwargs={"beat": BEAT})
+
+        def leaver_inactive() -> bool:
+            now = {i.split("@")[0]: a["active"] for i, a in _agents(engine).items()}
+            return now.get("leaver") is False
+
+        assert _wait_for(leaver_inactive)
+        listed = client.get("/v1/agents?role=worker&active=false", headers=auth).get_json()
+        assert [a["instance_id"].split("@")[0] for a in listed["items"]] == ["leaver"]
+        active = client.get("/v1/agents?role=worker&active=true", headers=auth).get_json()
+        assert [a["instance_id"].split("@")[0] for a in active["items"]] == ["keeper"]
+        assert client.get("/v1/agents?role=nobody", headers=auth).status_code == 422
+    finally:
+        keeper.stop()
+        leaver.stop()
+
+
+def test_deliveries_are_listed_by_group_status_and_message(
+    settings: Settings, engine: Engine, session: Session
+):
+    s = settings.replace(api_tokens=(TOKEN,))
+    topic = f"ops.{uuid.uuid4().hex[:8]}"
+    register_topic(session, topic)
+    put_group(session, GroupSpec(name="billing", topic=topic, requires_ack=True))
+    put_group(session, GroupSpec(name="audit", topic=topic, requires_ack=True))
+    session.commit()
+    acked, waiting = uuid.uuid4(), uuid.uuid4()
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO deliveries (message_id, consumer_group_id, status)"
+                " SELECT m, g.id, st FROM (VALUES (CAST(:a AS uuid), 'acked'),"
+                " (CAST(:w AS uuid), 'awaiting_ack')) AS v(m, st), consumer_groups g"
+            ),
+            {"a": str(acked), "w": str(waiting)},
+        )
+    client = create_app(s).test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def listed(query: str) -> list[tuple[str, str, str]]:
+        response = client.get(f"/v1/deliveries{query}", headers=auth)
+        assert response.status_code == 200, response.get_json()
+        return sorted(
+            (d["message_id"], d["group"], d["status"]) for d in response.get_json()["items"]
+        )
+
+    assert len(listed("")) == 4
+    assert listed("?group=audit&status=awaiting_ack") == [(str(waiting), "audit", "awaiting_ack")]
+    assert listed(f"?message_id={acked}") == [
+        (str(acked), "audit", "acked"),
+        (str(acked), "billing", "acked"),
+    ]
+    bad = client.get("/v1/deliveries?status=lost", headers=auth)
+    assert bad.status_code == 422
+    assert "status" in str(bad.get_json()["error"])
