@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from functools import cached_property
 
 import redis
@@ -45,17 +46,9 @@ class ApiState:
             if self._heartbeat_pid == os.getpid():
                 return
             self._heartbeat_pid = os.getpid()
-        threading.Thread(target=self._heartbeat, name="outbox-heartbeat", daemon=True).start()
-
-    def _heartbeat(self) -> None:
-        instance = instance_id("api")
-        while True:
-            try:
-                with self.sessions.begin() as session:
-                    upsert_agent(session, instance, "api")
-            except Exception as exc:
-                log.warning("api heartbeat failed: %s: %s", type(exc).__name__, exc)
-            time.sleep(self.settings.heartbeat_interval_s)
+        threading.Thread(
+            target=_heartbeat, args=(weakref.ref(self),), name="outbox-heartbeat", daemon=True
+        ).start()
 
     @cached_property
     def engine(self) -> Engine:
@@ -96,6 +89,29 @@ class ApiState:
         """The current app's shared state."""
         result: ApiState = current_app.extensions["outbox"]
         return result
+
+
+def _heartbeat(ref: weakref.ref[ApiState]) -> None:
+    """Refresh the ``api`` agent until the app that owns ``ref`` is gone."""
+    instance = instance_id("api")
+    failing = False
+    while (api := ref()) is not None:
+        try:
+            with api.sessions.begin() as session:
+                upsert_agent(session, instance, "api")
+        except Exception as exc:
+            # once per outage, not once per beat
+            (log.debug if failing else log.warning)(
+                "api heartbeat failed: %s: %s", type(exc).__name__, exc
+            )
+            failing = True
+        else:
+            if failing:
+                log.warning("api heartbeat recovered")
+            failing = False
+        interval = api.settings.heartbeat_interval_s
+        del api  # hold no reference while asleep
+        time.sleep(interval)
 
 
 def state() -> ApiState:

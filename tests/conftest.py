@@ -4,6 +4,7 @@ and unique Kafka topic names."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import shutil
@@ -110,6 +111,7 @@ def settings(
     name = f"outbox_test_{uuid.uuid4().hex[:12]}"
     create_database(admin_engine, name, template=template_database)
     yield services.replace(database_url=_url(services.database_url, name), redis_url=redis_url)
+    gc.collect()  # the test's API apps go, and their heartbeat threads stop with them
     drop_database(admin_engine, name)
 
 

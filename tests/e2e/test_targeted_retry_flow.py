@@ -4,8 +4,6 @@ A and at W2, B never sees it, and both deliveries end acked."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from tests.processes import BeatProcess, ConsumerProcess, ServiceProcess, Worker
 from tests.retry_handlers import SCHEMA
 
 TOKEN = "retry-e2e"
+RETRY_AFTER_S = 15.0
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -42,56 +41,67 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
         api_tokens=(TOKEN,),
         handler_modules=("tests.retry_handlers",),
         retry_interval_s=1.0,
-        heartbeat_interval_s=1.0,
+        # each heartbeat holds a pool process for the inspect timeout: keep it short
+        heartbeat_interval_s=2.0,
+        heartbeat_inspect_timeout_s=0.3,
     )
     with engine.begin() as conn:
         conn.execute(text(SCHEMA))
     client = create_app(s).test_client()
-    # A's lanes try once (then the message waits for its targeted retry); B's as usual.
+    # A's lanes try once, then the message waits RETRY_AFTER_S for its targeted retry
+    # (factor 1: no jitter); B's as usual.
+    retry = {"base_s": RETRY_AFTER_S, "factor": 1.0, "max_attempts": 1}
+    a, b = f"group-a.{topic}", f"group-b.{topic}"  # the broker's groups outlive a test
     groups = [
-        {"name": "group-a", "requires_ack": True, "retry": {"base_s": 0.5, "max_attempts": 1}},
-        {"name": "group-b", "requires_ack": True},
+        {"name": a, "requires_ack": True, "retry": retry},
+        {"name": b, "requires_ack": True},
     ]
     created = client.post(
         "/v1/topics", json={"name": topic, "consumer_groups": groups}, headers=AUTH
     )
     assert created.status_code == 201, created.get_json()
 
-    env = {"OUTBOX_TEST_HANDLER_TOPIC": topic, "OUTBOX_TEST_FAIL_GROUP": "group-a"}
+    env = {"OUTBOX_TEST_HANDLER_TOPIC": topic, "OUTBOX_TEST_FAIL_GROUP": a}
     env["OUTBOX_TEST_FAIL_WORKER"] = "w1"
+    # Only W1 runs at first, so A's first attempt is W1's. (A paused W2 would not do:
+    # Redis hands a task to a worker's pending BRPOP even while the worker is stopped.)
     processes: list[ServiceProcess] = [
-        WorkerProcess(s, "w1", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w1"}),
-        WorkerProcess(s, "w2", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w2"}),
+        WorkerProcess(s, "w1", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w1"}, concurrency=2),
         BeatProcess(s, tmp_path),
         ConsumerProcess(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC]),
     ]
-    for group in ("group-a", "group-b"):
+    for group in (a, b):
         processes += [
-            ConsumerProcess(s, f"{group}-{n}", tmp_path, group=group, topics=[topic], env=env)
+            ConsumerProcess(s, f"{group[:7]}-{n}", tmp_path, group=group, topics=[topic], env=env)
             for n in (1, 2)
         ]
     try:
         for process in processes:
             process.wait_ready(120)
-        # Both workers are known as healthy agents before anything fails.
-        _wait(engine, "SELECT count(*) FROM agents WHERE role = 'worker' AND active", 2, 30)
-        # Only W1 runs A's first attempt: W2 is paused until that attempt has failed.
-        os.killpg(processes[1].proc.pid, signal.SIGSTOP)
         published = client.post(
             "/v1/messages", json={"topic": topic, "key": "order-1", "payload": {}}, headers=AUTH
         )
         assert published.status_code == 202, published.get_json()
         message_id = published.get_json()["message_id"]
-        _wait(
-            engine,
-            "SELECT count(*) FROM group_attempts WHERE consumer_group = 'group-a'",
-            1,
-            60,
+        failed = (
+            "SELECT count(*) FROM deliveries d JOIN consumer_groups g"
+            " ON g.id = d.consumer_group_id"
+            " WHERE g.name = :a AND d.status = 'failed' AND d.attempts = 0"
         )
-        os.killpg(processes[1].proc.pid, signal.SIGCONT)
+        _wait(engine, failed, 1, 60, a=a)
+        # W2 starts and is a healthy agent before A's retry is due.
+        w2 = WorkerProcess(
+            s, "w2", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w2"}, concurrency=2
+        )
+        processes.append(w2)
+        w2.wait_ready(120)
+        _wait(engine, "SELECT count(*) FROM agents WHERE role = 'worker' AND active", 2, 30)
+        assert _scalar(engine, "SELECT count(*) FROM outbox_messages WHERE is_retry") == 0, (
+            f"the retry went out before W2 was known: raise RETRY_AFTER_S ({RETRY_AFTER_S})"
+        )
 
         # A's effect happens once, on W2, after a retry aimed at A and at W2.
-        _wait(engine, "SELECT count(*) FROM group_effects WHERE consumer_group = 'group-a'", 1, 90)
+        _wait(engine, "SELECT count(*) FROM group_effects WHERE consumer_group = :a", 1, 90, a=a)
         _wait(
             engine,
             "SELECT count(*) FROM deliveries WHERE message_id = CAST(:m AS uuid)"
@@ -104,17 +114,15 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
         effects = {
             (g, w) for g, w in _rows(engine, "SELECT consumer_group, worker FROM group_effects")
         }
-        assert effects == {("group-a", "w2"), ("group-b", "w1")} or effects == {
-            ("group-a", "w2"),
-            ("group-b", "w2"),
-        }
+        assert effects in ({(a, "w2"), (b, "w1")}, {(a, "w2"), (b, "w2")})
         a_attempts = _rows(
             engine,
-            "SELECT worker FROM group_attempts WHERE consumer_group = 'group-a'",
+            "SELECT worker FROM group_attempts WHERE consumer_group = :a",
+            a=a,
         )
-        assert a_attempts[0] == ("w1",) and ("w2",) in a_attempts
+        assert sorted(a_attempts) == [("w1",), ("w2",)]  # failed on W1, then done on W2
         assert (
-            _scalar(engine, "SELECT count(*) FROM group_attempts WHERE consumer_group = 'group-b'")
+            _scalar(engine, "SELECT count(*) FROM group_attempts WHERE consumer_group = :b", b=b)
             == 1
         )  # B ran once in total: it skipped A's retry
         retries = _rows(
@@ -123,7 +131,7 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
             " WHERE is_retry AND original_message_id = CAST(:m AS uuid)",
             m=message_id,
         )
-        assert retries and all(r == ("group-a", retries[0][1]) for r in retries)
+        assert retries and all(r == (a, retries[0][1]) for r in retries)
         assert retries[0][1].startswith("w2@")
         inbox_workers = _rows(
             engine,
@@ -131,7 +139,7 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
             " WHERE message_id = CAST(:m AS uuid) ORDER BY consumer_group",
             m=message_id,
         )
-        assert inbox_workers[0][0] == "group-a" and inbox_workers[0][1].startswith("w2@")
+        assert inbox_workers[0][0] == a and inbox_workers[0][1].startswith("w2@")
         assert [row[2] for row in inbox_workers] == ["done", "done"]
     finally:
         for process in reversed(processes):
@@ -145,12 +153,15 @@ def test_a_group_whose_consumers_are_down_is_retried_and_processes_the_message_o
         api_tokens=(TOKEN,),
         handler_modules=("tests.retry_handlers",),
         retry_interval_s=1.0,
-        heartbeat_interval_s=1.0,
+        # each heartbeat holds a pool process for the inspect timeout: keep it short
+        heartbeat_interval_s=2.0,
+        heartbeat_inspect_timeout_s=0.3,
     )
     with engine.begin() as conn:
         conn.execute(text(SCHEMA))
     client = create_app(s).test_client()
-    group = {"name": "group-a", "requires_ack": True, "ack_timeout_s": 2, "max_retries": -1}
+    a = f"group-a.{topic}"  # the broker's groups outlive a test
+    group = {"name": a, "requires_ack": True, "ack_timeout_s": 2, "max_retries": -1}
     group["retry"] = {"base_s": 0.5, "factor": 2.0, "cap_s": 1.0}
     created = client.post(
         "/v1/topics", json={"name": topic, "consumer_groups": [group]}, headers=AUTH
@@ -158,7 +169,7 @@ def test_a_group_whose_consumers_are_down_is_retried_and_processes_the_message_o
     assert created.status_code == 201, created.get_json()
     env = {"OUTBOX_TEST_HANDLER_TOPIC": topic, "OUTBOX_TEST_WORKER": "w1"}
     processes: list[ServiceProcess] = [
-        WorkerProcess(s, "w1", tmp_path, env=env),
+        WorkerProcess(s, "w1", tmp_path, env=env, concurrency=2),
         BeatProcess(s, tmp_path),
         ConsumerProcess(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC]),
     ]
@@ -176,7 +187,7 @@ def test_a_group_whose_consumers_are_down_is_retried_and_processes_the_message_o
         )
         _wait(engine, retried, True, 60, m=message_id)
         # The group's consumer comes back: it reads the message and its retries, once.
-        consumer = ConsumerProcess(s, "group-a", tmp_path, group="group-a", topics=[topic], env=env)
+        consumer = ConsumerProcess(s, "group-a", tmp_path, group=a, topics=[topic], env=env)
         processes.append(consumer)
         consumer.wait_ready(120)
         _wait(
@@ -187,11 +198,10 @@ def test_a_group_whose_consumers_are_down_is_retried_and_processes_the_message_o
             m=message_id,
         )
         time.sleep(2)  # let a stray duplicate show
-        assert _rows(engine, "SELECT consumer_group, worker FROM group_effects") == [
-            ("group-a", "w1")
-        ]
+        assert _rows(engine, "SELECT consumer_group, worker FROM group_effects") == [(a, "w1")]
         assert _scalar(engine, "SELECT count(*) FROM group_attempts") == 1
-        assert _scalar(engine, "SELECT count(*) FROM inbox_messages") == 1
+        inbox = "SELECT count(*) FROM inbox_messages WHERE consumer_group = :a"
+        assert _scalar(engine, inbox, a=a) == 1  # the message and its retries: one inbox row
     finally:
         for process in reversed(processes):
             process.stop()
