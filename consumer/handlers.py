@@ -42,15 +42,16 @@ class Message:
     key: str | None
     payload: Any
     headers: Mapping[str, str]
-    attempt: int  # 1 for the first try
+    attempt: int  # 1 for the first try (again 1 for a targeted retry's first try)
     partition: int
     offset: int
     group: str = ""  # the consumer group processing it
+    retry: int = 0  # targeted retries of this message that reached this group
 
     @property
     def is_retry(self) -> bool:
-        """True from the second attempt on."""
-        return self.attempt > 1
+        """True from the second attempt on, and in a targeted retry."""
+        return self.attempt > 1 or self.retry > 0
 
 
 def handler(topic: str) -> Callable[[Handler], Handler]:

@@ -209,11 +209,13 @@ class LaneProcessor:
         ).all()
         batch = [
             (row_id, policies.get(topic, UNREGISTERED), attempts, message_id, topic, key, lane)
-            for row_id, message_id, topic, key, _, _, attempts, _, _, lane in rows
+            for row_id, message_id, topic, key, _, _, attempts, _, _, lane, _ in rows
         ]
         messages = [
-            Message(message_id, topic, key, payload, headers, attempts + 1, part, off, group)
-            for _, message_id, topic, key, payload, headers, attempts, part, off, _ in rows
+            Message(
+                message_id, topic, key, payload, headers, attempts + 1, part, off, group, retries
+            )
+            for _, message_id, topic, key, payload, headers, attempts, part, off, _, retries in rows
         ]
         # Usually every handler succeeds: run them all under one savepoint. When one
         # fails, the batch is undone and run again from its start, each row in a savepoint
@@ -236,7 +238,7 @@ class LaneProcessor:
         unblocked = any(
             attempts > 0 for row_id, _, attempts, *_ in batch if row_id in outcome.ended
         )
-        full = max(collections.Counter(row[-1] for row in rows).values(), default=0) == per_lane
+        full = max(collections.Counter(row.lane for row in rows).values(), default=0) == per_lane
         return full, unblocked
 
     @staticmethod

@@ -29,7 +29,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -243,7 +243,12 @@ class InboxMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = _created()
     last_error: Mapped[str | None] = mapped_column(Text)
-    worker: Mapped[str | None] = mapped_column(String(255))
+    worker: Mapped[str | None] = mapped_column(String(255))  # the last attempt's
+    # the worker of every attempt, in order (a targeted retry's attempts included)
+    attempt_workers: Mapped[list[str]] = mapped_column(
+        ARRAY(Text), server_default=text("'{}'::text[]")
+    )
+    retries: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # targeted retries
     received_at: Mapped[datetime] = _created()
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

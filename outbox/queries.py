@@ -252,7 +252,7 @@ AND (m.key IS NULL OR m.topic = ANY(CAST(:unordered_topics AS text[])) OR NOT EX
 # lane (a lease lost to a stall) never run a row twice.
 CLAIM_LANE = _sql(f"""
 SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts,
-       m.partition, m."offset", m.lane
+       m.partition, m."offset", m.lane, m.retries
 FROM unnest(CAST(:lanes AS int[])) AS l(lane)
 CROSS JOIN LATERAL (
     SELECT * FROM inbox_messages m
@@ -278,13 +278,14 @@ GROUP BY m.lane
 MARK_INBOX_DONE = _sql("""
 UPDATE inbox_messages
 SET status = 'done', attempts = attempts + 1, processed_at = now(), worker = :worker,
-    last_error = NULL
+    attempt_workers = array_append(attempt_workers, :worker), last_error = NULL
 WHERE id = ANY(CAST(:ids AS bigint[]))
 """)
 
 MARK_INBOX_FAILED = _sql("""
 UPDATE inbox_messages m
 SET status = v.status, attempts = m.attempts + 1, worker = :worker, last_error = v.error,
+    attempt_workers = array_append(m.attempt_workers, :worker),
     next_attempt_at = now() + make_interval(secs => v.delay_s)
 FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:delays AS float8[]),
             CAST(:errors AS text[])) AS v(id, status, delay_s, error)
@@ -604,7 +605,7 @@ WHERE consumer_group = :group AND message_id = ANY(CAST(:ids AS uuid[])) AND sta
 # One it failed (or gave up on): it runs again now, with a fresh attempt budget.
 INBOX_RETRY_AGAIN = _sql("""
 UPDATE inbox_messages
-SET status = 'received', attempts = 0, next_attempt_at = now()
+SET status = 'received', attempts = 0, retries = retries + 1, next_attempt_at = now()
 WHERE consumer_group = :group AND message_id = ANY(CAST(:ids AS uuid[]))
   AND status IN ('failed', 'dead')
 RETURNING message_id, lane

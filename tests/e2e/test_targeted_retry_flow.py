@@ -115,6 +115,7 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
             (g, w) for g, w in _rows(engine, "SELECT consumer_group, worker FROM group_effects")
         }
         assert effects in ({(a, "w2"), (b, "w1")}, {(a, "w2"), (b, "w2")})
+        b_effect = next(e for e in effects if e[0] == b)
         a_attempts = _rows(
             engine,
             "SELECT worker FROM group_attempts WHERE consumer_group = :a",
@@ -133,14 +134,16 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
         )
         assert retries and all(r == (a, retries[0][1]) for r in retries)
         assert retries[0][1].startswith("w2@")
-        inbox_workers = _rows(
+        inbox = _rows(
             engine,
-            "SELECT consumer_group, worker, status FROM inbox_messages"
+            "SELECT consumer_group, attempt_workers, retries, status FROM inbox_messages"
             " WHERE message_id = CAST(:m AS uuid) ORDER BY consumer_group",
             m=message_id,
         )
-        assert inbox_workers[0][0] == a and inbox_workers[0][1].startswith("w2@")
-        assert [row[2] for row in inbox_workers] == ["done", "done"]
+        assert [(g, [w.split("@")[0] for w in ws], r, st) for g, ws, r, st in inbox] == [
+            (a, ["w1", "w2"], 1, "done"),  # each attempt's worker is on the inbox row
+            (b, [b_effect[1]], 0, "done"),
+        ]
     finally:
         for process in reversed(processes):
             process.stop()

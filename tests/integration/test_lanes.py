@@ -144,6 +144,7 @@ def test_a_failing_message_backs_off_then_succeeds_and_a_poison_one_goes_dead(
 
     rows = _rows(session)
     assert (rows[flaky_id].status, rows[flaky_id].attempts) == ("done", 3)
+    assert rows[flaky_id].attempt_workers == ["worker-a"] * 3  # each attempt's worker
     # A failing attempt ran its handler once, however its batch was run again.
     assert failed_calls == {(flaky_id, 1): 1, (flaky_id, 2): 1} | {
         (poison_id, attempt): 1 for attempt in (1, 2, 3)
