@@ -444,6 +444,42 @@ def bench_e2e(
     _run_bench(ctx, "e2e", out, messages=messages, rate=rate, seconds=seconds, workers=workers)
 
 
+@bench.command("retry")
+@option("--messages", default=2_000, show_default=True, help="Messages of each phase.")
+@option("--rate", default=200.0, show_default=True, help="Offered msg/s in each phase.")
+@option("--fail-percent", default=10, show_default=True, help="Messages failing once, in %.")
+@option("--retry-interval", default=1.0, show_default=True, help="Beat interval of the retry task.")
+@option("--rows", default=20_000, show_default=True, help="Rows per relay measurement.")
+@option("--rounds", default=3, show_default=True, help="Rounds of relay alone and with retries.")
+@option("--workers", default=2, show_default=True, help="Celery worker processes.")
+@OUT
+@click.pass_context
+def bench_retry(
+    ctx: click.Context,
+    messages: int,
+    rate: float,
+    fail_percent: int,
+    retry_interval: float,
+    rows: int,
+    rounds: int,
+    workers: int,
+    out: str,
+) -> None:
+    """Extra time and database cost of a targeted retry; the relay with and without it."""
+    _run_bench(
+        ctx,
+        "retry",
+        out,
+        messages=messages,
+        rate=rate,
+        fail_percent=fail_percent,
+        retry_interval=retry_interval,
+        rows=rows,
+        rounds=rounds,
+        workers=workers,
+    )
+
+
 @cli.group()
 def db() -> None:
     """Database schema (Alembic migrations)."""

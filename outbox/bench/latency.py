@@ -45,11 +45,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def start_process(argv: list[str], settings: Settings, ready: bytes) -> subprocess.Popen[bytes]:
+def start_process(
+    argv: list[str], settings: Settings, ready: bytes, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start one of our processes; return once a line of its output contains ``ready``."""
     proc = subprocess.Popen(
         argv,
-        env={**os.environ, **settings.as_env()},
+        env={**os.environ, **settings.as_env(), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -66,9 +68,11 @@ def start_process(argv: list[str], settings: Settings, ready: bytes) -> subproce
     raise RuntimeError(f"the benchmark's {argv[2:5]} did not start")
 
 
-def start_worker(settings: Settings, concurrency: int) -> subprocess.Popen[bytes]:
+def start_worker(
+    settings: Settings, concurrency: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """A real ``celery -A tasks worker``; returns once it is ready."""
-    return start_process(worker_argv("bench", "INFO", concurrency), settings, b" ready.")
+    return start_process(worker_argv("bench", "INFO", concurrency), settings, b" ready.", env)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -33,6 +33,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
             ["--rate", "50", "--seconds", "3"],
             {"commit -> Kafka ack, p50", "commit -> Kafka ack, p99"},
         ),
+        (
+            "retry",
+            ["--messages", "200", "--rate", "100", "--rows", "2000", "--rounds", "1"],
+            {"messages retried", "commit -> effect, p50, retried", "relay alone, median"},
+        ),
     ],
 )
 def test_a_benchmark_prints_its_table_and_writes_json_and_png(
