@@ -450,7 +450,7 @@ def bench_e2e(
 @option("--fail-percent", default=10, show_default=True, help="Messages failing once, in %.")
 @option("--retry-interval", default=1.0, show_default=True, help="Beat interval of the retry task.")
 @option("--rows", default=20_000, show_default=True, help="Rows per relay measurement.")
-@option("--rounds", default=3, show_default=True, help="Rounds of relay alone and with retries.")
+@option("--rounds", default=5, show_default=True, help="Rounds of relay alone and with retries.")
 @option("--workers", default=2, show_default=True, help="Celery worker processes.")
 @OUT
 @click.pass_context
