@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from api import create_app
@@ -34,9 +35,8 @@ def _wait(engine: Engine, sql: str, expected: object, timeout_s: float, **params
     raise AssertionError(f"{sql} is {_scalar(engine, sql, **params)!r}, not {expected!r}")
 
 
-def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there(
-    settings: Settings, engine: Engine, topic: str, tmp_path: Path
-):
+def _system(settings: Settings, engine: Engine) -> tuple[Settings, FlaskClient]:
+    """The tests' settings, the handler's tables, and an API client."""
     s = settings.replace(
         api_tokens=(TOKEN,),
         handler_modules=("tests.retry_handlers",),
@@ -47,7 +47,13 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
     )
     with engine.begin() as conn:
         conn.execute(text(SCHEMA))
-    client = create_app(s).test_client()
+    return s, create_app(s).test_client()
+
+
+def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there(
+    settings: Settings, engine: Engine, topic: str, tmp_path: Path
+):
+    s, client = _system(settings, engine)
     # A's lanes try once, then the message waits RETRY_AFTER_S for its targeted retry
     # (factor 1: no jitter); B's as usual.
     retry = {"base_s": RETRY_AFTER_S, "factor": 1.0, "max_attempts": 1}
@@ -152,17 +158,7 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
 def test_a_group_whose_consumers_are_down_is_retried_and_processes_the_message_once(
     settings: Settings, engine: Engine, topic: str, tmp_path: Path
 ):
-    s = settings.replace(
-        api_tokens=(TOKEN,),
-        handler_modules=("tests.retry_handlers",),
-        retry_interval_s=1.0,
-        # each heartbeat holds a pool process for the inspect timeout: keep it short
-        heartbeat_interval_s=2.0,
-        heartbeat_inspect_timeout_s=0.3,
-    )
-    with engine.begin() as conn:
-        conn.execute(text(SCHEMA))
-    client = create_app(s).test_client()
+    s, client = _system(settings, engine)
     a = f"group-a.{topic}"  # the broker's groups outlive a test
     group = {"name": a, "requires_ack": True, "ack_timeout_s": 2, "max_retries": -1}
     group["retry"] = {"base_s": 0.5, "factor": 2.0, "cap_s": 1.0}
