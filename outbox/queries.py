@@ -275,22 +275,29 @@ WHERE {_lane_row_ready("= ANY(CAST(:lanes AS int[]))")}
 GROUP BY m.lane
 """)  # noqa: S608 (composed of constants only)
 
-MARK_INBOX_DONE = _sql("""
+# The attempt's worker appended to the row's list, which keeps the last 100 (a message
+# retried forever must not grow its row forever).
+_APPEND_WORKER = (
+    "(array_append({m}attempt_workers, CAST(:worker AS text)))"
+    "[greatest(cardinality({m}attempt_workers) - 98, 1):]"
+)
+
+MARK_INBOX_DONE = _sql(f"""
 UPDATE inbox_messages
 SET status = 'done', attempts = attempts + 1, processed_at = now(), worker = :worker,
-    attempt_workers = array_append(attempt_workers, :worker), last_error = NULL
+    attempt_workers = {_APPEND_WORKER.format(m="")}, last_error = NULL
 WHERE id = ANY(CAST(:ids AS bigint[]))
-""")
+""")  # noqa: S608 (composed of constants only)
 
-MARK_INBOX_FAILED = _sql("""
+MARK_INBOX_FAILED = _sql(f"""
 UPDATE inbox_messages m
 SET status = v.status, attempts = m.attempts + 1, worker = :worker, last_error = v.error,
-    attempt_workers = array_append(m.attempt_workers, :worker),
+    attempt_workers = {_APPEND_WORKER.format(m="m.")},
     next_attempt_at = now() + make_interval(secs => v.delay_s)
 FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:delays AS float8[]),
             CAST(:errors AS text[])) AS v(id, status, delay_s, error)
 WHERE m.id = v.id
-""")
+""")  # noqa: S608 (composed of constants only)
 
 # Lanes with due rows, for the beat sweep that recovers lost lane tasks.
 LANES_WITH_DUE_ROWS = _sql("""

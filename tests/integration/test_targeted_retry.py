@@ -15,6 +15,7 @@ from api import create_app
 from consumer.acks import apply_ack
 from consumer.handlers import Message
 from consumer.inbox import absorb_retries
+from outbox import queries
 from outbox.agents import upsert_agent
 from outbox.db import make_sessionmaker
 from outbox.models import InboxMessage
@@ -324,3 +325,18 @@ def test_a_dead_delivery_is_a_dead_letter_and_its_requeue_retries_it(
     assert requeued.get_json() == {"requeued": {"delivery": 1}}
     assert _delivery(session, "billing") == {"status": "failed", "attempts": 0, "waits": False}
     assert retry_due(settings, make_sessionmaker(engine)).retried == 1
+
+
+def test_an_inbox_row_keeps_the_workers_of_its_last_hundred_attempts(session: Session):
+    register_topic(session, TOPIC)
+    (message_id,) = receive(session, "billing", TOPIC, [("k1", {})])
+    session.execute(
+        text("UPDATE inbox_messages SET attempt_workers = :workers"),
+        {"workers": [f"w{n}@host" for n in range(100)]},
+    )
+    row_id = session.scalars(select(InboxMessage.id)).one()
+    session.execute(queries.MARK_INBOX_DONE, {"ids": [row_id], "worker": "w100@host"})
+    row = session.scalars(select(InboxMessage)).one()
+    session.refresh(row)
+    assert row.message_id == message_id
+    assert row.attempt_workers == [f"w{n}@host" for n in range(1, 101)]
