@@ -14,9 +14,11 @@ from sqlalchemy.orm import Session
 
 from api import create_app
 from outbox.agents import list_agents
+from outbox.db import make_sessionmaker
 from outbox.kafka import admin_client, ensure_topics
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
+from outbox.targeted_retry import retry_due
 from tasks.factory import make_celery
 from tests.processes import WorkerProcess
 
@@ -106,9 +108,48 @@ def test_workers_become_agents_and_a_silent_one_goes_inactive(
         active = client.get("/v1/agents?role=worker&active=true", headers=auth).get_json()
         assert [a["instance_id"].split("@")[0] for a in active["items"]] == ["keeper"]
         assert client.get("/v1/agents?role=nobody", headers=auth).status_code == 422
+
+        # A delivery that failed on the keeper: the retry prefers another worker, but
+        # the only other one is inactive, so it goes back to the keeper.
+        keeper_id = next(i for i in active_ids(engine) if i.startswith("keeper@"))
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "WITH m AS (INSERT INTO outbox_messages"
+                    " (message_id, topic, payload, bucket, status, sent_at)"
+                    " VALUES (gen_random_uuid(), :t, '{}', 0, 'sent', now())"
+                    " RETURNING message_id)"
+                    " INSERT INTO deliveries"
+                    " (message_id, consumer_group_id, status, next_retry_at, instance_id)"
+                    " SELECT m.message_id, g.id, 'failed', now(), :keeper"
+                    " FROM m, consumer_groups g WHERE g.name = 'billing'"
+                ),
+                {"t": topic, "keeper": keeper_id},
+            )
+        # a fresh heartbeat: the keeper is well within the (3 s) window when it is chosen
+        app.send_task("outbox.heartbeat", kwargs={"beat": BEAT})
+        fresh = text(
+            "SELECT now() - last_seen_at < interval '1 s' FROM agents WHERE instance_id = :k"
+        )
+
+        def keeper_fresh() -> bool:
+            with engine.connect() as conn:
+                return bool(conn.execute(fresh, {"k": keeper_id}).scalar())
+
+        assert _wait_for(keeper_fresh)
+        assert retry_due(s, make_sessionmaker(engine)).retried == 1
+        with engine.connect() as conn:
+            targets = conn.execute(
+                text("SELECT target_instance FROM outbox_messages WHERE is_retry")
+            ).scalars()
+            assert list(targets) == [keeper_id]
     finally:
         keeper.stop()
         leaver.stop()
+
+
+def active_ids(engine: Engine) -> list[str]:
+    return [i for i, a in _agents(engine).items() if a["active"]]
 
 
 def test_deliveries_are_listed_by_group_status_and_message(
