@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from consumer.acks import ack_payload, register_ack_topic, write_acks
 from consumer.handlers import Message, Permanent, handler_for
 from outbox import leases, queries
+from outbox.logs import log_message
 from outbox.publishing import Publisher
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings
@@ -77,6 +78,12 @@ class _TopicPolicy:
 
 # A topic the group has not registered: ordered, no acks, the default retry policy.
 UNREGISTERED = _TopicPolicy(ordered=True, requires_ack=False, retry=DEFAULT_POLICY)
+
+
+def _handle(message: Message, session: Session) -> None:
+    """Run the message's handler; its log lines name the message."""
+    with log_message(message.id):
+        handler_for(message.topic)(message, session)
 
 
 class LaneProcessor:
@@ -248,7 +255,7 @@ class LaneProcessor:
         savepoint = session.begin_nested()
         for index, message in enumerate(messages):
             try:
-                handler_for(message.topic)(message, session)
+                _handle(message, session)
             except Exception as exc:
                 savepoint.rollback()
                 return index, exc
@@ -279,7 +286,7 @@ class LaneProcessor:
             else:
                 savepoint = session.begin_nested()
                 try:
-                    handler_for(topic)(message, session)
+                    _handle(message, session)
                     savepoint.commit()
                     outcome.done.append(row_id)
                     if policy.requires_ack:
@@ -299,14 +306,15 @@ class LaneProcessor:
                 failed_keys.add((topic, key))
             if policy.requires_ack:
                 outcome.acks.append(ack_payload(message, group, self.worker, error))
-            log.warning(
-                "lane %s/%d: message %s attempt %d failed: %s",
-                group,
-                lane,
-                message_id,
-                attempt,
-                error,
-            )
+            with log_message(message_id):
+                log.warning(
+                    "lane %s/%d: message %s attempt %d failed: %s",
+                    group,
+                    lane,
+                    message_id,
+                    attempt,
+                    error,
+                )
         return outcome
 
 

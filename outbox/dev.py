@@ -65,14 +65,18 @@ def _http_status(url: str) -> int | None:
         return None
 
 
-def worker_argv(name: str, log_level: str, concurrency: int | None = None) -> list[str]:
-    """The command line of a Celery worker named ``name@<host>``."""
+def worker_argv(
+    name: str, log_level: str, concurrency: int | None = None, *, quiet: bool = False
+) -> list[str]:
+    """The command line of a Celery worker named ``name@<host>``; ``quiet`` leaves out
+    the start-up banner (with JSON logs, every line of output is a JSON object)."""
     argv = [
         sys.executable,
         "-m",
         "celery",
         "-A",
         "tasks",
+        *(["--quiet"] if quiet else []),
         "worker",
         "-n",
         f"{name}@%h",
@@ -87,7 +91,8 @@ def worker_argv(name: str, log_level: str, concurrency: int | None = None) -> li
 def plan(settings: Settings, schedule_file: Path) -> list[Child]:
     """The children of ``outbox dev``, in start order."""
     py = sys.executable
-    celery = [py, "-m", "celery", "-A", "tasks"]
+    quiet = settings.log_format == "json"  # no banners: every line is a JSON object
+    celery = [py, "-m", "celery", "-A", "tasks", *(["--quiet"] if quiet else [])]
     level = settings.log_level.upper()
     api = f"http://{settings.api_host}:{settings.api_port}"
     flower = f"http://127.0.0.1:{settings.flower_port}"
@@ -111,7 +116,7 @@ def plan(settings: Settings, schedule_file: Path) -> list[Child]:
         ),
         Child(
             "worker",
-            worker_argv("worker1", level),
+            worker_argv("worker1", level, quiet=quiet),
             ready_pattern=r"@\S+ ready\.",
         ),
         Child(

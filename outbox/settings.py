@@ -195,6 +195,9 @@ class Settings:
     dev_kafka_port: int = _setting(0, "Embedded broker port (0: a free port).", minimum=0)
 
     log_level: str = _setting("INFO", "Log level of every process.")
+    log_format: str = _setting(
+        "text", "Log lines of every process: `text`, or `json` (one object per line)."
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -222,6 +225,8 @@ class Settings:
         level = self.log_level.upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(f"{env_name('log_level')}={self.log_level!r}: not a log level")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"{env_name('log_format')}={self.log_format!r}: not text or json")
         if self.database_url is not None and not self.database_url.startswith("postgresql"):
             raise SettingsError(
                 f"{env_name('database_url')}={self.database_url!r}: must be a postgresql:// URL"

@@ -16,7 +16,7 @@ from outbox.settings import Settings
 from tasks.single_beat import hold_beat_lock
 
 
-def _role(argv: list[str]) -> str:
+def celery_role(argv: list[str]) -> str:
     """The Celery sub-command this process runs (worker, beat, flower), for log lines."""
     return next((a for a in argv[1:] if a in ("worker", "beat", "flower")), "celery")
 
@@ -29,7 +29,7 @@ def make_celery(settings: Settings) -> Celery:
 
     @setup_logging_signal.connect(weak=False)
     def _logging(**_: Any) -> None:
-        setup_logging(settings, _role(sys.argv))
+        setup_logging(settings, celery_role(sys.argv))
 
     @beat_init.connect(weak=False)
     def _one_beat(**_: Any) -> None:

@@ -87,7 +87,9 @@ class WorkerProcess(ServiceProcess):
         concurrency: int = 1,
         env: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(settings, name, log_dir, worker_argv(name, "INFO", concurrency), env)
+        quiet = settings.log_format == "json"
+        argv = worker_argv(name, "INFO", concurrency, quiet=quiet)
+        super().__init__(settings, name, log_dir, argv, env)
 
 
 class BeatProcess(ServiceProcess):
