@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -29,16 +30,20 @@ EXPORT_LINE = re.compile(r"^\s*export (OUTBOX_\w+)=(\S+)$", re.M)
 BANNER_END = "Ctrl-C stops everything."
 
 
-def _status(url: str, auth: tuple[str, str] | None = None) -> int:
+def _fetch(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
     request = urllib.request.Request(url)
     if auth:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
+            return int(response.status), response.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, ""
+
+
+def _status(url: str, auth: tuple[str, str] | None = None) -> int:
+    return _fetch(url, auth)[0]
 
 
 def _descendants(pid: int) -> set[int]:
@@ -154,6 +159,21 @@ def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
         while not ran.search(dev.text) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ran.search(dev.text), dev.text[-3000:]
+        # Task events reach Flower: its task list (behind the credentials) and its own
+        # Prometheus metrics show the beat's ticks.
+        assert _status(f"{flower}/api/tasks") == 401
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            code, body = _fetch(f"{flower}/api/tasks?taskname=outbox.publish", ("ops", "s3cret"))
+            if code == 200 and json.loads(body):
+                break
+            time.sleep(0.5)
+        tasks = json.loads(body)
+        assert tasks and {t["name"] for t in tasks.values()} == {"outbox.publish"}
+        assert all(t["args"] == "()" for t in tasks.values())  # ids-only arguments: none here
+        code, metrics = _fetch(f"{flower}/metrics")
+        assert code == 200
+        assert re.search(r'^flower_events_total\{.*task="outbox\.publish"', metrics, re.M)
 
         ports = [api_port, flower_port] + [
             int(v.rsplit(":", 1)[1].split("/")[0]) for v in exports.values()
