@@ -169,11 +169,30 @@ def dlq_requeue(
     show_envvar=True,
     help="Flower port (0: a free port).",
 )
+@option(
+    "--workers",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Celery worker processes.",
+)
+@option(
+    "--consumers",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Consumer processes (one group).",
+)
 @click.pass_context
 def dev(
-    ctx: click.Context, dev_dir: str | None, api_port: int | None, flower_port: int | None
+    ctx: click.Context,
+    dev_dir: str | None,
+    api_port: int | None,
+    flower_port: int | None,
+    workers: int,
+    consumers: int,
 ) -> None:
-    """Run everything on this machine: services, API, worker, beat, consumer, Flower."""
+    """Run everything on this machine: services, API, workers, beat, consumers, Flower."""
     from outbox import dev as dev_mod
 
     settings = _settings(ctx)
@@ -184,7 +203,7 @@ def dev(
     }
     settings = settings.replace(**changes)
     setup_logging(settings, "dev")
-    sys.exit(dev_mod.run(settings))
+    sys.exit(dev_mod.run(settings, workers=workers, consumers=consumers))
 
 
 @cli.command()

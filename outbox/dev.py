@@ -88,8 +88,11 @@ def worker_argv(
     return argv
 
 
-def plan(settings: Settings, schedule_file: Path) -> list[Child]:
-    """The children of ``outbox dev``, in start order."""
+def plan(
+    settings: Settings, schedule_file: Path, *, workers: int = 1, consumers: int = 1
+) -> list[Child]:
+    """The children of ``outbox dev``, in start order: ``workers`` Celery workers and
+    ``consumers`` consumer processes (of one group), the way compose scales them."""
     py = sys.executable
     quiet = settings.log_format == "json"  # no banners: every line is a JSON object
     celery = [py, "-m", "celery", "-A", "tasks", *(["--quiet"] if quiet else [])]
@@ -114,29 +117,35 @@ def plan(settings: Settings, schedule_file: Path) -> list[Child]:
             ],
             ready_url=f"{api}/readyz",
         ),
-        Child(
-            "worker",
-            worker_argv("worker1", level, quiet=quiet),
-            ready_pattern=r"@\S+ ready\.",
+        *(
+            Child(
+                _numbered("worker", n, workers),
+                worker_argv(f"worker{n}", level, quiet=quiet),
+                ready_pattern=r"@\S+ ready\.",
+            )
+            for n in range(1, workers + 1)
         ),
         Child(
             "beat",
             [*celery, "beat", "--loglevel", level, "-s", str(schedule_file)],
             ready_pattern=r"beat: Starting",
         ),
-        Child(
-            "consumer",
-            [
-                py,
-                "-m",
-                "outbox",
-                "consume",
-                "--group",
-                settings.consumer_group,
-                "--topics",
-                ",".join(settings.consumer_topics),
-            ],
-            ready_pattern=r"consumer \S+ ready",
+        *(
+            Child(
+                _numbered("consumer", n, consumers),
+                [
+                    py,
+                    "-m",
+                    "outbox",
+                    "consume",
+                    "--group",
+                    settings.consumer_group,
+                    "--topics",
+                    ",".join(settings.consumer_topics),
+                ],
+                ready_pattern=r"consumer \S+ ready",
+            )
+            for n in range(1, consumers + 1)
         ),
         Child(
             "flower",
@@ -152,6 +161,11 @@ def plan(settings: Settings, schedule_file: Path) -> list[Child]:
             ready_status=401,
         ),
     ]
+
+
+def _numbered(role: str, n: int, count: int) -> str:
+    """A child's name: ``worker`` when there is one, ``worker1``, ``worker2``... else."""
+    return role if count == 1 else f"{role}{n}"
 
 
 class Supervisor:
@@ -270,7 +284,9 @@ def _banner(settings: Settings, elapsed_s: float, out: TextIO) -> None:
     out.flush()
 
 
-def run(settings: Settings, out: TextIO = sys.stdout) -> int:
+def run(
+    settings: Settings, out: TextIO = sys.stdout, *, workers: int = 1, consumers: int = 1
+) -> int:
     """Run the system until SIGINT or SIGTERM, or until a child dies; return an exit code."""
     started = time.monotonic()
     stop_requested = threading.Event()
@@ -295,7 +311,11 @@ def run(settings: Settings, out: TextIO = sys.stdout) -> int:
         )
         migrate.upgrade(settings)
         settings = _resolve_ports(settings)
-        supervisor = Supervisor(settings, plan(settings, root / "celerybeat-schedule"), out)
+        supervisor = Supervisor(
+            settings,
+            plan(settings, root / "celerybeat-schedule", workers=workers, consumers=consumers),
+            out,
+        )
         supervisor.start()
         not_ready = supervisor.wait_ready()
         if stop_requested.is_set():

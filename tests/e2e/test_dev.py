@@ -74,9 +74,9 @@ def _alive(pid: int) -> bool:
 
 
 class DevProcess:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "outbox", "dev"],
+            [sys.executable, "-m", "outbox", "dev", *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -107,9 +107,20 @@ def dev_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+@pytest.mark.parametrize(
+    ("stop_signal", "scale", "named"),
+    [
+        (signal.SIGTERM, (), ("worker", "consumer")),
+        (
+            signal.SIGINT,
+            ("--workers", "2", "--consumers", "2"),
+            ("worker1", "worker2", "consumer1", "consumer2"),
+        ),
+    ],
+    ids=["sigterm", "ctrl-c-scaled"],
+)
 def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
-    dev_dir: Path, stop_signal: signal.Signals
+    dev_dir: Path, stop_signal: signal.Signals, scale: tuple[str, ...], named: tuple[str, ...]
 ):
     api_port, flower_port = free_port(), free_port()
     env = {
@@ -124,7 +135,7 @@ def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
         OUTBOX_FLOWER_USER="ops",
         OUTBOX_FLOWER_PASSWORD="s3cret",
     )
-    dev = DevProcess(env)
+    dev = DevProcess(env, scale)
     try:
         assert dev.ready.wait(90), dev.text[-5000:]
         text = dev.text
@@ -133,7 +144,7 @@ def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
         exports = dict(EXPORT_LINE.findall(text))
         assert set(exports) == {"OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_KAFKA_BOOTSTRAP"}
         # Each child's log lines carry its name.
-        for name in ("api", "worker", "beat", "consumer", "flower"):
+        for name in ("api", "beat", "flower", *named):
             assert re.search(rf"^{name}\s+\| ", text, re.M), name
 
         # The API and its readiness probe
@@ -154,7 +165,7 @@ def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
         admin = AdminClient({"bootstrap.servers": exports["OUTBOX_KAFKA_BOOTSTRAP"]})
         assert "outbox.acks" in admin.list_topics(timeout=5).topics
         # Beat reaches the worker: a scheduled publish tick runs there
-        ran = re.compile(r"^worker\s+\|.*Task outbox\.publish\[.*succeeded", re.M)
+        ran = re.compile(r"^worker\d?\s+\|.*Task outbox\.publish\[.*succeeded", re.M)
         deadline = time.monotonic() + 15
         while not ran.search(dev.text) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -179,7 +190,7 @@ def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
             int(v.rsplit(":", 1)[1].split("/")[0]) for v in exports.values()
         ]
         children = _descendants(dev.proc.pid)
-        assert len(children) >= 5
+        assert len(children) >= 3 + len(named)
     finally:
         dev.proc.send_signal(stop_signal)
         code = dev.proc.wait(60)
