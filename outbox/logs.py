@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from celery._state import get_current_task
+from celery import current_task
 
 from outbox.settings import Settings
 
@@ -47,9 +47,9 @@ class _Context(logging.Filter):
         self.role = role
 
     def filter(self, record: logging.LogRecord) -> bool:
-        task = get_current_task()
-        task_id = getattr(getattr(task, "request", None), "id", None)
-        name = getattr(task, "name", None) if task_id else None
+        # celery.current_task stands for the task this process runs now, or for None
+        task_id = getattr(getattr(current_task, "request", None), "id", None)
+        name = getattr(current_task, "name", None) if task_id else None
         message_id = _message_id.get()
         parts = [
             f"task={name}[{task_id}]" if task_id else "",
