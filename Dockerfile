@@ -12,4 +12,4 @@ COPY migrations ./migrations
 RUN pip install . && useradd --system --uid 10001 --no-create-home outbox
 USER outbox
 EXPOSE 8000 5555
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "api:create_app()"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--logger-class", "api.gunicorn_logging.Logger", "api:create_app()"]

@@ -1,10 +1,15 @@
-"""A real worker with ``OUTBOX_LOG_FORMAT=json``: every line it writes is a JSON object
-naming its role, and the lines a task writes name the task."""
+"""A real worker and a real gunicorn with ``OUTBOX_LOG_FORMAT=json``: every line they
+write is a JSON object naming their role, and the lines a task writes name the task."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -40,3 +45,28 @@ def test_a_worker_writes_json_lines_and_a_tasks_lines_name_the_task(
     own = [line for line in lines if line.get("task_id") == task_id]
     assert own and {line["task"] for line in own} == {"outbox.publish"}
     assert any(line["message"].startswith("relay ") for line in own), own
+
+
+def test_gunicorn_writes_its_own_lines_as_json_too(settings: Settings, tmp_path: Path):
+    s = settings.replace(log_format="json")
+    log = tmp_path / "gunicorn.log"
+    argv = [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0", "--workers", "2"]
+    argv += ["--logger-class", "api.gunicorn_logging.Logger", "api:create_app()"]
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            argv, env={**os.environ, **s.as_env()}, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "Booting worker" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        port = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log.read_text())
+        assert port, log.read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/healthz") as response:
+            assert response.status == 200
+    finally:
+        server.terminate()
+        server.wait(30)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # each one parses
+    assert {line["role"] for line in lines} == {"api"}
+    assert any(line["logger"] == "gunicorn.error" for line in lines)

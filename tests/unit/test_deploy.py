@@ -71,6 +71,8 @@ def test_every_role_waits_for_the_migration_and_workers_and_consumers_scale(
         # a published port lets Docker choose the host side, so replicas never clash
         assert all(":" not in str(port) for port in service.get("ports", [])), name
     assert services["beat"].get("deploy", {}).get("replicas", 1) == 1
+    api = services["api"]["command"]
+    assert api[api.index("--logger-class") + 1] == "api.gunicorn_logging.Logger"
     for role in ("worker", "beat", "flower"):  # JSON logs: no banners in between
         assert "--quiet" in " ".join(services[role]["command"]), role
     # beat and consumers are healthy while they heartbeat as active agents
