@@ -457,17 +457,13 @@ NOT m.active AND m.last_seen_at < now() - make_interval(secs => :retention)""",
 def _cleanup_batch(table: str, age: str, where: str) -> str:
     """Delete at most :batch rows, skipping rows another transaction holds (a late ack,
     a requeue) instead of waiting for them; return how many went. A sent outbox row
-    takes its finished deliveries along once no row of its message id is left."""
+    takes its finished deliveries along (a retry row has a message id of its own, and
+    no deliveries)."""
     deliveries = (
         """,
 deliveries_gone AS (
     DELETE FROM deliveries d USING gone
     WHERE d.message_id = gone.message_id AND d.status IN ('acked', 'dead')
-      -- a retry shares its original's id: the delivery goes with the last of them
-      AND NOT EXISTS (
-        SELECT 1 FROM outbox_messages o
-        WHERE o.message_id = d.message_id AND o.id NOT IN (SELECT id FROM doomed)
-      )
 )"""
         if table == "outbox_messages"
         else ""

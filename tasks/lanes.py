@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 from celery import Celery
+from celery.utils.nodenames import worker_direct
 
 from consumer.lanes import LaneProcessor
 from outbox import queries
@@ -63,9 +64,7 @@ def kick_lanes(
 def kick_targeted(app: Celery, group: str, lane: int, worker: str) -> None:
     """Queue the lane's task on ``worker``'s own queue (Celery ``worker_direct``), so the
     targeted retry in that lane runs there."""
-    app.send_task(
-        "consumer.process_lane", args=(group, [lane]), exchange="C.dq2", routing_key=worker
-    )
+    app.send_task("consumer.process_lane", args=(group, [lane]), queue=worker_direct(worker))
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -82,12 +81,13 @@ def register(app: Celery, settings: Settings) -> None:
             flags_for_this_process(app.conf.broker_url), *(lane_flag(group, n) for n in wanted)
         )
         report = processor_for_this_process(settings, worker).run(group, wanted)
-        if report.due_s:
+        countdown = report.next_due_s
+        if countdown is not None:
             # Rows wait for a backoff (or the budget ended): come back when they are due.
-            countdown = min(report.due_s.values())
-            if not report.done + report.failed + report.dead:
-                # Due rows that could not be had (locked elsewhere): no busy loop.
-                countdown = max(countdown, IDLE_RETRY_S)
+            if countdown <= 0 and not report.done + report.failed + report.dead:
+                # Rows due now that could not be had (locked elsewhere): no busy loop.
+                # (Rows due later are simply waited for: a wait here would make them late.)
+                countdown = IDLE_RETRY_S
             process_lane.apply_async(
                 (group, sorted(report.due_s)), countdown=min(countdown, longest_countdown_s)
             )
