@@ -9,8 +9,14 @@ STAMP := $(VENV)/.installed
 dev: $(STAMP)
 	$(BIN)/outbox dev
 
+# The dashboard's browser test drives this Chromium (Playwright never downloads one).
+CHROMIUM ?= $(or $(OUTBOX_TEST_CHROMIUM),$(shell command -v chromium || command -v chromium-browser))
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@test -n "$(CHROMIUM)" || { echo "make test needs Chromium for the dashboard's browser" \
+		"test: apt-get install chromium (Debian, Ubuntu), or set OUTBOX_TEST_CHROMIUM to a" \
+		"Chromium or Chrome binary"; exit 1; }
+	OUTBOX_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
 

@@ -7,10 +7,12 @@ from flask_openapi3 import Info, OpenAPI
 from werkzeug.exceptions import BadRequest
 
 from api.auth import token_accepted
+from api.dashboard import dashboard
 from api.deadletters import dead_letters
 from api.errors import error_response, register_error_handlers, validation_error_response
 from api.health import health
 from api.messages import messages
+from api.metrics import prometheus, stats
 from api.operations import operations
 from api.state import ApiState
 from api.topics import topics
@@ -27,6 +29,7 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
         setup_logging(settings, "api")
     app = OpenAPI(
         __name__,
+        static_folder=None,  # the dashboard serves its own files under /dashboard/static
         info=Info(title="celery-outbox", version="1"),
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
         validation_error_status=422,
@@ -45,6 +48,9 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
     app.register_api(topics)
     app.register_api(dead_letters)
     app.register_api(operations)
+    app.register_api(stats)
+    app.register_blueprint(prometheus)
+    app.register_blueprint(dashboard)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> Response:
@@ -58,22 +64,36 @@ def create_app(settings: Settings | None = None) -> OpenAPI:
 
 
 def _guard() -> tuple[Response, int] | None:
-    """Authenticate ``/v1``, then insist on a well-formed JSON body where one is sent.
+    """Authenticate ``/v1``, ``/metrics`` and ``/dashboard``, then insist on a well-formed
+    JSON body where one is sent.
 
     It runs on every request, so it reads the WSGI environment directly."""
-    if not request.path.startswith("/v1/"):
+    path = request.path
+    browser = path == "/dashboard"
+    if not (path.startswith("/v1/") or path == "/metrics" or browser):
         return None
     environ = request.environ
     tokens = ApiState.current().settings.api_tokens
-    if not token_accepted(environ.get("HTTP_AUTHORIZATION", ""), tokens):
+    # Prometheus sends a bearer token or basic auth; a browser, basic auth.
+    if not token_accepted(
+        environ.get("HTTP_AUTHORIZATION", ""), tokens, basic=not path.startswith("/v1/")
+    ):
         response, status = error_response(
             401,
             "unauthorized",
-            "a valid bearer token is required",
+            "a valid bearer token is required"
+            if not browser
+            else "log in with an API token as the password",
             {"header": "Authorization"},
         )
-        response.headers["WWW-Authenticate"] = 'Bearer realm="outbox"'
+        response.headers["WWW-Authenticate"] = (
+            'Basic realm="outbox dashboard", charset="UTF-8"'
+            if browser
+            else 'Bearer realm="outbox"'
+        )
         return response, status
+    if browser:
+        return None
     # A bodiless POST (e.g. a requeue) is fine; a body, or one announced as JSON, must be JSON.
     if request.method in BODY_METHODS and (
         environ.get("CONTENT_LENGTH") not in (None, "", "0")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import kombu.exceptions
+import redis
+import sqlalchemy.exc
 from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -78,6 +81,19 @@ def register_error_handlers(app: Flask) -> None:
     def _http(exc: HTTPException) -> tuple[Response, int]:
         code = (exc.name or "error").lower().replace(" ", "_")
         return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(redis.RedisError)
+    @app.errorhandler(kombu.exceptions.OperationalError)
+    def _redis_down(exc: Exception) -> tuple[Response, int]:
+        log.warning("Redis unavailable: %s: %s", type(exc).__name__, exc)
+        return error_response(503, "unavailable", "Redis does not answer", {"service": "redis"})
+
+    @app.errorhandler(sqlalchemy.exc.OperationalError)
+    def _database_down(exc: Exception) -> tuple[Response, int]:
+        log.warning("PostgreSQL unavailable: %s", exc)
+        return error_response(
+            503, "unavailable", "PostgreSQL does not answer", {"service": "postgresql"}
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:

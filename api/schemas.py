@@ -260,6 +260,44 @@ class HealthSummaryOut(BaseModel):
     dead_letters: int
     consumer_lag: dict[str, Any] = Field(description="group -> topic -> partition -> lag")
     agents: dict[str, int] = Field(description="Active agents by role.")
+    counts: dict[str, dict[str, dict[str, int]]] = Field(
+        description='Rows by status: {"outbox": {topic: ...}, "inbox": {group: ...}, '
+        '"deliveries": {group: ...}} (deliveries: unfinished and dead only).'
+    )
+
+
+class StatsQuery(Strict):
+    minutes: int = Field(5, ge=1, le=15, description="How far back the throughput series goes.")
+
+
+class RatePoint(BaseModel):
+    t: float = Field(description="Start of the step, Unix seconds.")
+    per_s: float
+
+
+class LatencyHistogram(BaseModel):
+    buckets: list[tuple[float, int]] = Field(description="[upper bound s, cumulative count]")
+    count: int
+    sum: float
+
+
+class StatsOut(BaseModel):
+    published: dict[str, int] = Field(description="Messages relayed to Kafka, by topic.")
+    failed: dict[str, int] = Field(description="Failed relay attempts, by topic.")
+    retries: dict[str, int] = Field(description="Targeted retries published, by group.")
+    latency: LatencyHistogram = Field(description="Commit to broker ack, seconds.")
+    circuits: dict[str, str] = Field(description="Each live relay's broker circuit.")
+    circuit: Literal["closed", "half_open", "open"] = Field(description="The worst of them.")
+    published_per_s: list[RatePoint]
+
+
+class TaskPath(Strict):
+    name: Literal["publish", "retry_targeted", "cleanup", "heartbeat", "sweep"]
+
+
+class TaskRunOut(BaseModel):
+    task: str
+    task_id: str
 
 
 class DeliveryQuery(Strict):

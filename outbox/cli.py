@@ -401,11 +401,15 @@ OUT = option("--out", default="bench-results", show_default=True, help="Output f
 @option("--rows", default=100_000, show_default=True, help="Outbox rows to relay.")
 @option("--payload-bytes", default=200, show_default=True, help="Payload size.")
 @option("--keys", default=1000, show_default=True, help="Distinct message keys.")
+@option("--rounds", default=3, show_default=True, help="Rounds of observability on and off.")
 @OUT
 @click.pass_context
-def bench_relay(ctx: click.Context, rows: int, payload_bytes: int, keys: int, out: str) -> None:
-    """Relay throughput next to bare PostgreSQL claim-and-mark and bare produce rates."""
-    _run_bench(ctx, "relay", out, rows=rows, payload_bytes=payload_bytes, keys=keys)
+def bench_relay(
+    ctx: click.Context, rows: int, payload_bytes: int, keys: int, rounds: int, out: str
+) -> None:
+    """Relay throughput next to bare PostgreSQL claim-and-mark and bare produce rates; then
+    in a worker, with metrics and task events on and off."""
+    _run_bench(ctx, "relay", out, rows=rows, payload_bytes=payload_bytes, keys=keys, rounds=rounds)
 
 
 @bench.command("api")
@@ -461,6 +465,27 @@ def bench_e2e(
 ) -> None:
     """Publish to handler effect: sustained throughput, and latency at a fixed load."""
     _run_bench(ctx, "e2e", out, messages=messages, rate=rate, seconds=seconds, workers=workers)
+
+
+@bench.command("metrics")
+@option("--rows", default=1_000_000, show_default=True, help="Outbox rows.")
+@option("--scrapes", default=50, show_default=True, help="Timed scrapes of /metrics.")
+@OUT
+@click.pass_context
+def bench_metrics(ctx: click.Context, rows: int, scrapes: int, out: str) -> None:
+    """Time of a /metrics scrape with a large outbox, next to counting it directly."""
+    _run_bench(ctx, "metrics", out, rows=rows, scrapes=scrapes)
+
+
+@bench.command("scale")
+@option("--rows", default=50_000, show_default=True, help="Rows per relay measurement.")
+@option("--messages", default=20_000, show_default=True, help="Messages per end-to-end one.")
+@option("--rounds", default=2, show_default=True, help="Rounds of 1 and 2 workers.")
+@OUT
+@click.pass_context
+def bench_scale(ctx: click.Context, rows: int, messages: int, rounds: int, out: str) -> None:
+    """Relay and end-to-end throughput with 1 and 2 worker processes."""
+    _run_bench(ctx, "scale", out, rows=rows, messages=messages, rounds=rounds)
 
 
 @bench.command("retry")

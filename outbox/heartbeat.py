@@ -5,7 +5,8 @@ hands them to :func:`record_heartbeat`, which upserts a ``worker`` agent per
 answer (and the ``beat`` agent that scheduled the tick), marks agents silent
 past ``OUTBOX_AGENT_INACTIVE_AFTER`` inactive, and stores a snapshot: backlog
 by status, the oldest claimable row's age, dead letters, consumer lag per
-group, topic and partition, and live agents by role. Consumer processes and
+group, topic and partition, live agents by role, and rows by topic or group
+and status (the gauges of ``/metrics``). Consumer processes and
 the API heartbeat themselves. Every time is the database clock's.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer as KafkaConsumer
@@ -29,6 +30,12 @@ from outbox.settings import Settings
 log = logging.getLogger(__name__)
 
 KAFKA_TIMEOUT_S = 2.0
+# The backlog totals of a snapshot: side -> statuses, summed over topics or groups.
+BACKLOG_STATUSES = {
+    "outbox": ("pending", "dead"),
+    "inbox": ("received", "failed", "dead"),
+    "deliveries": ("awaiting_ack", "failed", "dead"),
+}
 
 
 @dataclasses.dataclass
@@ -138,8 +145,17 @@ def record_heartbeat(
             groups.setdefault(name, []).append(topic)
     lag = consumer_lag(settings, groups)
     with sessions.begin() as session:
-        backlog = dict(session.execute(queries.HEALTH_BACKLOG).mappings().one())
-        oldest = backlog.pop("oldest_claimable_age_s")
+        counts = {
+            "outbox": _nested(session.execute(queries.OUTBOX_COUNTS)),
+            "inbox": _nested(session.execute(queries.INBOX_COUNTS)),
+            "deliveries": _nested(session.execute(queries.DELIVERY_COUNTS)),
+        }
+        backlog = {
+            f"{side}_{status}": _total(counts[side], status)
+            for side, statuses in BACKLOG_STATUSES.items()
+            for status in statuses
+        }
+        oldest = session.scalar(queries.OLDEST_CLAIMABLE_AGE)
         agents = {role: n for role, n in session.execute(queries.ACTIVE_AGENTS_BY_ROLE)}
         dead = backlog["outbox_dead"] + backlog["inbox_dead"] + backlog["deliveries_dead"]
         report.snapshot_id = session.scalar(
@@ -150,11 +166,24 @@ def record_heartbeat(
                 "dead_letters": dead,
                 "lag": json.dumps(lag),
                 "agents": json.dumps(agents),
+                "counts": json.dumps(counts),
             },
         )
     if report.inactive:
         log.info("heartbeat: agents now inactive: %s", ", ".join(report.inactive))
     return report
+
+
+def _nested(rows: Iterable[Any]) -> dict[str, dict[str, int]]:
+    """``(name, status, n)`` rows as ``{name: {status: n}}``."""
+    nested: dict[str, dict[str, int]] = {}
+    for name, status, n in rows:
+        nested.setdefault(name, {})[status] = n
+    return nested
+
+
+def _total(by_name: Mapping[str, Mapping[str, int]], status: str) -> int:
+    return sum(statuses.get(status, 0) for statuses in by_name.values())
 
 
 def latest_snapshot(session: Session) -> dict[str, Any] | None:

@@ -15,10 +15,8 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-
-from celery import current_task
 
 from outbox.settings import Settings
 
@@ -27,6 +25,20 @@ TEXT_FORMAT = "%(asctime)s %(levelname)-7s {role} %(name)s: %(message)s%(context
 _message_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "outbox_message_id", default=None
 )
+
+
+def _no_task() -> tuple[str | None, str | None]:
+    return None, None
+
+
+# (task id, task name) of the task this process runs now; the Celery app sets it.
+_current_task: Callable[[], tuple[str | None, str | None]] = _no_task
+
+
+def set_task_context(current: Callable[[], tuple[str | None, str | None]]) -> None:
+    """Say how to find the running task's id and name (``tasks`` passes Celery's)."""
+    global _current_task
+    _current_task = current
 
 
 @contextlib.contextmanager
@@ -47,9 +59,7 @@ class _Context(logging.Filter):
         self.role = role
 
     def filter(self, record: logging.LogRecord) -> bool:
-        # celery.current_task stands for the task this process runs now, or for None
-        task_id = getattr(getattr(current_task, "request", None), "id", None)
-        name = getattr(current_task, "name", None) if task_id else None
+        task_id, name = _current_task()
         message_id = _message_id.get()
         parts = [
             f"task={name}[{task_id}]" if task_id else "",

@@ -296,3 +296,6 @@ class HealthSnapshot(Base):
     dead_letters: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     consumer_lag: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     agents: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    # {"outbox": {topic: {status: n}}, "inbox": {group: {status: n}},
+    #  "deliveries": {group: {status: n}}} (deliveries: unfinished and dead only)
+    counts: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))

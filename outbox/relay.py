@@ -32,6 +32,7 @@ import socket
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from outbox import leases, queries
 from outbox.circuit import Circuit
 from outbox.db import make_engine, make_sessionmaker
+from outbox.metrics import MetricsRecorder
 from outbox.producer import Delivery, Outgoing, RelayProducer
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings
@@ -95,6 +97,7 @@ class Relay:
             max_attempts=settings.relay_max_attempts,
         )
         self.circuit = Circuit(open_s=settings.relay_circuit_open_s)
+        self.metrics = MetricsRecorder(settings)
         self._lease_rows_ready = False
         self._last_delivery = 0.0
 
@@ -106,6 +109,7 @@ class Relay:
         if self._broker_available():
             self._drain(deadline, report)
         report.circuit = self.circuit.state
+        self.metrics.circuit(self.owner, self.circuit.state)
         report.elapsed_s = round(time.monotonic() - started, 4)
         if report.sent or report.failed or report.released:
             log.info("relay %s: %s", self.owner, report.as_dict())
@@ -151,7 +155,9 @@ class Relay:
                 all_sent = all(d.error is None and not d.held for d in deliveries)
                 done = drained and all_sent and not work_elsewhere
                 # A finishing pass gives its leases back in the same transaction.
-                self._mark(token, attempts, deliveries, report, release=list(held) if done else [])
+                self._mark(
+                    token, batch, attempts, deliveries, report, release=list(held) if done else []
+                )
                 if done:
                     held = {}
                     return
@@ -222,6 +228,7 @@ class Relay:
     def _mark(
         self,
         token: uuid.UUID,
+        batch: list[Outgoing],
         attempts: dict[int, int],
         deliveries: list[Delivery],
         report: RelayReport,
@@ -232,9 +239,10 @@ class Relay:
         failed = [d for d in deliveries if d.error is not None and not d.broker_unavailable]
         # Held rows and rows that met an outage go back untouched: no attempt is spent.
         released = [d for d in deliveries if d.held or d.broker_unavailable]
+        marked: Sequence[Any] = ()
         with self.sessions.begin() as session:
             if sent:
-                session.execute(
+                marked = session.execute(
                     queries.MARK_SENT,
                     {
                         "token": token,
@@ -242,7 +250,7 @@ class Relay:
                         "partitions": [d.partition for d in sent],
                         "offsets": [d.offset for d in sent],
                     },
-                )
+                ).all()
             if failed:
                 session.execute(
                     queries.MARK_FAILED,
@@ -260,6 +268,10 @@ class Relay:
                 )
             if release:
                 leases.release(session, SCOPE, self.owner, release)
+        topics = {row.id: row.topic for row in batch} if failed else {}
+        self.metrics.relay_batch(
+            ((topic, latency) for topic, latency in marked), (topics[d.id] for d in failed)
+        )
         if sent:
             self._last_delivery = time.monotonic()
         if unavailable:

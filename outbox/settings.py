@@ -53,6 +53,17 @@ class Settings:
     flower_port: int = _setting(5555, "Flower port under `outbox dev` (0: a free port).", minimum=0)
     flower_user: str = _setting("admin", "Flower basic-auth user.")
     flower_password: str = _setting("outbox", "Flower basic-auth password.")
+    flower_url: str = _setting(
+        "", "Flower's address as the dashboard links to it (unset: the API's host, `flower_port`)."
+    )
+    metrics: bool = _setting(
+        True,
+        "Workers count relayed messages, failures, retries and commit-to-ack latency in Redis "
+        "for `/metrics` and the dashboard.",
+    )
+    task_events: bool = _setting(
+        True, "Workers send Celery task events (Flower's task list and its `/metrics`)."
+    )
 
     handler_modules: tuple[str, ...] = _setting(
         (), "Comma-separated modules imported by consumers and workers to register handlers."
@@ -131,7 +142,10 @@ class Settings:
         500, "Most deliveries one transaction of `outbox.retry_targeted` retries.", minimum=1
     )
     heartbeat_interval_s: float = _setting(
-        30.0, "Beat interval of `outbox.heartbeat`.", minimum=0.05
+        10.0,
+        "Beat interval of `outbox.heartbeat`, which takes the health snapshot that `/metrics` "
+        "reports.",
+        minimum=0.05,
     )
     cleanup_interval_s: float = _setting(3600.0, "Beat interval of `outbox.cleanup`.", minimum=0.05)
     agent_inactive_after: float = _setting(

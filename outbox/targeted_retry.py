@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import queries
+from outbox.metrics import MetricsRecorder
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings
 from outbox.wire import (
@@ -55,17 +56,24 @@ def choose_target(message_id: uuid.UUID, failed_on: str | None, healthy: list[st
     return others[zlib.crc32(message_id.bytes) % len(others)]
 
 
-def retry_due(settings: Settings, sessions: sessionmaker[Session]) -> RetryReport:
+def retry_due(
+    settings: Settings, sessions: sessionmaker[Session], metrics: MetricsRecorder | None = None
+) -> RetryReport:
     """Publish a retry for every due delivery, or make it dead past its group's retries."""
     report = RetryReport()
     while True:
+        groups: list[str] = []
         with sessions.begin() as session:
-            taken = _batch(settings, session, report)
+            taken = _batch(settings, session, report, groups)
+        if metrics is not None:
+            metrics.retries(groups)  # committed
         if taken < settings.retry_batch_size:
             return report
 
 
-def _batch(settings: Settings, session: Session, report: RetryReport) -> int:
+def _batch(settings: Settings, session: Session, report: RetryReport, groups: list[str]) -> int:
+    """One locked batch of due deliveries; appends each retried delivery's group to
+    ``groups``. Returns how many deliveries it took."""
     due = session.execute(queries.DUE_DELIVERIES, {"limit": settings.retry_batch_size}).all()
     if not due:
         return 0
@@ -114,6 +122,7 @@ def _batch(settings: Settings, session: Session, report: RetryReport) -> int:
         session.execute(queries.MARK_DELIVERIES_RETRIED, {"ids": list(ids), "waits": list(waits)})
     if dead:
         session.execute(queries.MARK_DELIVERIES_DEAD, {"ids": dead})
+    groups.extend(row["target_group"] for row in rows)
     report.retried += len(rows)
     report.dead += len(dead)
     return len(due)

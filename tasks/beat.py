@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from outbox.cleanup import cleanup as delete_finished
 from outbox.db import make_engine, make_sessionmaker
 from outbox.heartbeat import record_heartbeat
+from outbox.metrics import MetricsRecorder
 from outbox.settings import Settings
 from outbox.targeted_retry import retry_due
 
@@ -27,12 +28,13 @@ def sessions_for_this_process(settings: Settings) -> sessionmaker[Session]:
 
 def register(app: Celery, settings: Settings) -> None:
     """Register the beat tasks on ``app``."""
+    metrics = MetricsRecorder(settings)  # its Redis client is made on first use, after fork
 
     @app.task(name="outbox.retry_targeted", shared=False)
     def retry_targeted() -> dict[str, Any]:
         """Re-send what a consumer group failed or never acknowledged, aimed at that group
         and a healthy worker; past the group's retries the delivery is dead."""
-        report = retry_due(settings, sessions_for_this_process(settings))
+        report = retry_due(settings, sessions_for_this_process(settings), metrics)
         if report.retried:
             # Relay the retries now rather than at the next tick.
             app.send_task("outbox.publish", expires=max(settings.publish_interval_s, 1.0))

@@ -6,12 +6,12 @@ import importlib
 import sys
 from typing import Any
 
-from celery import Celery
+from celery import Celery, current_task
 from celery.signals import beat_init
 from celery.signals import setup_logging as setup_logging_signal
 
 import celeryconfig
-from outbox.logs import setup_logging
+from outbox.logs import set_task_context, setup_logging
 from outbox.settings import Settings
 from tasks.single_beat import hold_beat_lock
 
@@ -19,6 +19,15 @@ from tasks.single_beat import hold_beat_lock
 def celery_role(argv: list[str]) -> str:
     """The Celery sub-command this process runs (worker, beat, flower), for log lines."""
     return next((a for a in argv[1:] if a in ("worker", "beat", "flower")), "celery")
+
+
+def _running_task() -> tuple[str | None, str | None]:
+    """The id and name of the task this process runs now (``celery.current_task``)."""
+    task_id = getattr(getattr(current_task, "request", None), "id", None)
+    return task_id, (getattr(current_task, "name", None) if task_id else None)
+
+
+set_task_context(_running_task)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -62,7 +62,8 @@ def flow(
     settings: Settings, engine: Engine, topic: str, tmp_path: Path, request: Any
 ) -> Iterator[Flow]:
     """Serves ``topic`` for one group; ``request.param`` may set ``requires_ack`` (then an
-    acks consumer runs too), ``workers`` (Celery worker processes, 1 by default) and
+    acks consumer runs too), ``workers`` (Celery worker processes, 1 by default),
+    ``consumers`` (consumer processes of the group, 1 by default) and
     ``settings`` (overrides for every process)."""
     options = getattr(request, "param", {})
     settings = settings.replace(**options.get("settings", {}))
@@ -83,7 +84,13 @@ def flow(
         for n in range(1, options.get("workers", 1) + 1)
     ]
     processes.append(BeatProcess(s, tmp_path))
-    processes.append(ConsumerProcess(s, "consumer", tmp_path, group=group, topics=[topic], env=env))
+    processes += [
+        ConsumerProcess(s, name, tmp_path, group=group, topics=[topic], env=env)
+        for name in [
+            "consumer",
+            *(f"consumer{n}" for n in range(2, options.get("consumers", 1) + 1)),
+        ]
+    ]
     if options.get("requires_ack"):
         processes.append(
             ConsumerProcess(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC])

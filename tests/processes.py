@@ -121,3 +121,20 @@ class ConsumerProcess(ServiceProcess):
         argv = [sys.executable, "-m", "outbox", "consume", "--group", group]
         argv += ["--topics", ",".join(topics)]
         super().__init__(settings, name, log_dir, argv, env)
+
+
+class ApiProcess(ServiceProcess):
+    """The API under gunicorn with several worker processes, as compose runs it."""
+
+    ready_pattern = r"Booting worker"
+
+    def __init__(self, settings: Settings, log_dir: Path, *, workers: int = 2) -> None:
+        argv = [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0"]
+        argv += ["--workers", str(workers), "api:create_app()"]
+        super().__init__(settings, "api", log_dir, argv)
+
+    @property
+    def url(self) -> str:
+        found = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", self.text())
+        assert found, self.text()
+        return found.group(1)

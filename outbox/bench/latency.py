@@ -69,10 +69,10 @@ def start_process(
 
 
 def start_worker(
-    settings: Settings, concurrency: int, env: dict[str, str] | None = None
+    settings: Settings, concurrency: int, env: dict[str, str] | None = None, name: str = "bench"
 ) -> subprocess.Popen[bytes]:
-    """A real ``celery -A tasks worker``; returns once it is ready."""
-    return start_process(worker_argv("bench", "INFO", concurrency), settings, b" ready.", env)
+    """A real ``celery -A tasks worker`` named ``name@<host>``; returns once it is ready."""
+    return start_process(worker_argv(name, "INFO", concurrency), settings, b" ready.", env)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -5,17 +5,24 @@
 * bare produce: a confluent-kafka loop with the relay's producer settings and
   the same messages, waiting for every delivery report (no database);
 * the relay: both together, as a worker runs it.
+
+Then the cost of observability: the relay in a real Celery worker process, with
+the metrics (Redis counters) and Celery task events on, and with both off, in
+alternating rounds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from confluent_kafka import Producer
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
+from outbox.bench.latency import start_worker, stop_process
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kafka import admin_client, ensure_topics, producer_config
@@ -125,7 +132,77 @@ def bare_produce(settings: Settings, rows: int, payload_bytes: int, keys: int) -
     return rows / elapsed
 
 
-def run(settings: Settings, *, rows: int, payload_bytes: int, keys: int, command: str) -> Report:
+def _any_pending(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        sql = "SELECT EXISTS (SELECT 1 FROM outbox_messages WHERE status = 'pending')"
+        return bool(conn.execute(text(sql)).scalar_one())
+
+
+@contextlib.contextmanager
+def relay_workers(settings: Settings, instances: int) -> Iterator[None]:
+    """``instances`` real worker processes (concurrency 1 each, as compose scales them)."""
+    procs = [start_worker(settings, 1, name=f"bench{n}") for n in range(1, instances + 1)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            stop_process(proc)
+
+
+def worker_relay(
+    settings: Settings, rows: int, payload_bytes: int, keys: int, instances: int
+) -> float:
+    """Fill the outbox, then let ``instances`` worker processes relay it, each kicked every
+    0.2 s (as the API's kicks and beat's ticks would); msg/s from the first kick to the
+    last row sent. Worker start-up is not timed."""
+    from celery import Celery  # a benchmark drives the workers the way the API does
+
+    import celeryconfig
+
+    fill(settings, rows, payload_bytes, keys)
+    engine = make_engine(settings, pool_size=1)
+    app = Celery("outbox-bench")
+    app.conf.update(celeryconfig.from_settings(settings))
+    try:
+        with relay_workers(settings, instances):
+            started = time.perf_counter()
+            next_kick = 0.0
+            while _any_pending(engine):
+                if time.perf_counter() >= next_kick:
+                    for _ in range(instances):
+                        app.send_task("outbox.publish", expires=0.5, ignore_result=True)
+                    next_kick = time.perf_counter() + 0.2
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - started
+    finally:
+        engine.dispose()
+    return rows / elapsed
+
+
+def observability_rounds(
+    settings: Settings, rows: int, payload_bytes: int, keys: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Relay msg/s in a worker with metrics and task events on, then off, ``rounds`` times."""
+    on: list[float] = []
+    off: list[float] = []
+    for n in range(1, rounds + 1):
+        for enabled, rates in ((True, on), (False, off)):
+            state = "on" if enabled else "off"
+            progress(f"round {n}/{rounds}: worker relay, metrics and task events {state}")
+            s = settings.replace(metrics=enabled, task_events=enabled)
+            rates.append(worker_relay(s, rows, payload_bytes, keys, 1))
+    return on, off
+
+
+def run(
+    settings: Settings,
+    *,
+    rows: int,
+    payload_bytes: int,
+    keys: int,
+    rounds: int,
+    command: str,
+) -> Report:
     """The relay scenario on running services; returns the report."""
     report = Report("relay", command)
     ensure_topics(admin_client(settings), [TOPIC], settings.kafka_topic_partitions)
@@ -154,4 +231,26 @@ def run(settings: Settings, *, rows: int, payload_bytes: int, keys: int, command
     limit = min(produce, claim_mark)
     report.add("relay / smaller limit", 100 * relay_rate / limit, "%")
     report.target("relay >= 70% of the smaller limit", relay_rate, 0.7 * limit)
+
+    on, off = observability_rounds(settings, rows // 2, payload_bytes, keys, rounds)
+    rounds_of = ", ".join
+    report.add(
+        "worker relay, metrics + task events on",
+        statistics.median(on),
+        "msg/s",
+        f"median; rounds: {rounds_of(f'{r:,.0f}' for r in on)}",
+    )
+    report.add(
+        "worker relay, metrics + task events off",
+        statistics.median(off),
+        "msg/s",
+        f"median; rounds: {rounds_of(f'{r:,.0f}' for r in off)}",
+    )
+    ratios = [a / b for a, b in zip(on, off, strict=True)]
+    report.add(
+        "on / off",
+        100 * statistics.median(ratios),
+        "%",
+        f"median of the rounds' ratios: {rounds_of(f'{100 * r:.0f}' for r in ratios)}",
+    )
     return report

@@ -20,8 +20,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
     [
         (
             "relay",
-            ["--rows", "3000"],
-            {"bare produce (limit)", "PostgreSQL claim-and-mark (limit)", "relay (one process)"},
+            ["--rows", "3000", "--rounds", "1"],
+            {
+                "bare produce (limit)",
+                "PostgreSQL claim-and-mark (limit)",
+                "relay (one process)",
+                "worker relay, metrics + task events on",
+                "worker relay, metrics + task events off",
+            },
         ),
         (
             "api",
@@ -32,6 +38,25 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
             "latency",
             ["--rate", "50", "--seconds", "3"],
             {"commit -> Kafka ack, p50", "commit -> Kafka ack, p99"},
+        ),
+        (
+            "e2e",
+            ["--messages", "500", "--rate", "100", "--seconds", "3"],
+            {
+                "publish -> handler effect, sustained",
+                "commit -> handler effect, p50",
+                "stage inbox -> effect, p50 / p99",
+            },
+        ),
+        (
+            "metrics",
+            ["--rows", "20000", "--scrapes", "5"],
+            {"GET /metrics, p50", "heartbeat snapshot (background)"},
+        ),
+        (
+            "scale",
+            ["--rows", "2000", "--messages", "1000", "--rounds", "1"],
+            {"relay, 2 worker processes", "publish -> handler effect, 2 worker processes"},
         ),
         (
             "retry",

@@ -151,6 +151,16 @@ def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
         api = f"http://127.0.0.1:{api_port}"
         assert _status(f"{api}/healthz") == 200
         assert _status(f"{api}/readyz") == 200
+        # The dashboard and /metrics, behind the token the banner prints
+        token = re.search(r"token (\S+)\)", text).group(1)  # type: ignore[union-attr]
+        assert f"{api}/dashboard" in text and f"{api}/metrics" in text
+        assert _status(f"{api}/dashboard") == 401
+        code, page = _fetch(f"{api}/dashboard", ("ops", token))
+        assert code == 200 and f'href="http://127.0.0.1:{flower_port}"' in page
+        assert _status(f"{api}/metrics") == 401
+        code, metrics = _fetch(f"{api}/metrics", ("prometheus", token))
+        assert code == 200
+        assert re.search(r'^outbox_metrics_source_up\{source="redis"\} 1\.0$', metrics, re.M)
         # Flower refuses without credentials and answers with them
         flower = f"http://127.0.0.1:{flower_port}"
         assert _status(f"{flower}/") == 401

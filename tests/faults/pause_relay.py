@@ -16,12 +16,12 @@ _mark = Relay._mark
 
 
 def _paused_mark(
-    self: Relay, token: Any, attempts: dict[int, int], deliveries: Any, report: Any, **kw: Any
+    self: Relay, token: Any, batch: Any, attempts: dict[int, int], *args: Any, **kw: Any
 ) -> None:
     if not _marker.exists():
         _marker.write_text(json.dumps({"owner": self.owner, "ids": sorted(attempts)}))
         time.sleep(600)
-    _mark(self, token, attempts, deliveries, report, **kw)
+    _mark(self, token, batch, attempts, *args, **kw)
 
 
 Relay._mark = _paused_mark  # type: ignore[method-assign]

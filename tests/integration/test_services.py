@@ -146,6 +146,44 @@ def test_a_fresh_embedded_set_starts_keeps_its_data_and_stops_cleanly(tmp_path: 
     assert _processes_mentioning(root) == []
 
 
+def test_services_stop_when_the_process_that_started_them_is_killed(tmp_path: Path):
+    root = tmp_path / "dev"
+    tmp_path.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    starter = subprocess.Popen(
+        [sys.executable, "-m", "outbox", "services", "--dir", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert starter.stdout is not None
+    exports = {}
+    for line in starter.stdout:
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").strip().partition("=")
+            exports[name] = value
+        if line.startswith("# Ctrl-C"):
+            break
+    ports = [
+        _port(exports["OUTBOX_DATABASE_URL"]),
+        _port(exports["OUTBOX_REDIS_URL"]),
+        _port(exports["OUTBOX_KAFKA_BOOTSTRAP"]),
+    ]
+    assert all(port_open(p) for p in ports)
+
+    # When the process that started them dies without a chance to stop them
+    starter.kill()
+    starter.wait(10)
+
+    # Then its watchdog stops all three
+    deadline = time.monotonic() + 30
+    while any(port_open(p) for p in ports) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in ports if port_open(p)] == []
+    assert _processes_mentioning(root) == []
+
+
 ORDINARY_USER_SCRIPT = textwrap.dedent(
     """
     import os, pwd, sys

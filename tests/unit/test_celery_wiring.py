@@ -14,7 +14,7 @@ def test_beat_schedules_every_periodic_task_at_its_configured_interval():
     assert {e["task"] for e in schedule.values()} == set(celeryconfig.BEAT_TASKS)
     assert schedule["outbox.publish"]["schedule"] == 1.0
     assert schedule["outbox.retry_targeted"]["schedule"] == 7.0
-    assert schedule["outbox.heartbeat"]["schedule"] == 30.0
+    assert schedule["outbox.heartbeat"]["schedule"] == 10.0
     assert schedule["outbox.cleanup"]["schedule"] == 3600.0
     assert schedule["consumer.sweep"]["schedule"] == 5.0
     # A tick nobody ran within its interval is dropped, not queued behind the next.
