@@ -299,7 +299,7 @@ def describe() -> list[tuple[str, str, str]]:
         elif isinstance(default, tuple):
             shown = ",".join(default) or "(empty)"
         else:
-            shown = str(default)
+            shown = str(default) or "(empty)"
         rows.append((env_name(f.name), shown, f.metadata["doc"]))
     return rows
 
