@@ -269,9 +269,7 @@ class Relay:
             if release:
                 leases.release(session, SCOPE, self.owner, release)
         topics = {row.id: row.topic for row in batch} if failed else {}
-        self.metrics.relay_batch(
-            ((topic, latency) for topic, latency in marked), (topics[d.id] for d in failed)
-        )
+        self.metrics.relay_batch(marked, (topics[d.id] for d in failed))
         if sent:
             self._last_delivery = time.monotonic()
         if unavailable:
