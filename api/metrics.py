@@ -142,6 +142,13 @@ class OutboxCollector(Collector):
                 view["failed"],
             ),
             ("outbox_retries_published", "Targeted retries published", "group", view["retries"]),
+            (
+                "outbox_relay_producer_replaced",
+                "Relay producers replaced after an error that left them unusable (fenced, "
+                "fatal), by error",
+                "error",
+                view["producer_replaced"],
+            ),
         ):
             counter = CounterMetricFamily(name, help_text, labels=[label])
             for value, n in sorted(values.items()):

@@ -8,8 +8,8 @@ which Prometheus reads as a counter reset.
 Keys (all under ``outbox:metrics:``):
 
 - ``counters``, a hash: ``published|<topic>``, ``failed|<topic>``,
-  ``retries|<group>``, and the commit-to-ack histogram ``latency|<le>``,
-  ``latency_count`` and ``latency_sum``;
+  ``retries|<group>``, ``producer_replaced|<error name>``, and the commit-to-ack
+  histogram ``latency|<le>``, ``latency_count`` and ``latency_sum``;
 - ``circuit``, a hash: each relay's circuit state and when it was seen;
 - ``published:<t>``, messages published in the ``SERIES_STEP_S`` seconds from
   ``t``, for the dashboard's throughput chart; each expires after ``SERIES_KEEP_S``.
@@ -102,6 +102,19 @@ class MetricsRecorder:
         if counts:
             self._pipeline(write)
 
+    def producer_replaced(self, reasons: Iterable[str]) -> None:
+        """Relay producers replaced because they became unusable, one error name each."""
+        if not self.enabled:
+            return
+        counts = Counter(reasons)
+
+        def write(pipe: Any) -> None:
+            for reason, n in counts.items():
+                pipe.hincrby(COUNTERS, f"producer_replaced|{reason}", n)
+
+        if counts:
+            self._pipeline(write)
+
     def circuit(self, owner: str, state: str) -> None:
         """A relay's circuit state now."""
         if self.enabled:
@@ -134,7 +147,7 @@ def read_counters(client: redis.Redis, *, circuit_max_age_s: float) -> dict[str,
     pipe.hgetall(COUNTERS)
     pipe.hgetall(CIRCUIT)
     raw, circuits = pipe.execute()
-    view: dict[str, Any] = {"published": {}, "failed": {}, "retries": {}}
+    view: dict[str, Any] = {"published": {}, "failed": {}, "retries": {}, "producer_replaced": {}}
     buckets: dict[float, int] = {}
     for name, value in ((k.decode(), v.decode()) for k, v in raw.items()):
         kind, _, label = name.partition("|")

@@ -41,12 +41,24 @@ BROKER_UNAVAILABLE = frozenset(
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.NOT_ENOUGH_REPLICAS,
         KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
-        # The producer's session with the broker broke (e.g. a broker that lost its
-        # state); the message is fine and goes again with a new producer.
+    }
+)
+# Errors after which this producer instance is unusable whatever the message: its
+# idempotence session with the broker is gone (fenced after a broker pause, a broker
+# that lost its state, a fatal librdkafka error). librdkafka reports some of these only
+# in delivery reports, without marking them fatal, and every later message then fails
+# the same way: the producer is replaced, and the rows go again without spending an
+# attempt.
+PRODUCER_UNUSABLE = frozenset(
+    {
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
         KafkaError.UNKNOWN_PRODUCER_ID,
         KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
-        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+        KafkaError._FENCED,
         KafkaError._FATAL,
+        KafkaError._GAPLESS_GUARANTEE,
     }
 )
 TOPIC_MISSING = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART})
@@ -77,11 +89,17 @@ class Delivery:
 
     @property
     def broker_unavailable(self) -> bool:
-        # A fatal error (e.g. a broker that forgot our producer id) ends the producer, not
-        # the message: it is retried with a new producer.
-        return self.error is not None and (
-            self.error.code() in BROKER_UNAVAILABLE or self.error.fatal()
-        )
+        """The broker could not be reached: the row goes back untouched, the circuit opens."""
+        return self.error is not None and self.error.code() in BROKER_UNAVAILABLE
+
+    @property
+    def producer_unusable(self) -> bool:
+        """The producer, not the message, failed: the row goes back untouched."""
+        return self.error is not None and _unusable(self.error)
+
+
+def _unusable(error: KafkaError) -> bool:
+    return error.fatal() or error.code() in PRODUCER_UNUSABLE
 
 
 class RelayProducer:
@@ -92,6 +110,8 @@ class RelayProducer:
         self.known_topics: set[str] = set()
         self.brokers_down = False
         self.fatal: KafkaError | None = None
+        # Why each replaced producer was replaced (error names), for the relay's metrics.
+        self.replaced: list[str] = []
         self.producer = self._make()
 
     def _make(self) -> Producer:
@@ -114,7 +134,7 @@ class RelayProducer:
     def _on_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
             self.brokers_down = True
-        if error.fatal():
+        if _unusable(error):
             self.fatal = error
         log.warning("producer: %s", error)
 
@@ -140,8 +160,7 @@ class RelayProducer:
     def send(self, rows: Sequence[Outgoing]) -> list[Delivery]:
         """Produce ``rows`` in order and wait for every delivery report."""
         if self.fatal is not None:
-            log.warning("producer: replacing it after a fatal error: %s", self.fatal)
-            self.producer = self._make()
+            self._replace()
         self.prepare_topics({r.topic for r in rows})
         reports: dict[int, Delivery] = {}
 
@@ -177,7 +196,7 @@ class RelayProducer:
                 except KafkaException as exc:
                     error = exc.args[0]
                     reports[row.id] = Delivery(row.id, error=error)
-                    if error.fatal():
+                    if _unusable(error):
                         self.fatal = error
                     elif row.key is not None:
                         # Refused before sending (e.g. over message.max.bytes): later
@@ -199,12 +218,30 @@ class RelayProducer:
                 )
         missing = self.fatal or KafkaError(KafkaError._TIMED_OUT, "no delivery report")
         deliveries = [reports.get(r.id) or Delivery(r.id, error=missing) for r in rows]
+        unusable = next((d.error for d in deliveries if d.producer_unusable), None)
+        if unusable is not None and self.fatal is None:
+            self.fatal = unusable
         if any(d.error is not None and d.error.code() in TOPIC_MISSING for d in deliveries):
             # The broker lost the topic (a memory-only broker restarted): make it again.
             self.known_topics.clear()
         elif deliveries and all(d.error is None and not d.held for d in deliveries):
             self.brokers_down = False
         return deliveries
+
+    def _replace(self) -> None:
+        """A new producer (a new idempotence session) in place of the unusable one."""
+        assert self.fatal is not None
+        reason = self.fatal.name() or str(self.fatal.code())
+        log.warning("producer: replacing it, it is unusable after %s: %s", reason, self.fatal)
+        old = self.producer
+        self.producer = self._make()
+        self.replaced.append(reason)
+        # What the old one still holds failed with it; it has nothing worth delivering.
+        try:
+            old.purge()
+            old.flush(0)
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("producer: the replaced one did not purge: %s", exc)
 
     def close(self) -> None:
         """Deliver what is queued, within the delivery timeout."""

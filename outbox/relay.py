@@ -236,9 +236,11 @@ class Relay:
     ) -> None:
         sent = [d for d in deliveries if d.error is None and not d.held]
         unavailable = [d for d in deliveries if d.broker_unavailable]
-        failed = [d for d in deliveries if d.error is not None and not d.broker_unavailable]
-        # Held rows and rows that met an outage go back untouched: no attempt is spent.
-        released = [d for d in deliveries if d.held or d.broker_unavailable]
+        # Held rows, rows that met an outage and rows that an unusable producer failed
+        # go back untouched: no attempt is spent.
+        back = [d.held or d.broker_unavailable or d.producer_unusable for d in deliveries]
+        released = [d for d, b in zip(deliveries, back, strict=True) if b]
+        failed = [d for d, b in zip(deliveries, back, strict=True) if d.error is not None and not b]
         marked: Sequence[Any] = ()
         with self.sessions.begin() as session:
             if sent:
@@ -270,6 +272,9 @@ class Relay:
                 leases.release(session, SCOPE, self.owner, release)
         topics = {row.id: row.topic for row in batch} if failed else {}
         self.metrics.relay_batch(marked, (topics[d.id] for d in failed))
+        if self.producer.replaced:
+            self.metrics.producer_replaced(self.producer.replaced)
+            self.producer.replaced = []
         if sent:
             self._last_delivery = time.monotonic()
         if unavailable:
