@@ -282,6 +282,9 @@ class Lease(Base):
     owner: Mapped[str | None] = mapped_column(String(255))
     fencing_token: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     expires_at: Mapped[datetime] = _created()
+    # Relay buckets: the batch whose row claims are outstanding, and until when they hold.
+    claim_token: Mapped[uuid.UUID | None] = mapped_column()
+    claims_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class HealthSnapshot(Base):

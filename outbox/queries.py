@@ -152,16 +152,27 @@ WHERE scope = :scope AND owner = :owner AND bucket = ANY(CAST(:buckets AS int[])
 """)
 
 # Rows are taken per bucket in id order: a key lives in one bucket, so that is all
-# per-key order needs, and each bucket is a short range scan of the claim index.
+# per-key order needs, and each bucket is a short range scan of the claim index. The
+# bucket's lease is checked and renewed in the same statement, and records the claim:
+# a row claim never outlives its bucket's lease, and no relay claims in a bucket while
+# rows of an earlier claim there (a relay that stalled, died or let go) are unsettled.
 CLAIM_BATCH = _sql("""
-WITH claimable AS (
-    SELECT c.id
-    -- only buckets whose lease this relay holds: one sender per key at a time
-    FROM unnest(CAST(:buckets AS int[])) AS b(bucket)
+WITH held AS (
+    SELECT l.bucket FROM leases l
+    WHERE l.scope = :scope AND l.bucket = ANY(CAST(:buckets AS int[]))
+      -- only buckets this relay still holds, by the database clock: one sender per key
+      AND l.owner = :owner AND l.expires_at > now()
+      -- no earlier claim in the bucket is unsettled: a later row never overtakes it
+      AND (l.claims_until IS NULL OR l.claims_until < now())
+    FOR UPDATE
+),
+claimable AS (
+    SELECT c.id, h.bucket
+    FROM held h
     CROSS JOIN LATERAL (
         SELECT m.id FROM outbox_messages m
         WHERE m.status = 'pending'
-          AND m.bucket = b.bucket
+          AND m.bucket = h.bucket
           -- backoff after a failed delivery has elapsed
           AND m.available_at <= now()
           -- not claimed by a relay whose claim is still live
@@ -176,6 +187,12 @@ WITH claimable AS (
         LIMIT :per_bucket
         FOR UPDATE SKIP LOCKED
     ) AS c
+),
+stamped AS (
+    UPDATE leases l
+    SET expires_at = now() + make_interval(secs => :lease_s), claim_token = :token,
+        claims_until = now() + make_interval(secs => :lease_s)
+    WHERE l.scope = :scope AND l.bucket IN (SELECT bucket FROM claimable)
 )
 UPDATE outbox_messages m
 SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :lease_s)
@@ -183,6 +200,12 @@ FROM claimable c
 WHERE m.id = c.id
 RETURNING m.id, m.topic, m.key, CAST(m.payload AS text) AS payload,
           CAST(m.headers AS text) AS headers, m.attempts, m.bucket
+""")
+
+# A claim's rows are settled (marked or given back): its buckets take claims again.
+SETTLE_CLAIM = _sql("""
+UPDATE leases SET claim_token = NULL, claims_until = NULL
+WHERE scope = :scope AND claim_token = :token
 """)
 
 # Marking rows sent also opens their deliveries: one per active group of the topic that

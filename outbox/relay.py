@@ -5,7 +5,10 @@ One pass of :meth:`Relay.run`:
 1. lease key buckets that have claimable rows (at most ``relay_buckets_per_task``),
    so concurrent relays share the buckets and never hold the same one;
 2. claim a batch of their rows in id order with ``FOR UPDATE SKIP LOCKED``,
-   stamping a claim token and lease expiry, and commit;
+   stamping a claim token and lease expiry, and commit; the same statement checks
+   and renews the bucket leases by the database clock and records the claim on
+   them, so a row claim never outlives its bucket's lease and no relay claims in a
+   bucket while an earlier claim there is unsettled;
 3. produce outside any transaction and wait for the delivery reports;
 4. mark rows sent (with partition and offset) only ``WHERE claim_token`` is
    still ours; failed rows back off and end dead after the last attempt; rows
@@ -128,6 +131,7 @@ class Relay:
 
     def _drain(self, deadline: float, report: RelayReport) -> None:
         held: dict[int, int] = {}
+        unsettled: tuple[uuid.UUID, list[int]] | None = None  # a claim not marked yet
         relet_at = 0.0  # when to renew the leases and look for buckets with new work
         work_elsewhere = True  # the last lease saw work in buckets it could not take
         s = self.settings
@@ -148,6 +152,7 @@ class Relay:
                     relet_at = 0.0  # ours are drained: look for others with work
                     continue
                 report.batches += 1
+                unsettled = (token, [row.id for row in batch])
                 deliveries = self.producer.send(batch)
                 # Every held bucket came back short and every row went out: they are
                 # empty. A row committed since this task began queued a kick of its own
@@ -158,14 +163,19 @@ class Relay:
                 self._mark(
                     token, batch, attempts, deliveries, report, release=list(held) if done else []
                 )
+                unsettled = None
                 if done:
                     held = {}
                     return
                 if drained:
                     relet_at = 0.0
         finally:
-            if held:
+            if held or unsettled:
                 with self.sessions.begin() as session:
+                    if unsettled:
+                        # Interrupted between claim and mark: the rows go back untouched
+                        # (they may be in Kafka already: a harmless repeat).
+                        self._settle(session, *unsettled)
                     leases.release(session, SCOPE, self.owner, held)
 
     def _lease(self, session: Session, held: dict[int, int]) -> tuple[dict[int, int], bool]:
@@ -204,6 +214,8 @@ class Relay:
         rows = session.execute(
             queries.CLAIM_BATCH,
             {
+                "scope": SCOPE,
+                "owner": self.owner,
                 "buckets": buckets,
                 "token": token,
                 "lease_s": self.settings.relay_lease_s,
@@ -264,10 +276,7 @@ class Relay:
                         "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in failed],
                     },
                 )
-            if released:
-                session.execute(
-                    queries.RELEASE_CLAIMS, {"token": token, "ids": [d.id for d in released]}
-                )
+            self._settle(session, token, [d.id for d in released])
             if release:
                 leases.release(session, SCOPE, self.owner, release)
         topics = {row.id: row.topic for row in batch} if failed else {}
@@ -286,6 +295,13 @@ class Relay:
         report.sent += len(sent)
         report.failed += len(failed)
         report.released += len(released)
+
+    @staticmethod
+    def _settle(session: Session, token: uuid.UUID, give_back: list[int]) -> None:
+        """Give ``give_back`` back untouched and free the claim's buckets for new claims."""
+        if give_back:
+            session.execute(queries.RELEASE_CLAIMS, {"token": token, "ids": give_back})
+        session.execute(queries.SETTLE_CLAIM, {"scope": SCOPE, "token": token})
 
     def close(self) -> None:
         """Flush the producer (call at process shutdown)."""
