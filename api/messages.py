@@ -25,6 +25,7 @@ from api.state import state
 from outbox.errors import PublishError
 from outbox.publishing import Message
 from outbox.status import MessageFilter, get_message, list_messages
+from outbox.wire import INTERNAL_TOPICS
 
 TAG = Tag(name="messages", description="Publish messages and follow their delivery")
 messages = APIBlueprint(
@@ -68,6 +69,15 @@ def publish(body: PublishRequest) -> tuple[Response, int]:
                 {"field": "idempotency_key"},
             )
         batch = [_message(item, header_key)]
+    for i, message in enumerate(batch):
+        if message.topic in INTERNAL_TOPICS:
+            field = f"messages[{i}].topic" if isinstance(item, BatchIn) else "topic"
+            return error_response(
+                422,
+                "invalid_topic",
+                f"topic {message.topic!r} is the outbox's own",
+                {"field": field},
+            )
     try:
         with s.engine.begin() as conn:
             ids = s.publisher.publish_batch(conn, batch)

@@ -7,7 +7,7 @@ from typing import Any
 from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint, Tag
 
-from api.errors import publish_error_response
+from api.errors import error_response, publish_error_response
 from api.schemas import (
     ErrorOut,
     GroupFields,
@@ -22,6 +22,7 @@ from api.state import state
 from outbox.errors import PublishError
 from outbox.models import ConsumerGroup, Topic
 from outbox.registry import GroupSpec, put_group, register_topic, topics_with_groups
+from outbox.wire import INTERNAL_TOPICS
 
 TAG = Tag(name="topics", description="Register topics and consumer groups")
 topics = APIBlueprint(
@@ -75,12 +76,21 @@ def topic_view(t: Topic, groups: list[ConsumerGroup]) -> dict[str, Any]:
 @topics.post("/topics", responses={200: TopicOut, 201: TopicOut, 401: ErrorOut, 422: ErrorOut})
 def create_topic(body: TopicIn) -> tuple[Response, int]:
     """Register a topic (201), or update it (200), with its consumer groups."""
-    with state().sessions.begin() as session:
-        topic, created = register_topic(
-            session, body.name, description=body.description, active=body.active
+    if body.name in INTERNAL_TOPICS:
+        return error_response(
+            422, "invalid_topic", f"topic {body.name!r} is the outbox's own", {"field": "name"}
         )
-        groups = [put_group(session, _spec(g.name, body.name, g)) for g in body.consumer_groups]
-        view = topic_view(topic, groups)
+    try:
+        with state().sessions.begin() as session:
+            topic, created = register_topic(
+                session, body.name, description=body.description, active=body.active
+            )
+            groups = [
+                put_group(session, _spec(g.name, body.name, g)) for g in body.consumer_groups
+            ]
+            view = topic_view(topic, groups)
+    except PublishError as exc:
+        return publish_error_response(exc, batch=False)
     return jsonify(view), 201 if created else 200
 
 

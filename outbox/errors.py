@@ -46,6 +46,12 @@ class InactiveTopic(PublishError):
     code = "inactive_topic"
 
 
+class InvalidTopic(PublishError):
+    """The topic name is one Kafka cannot take."""
+
+    code = "invalid_topic"
+
+
 class PayloadNotJSON(PublishError):
     """The payload cannot be written as JSON."""
 

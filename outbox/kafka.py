@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from outbox.errors import SettingsError
 from outbox.settings import Settings, env_name
@@ -65,16 +65,30 @@ def admin_client(settings: Settings) -> AdminClient:
 
 
 def ensure_topics(admin: AdminClient, topics: Iterable[str], partitions: int) -> list[str]:
-    """Create the topics that do not exist yet; return the ones created."""
+    """Create the topics that do not exist yet; return the ones created.
+
+    Raises the first topic's error when one could not be created."""
+    created, failed = create_topics(admin, topics, partitions)
+    for exc in failed.values():
+        raise exc
+    return created
+
+
+def create_topics(
+    admin: AdminClient, topics: Iterable[str], partitions: int
+) -> tuple[list[str], dict[str, KafkaException]]:
+    """Create the topics that do not exist yet; return those created and, per topic that
+    the broker refused to create, its error. An unreachable broker raises."""
     existing = set(admin.list_topics(timeout=TOPIC_CREATE_TIMEOUT_S).topics)
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
     if not missing:
-        return []
+        return [], {}
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing],
         request_timeout=TOPIC_CREATE_TIMEOUT_S,
     )
     created = []
+    failed: dict[str, KafkaException] = {}
     for topic, future in futures.items():
         try:
             future.result()
@@ -82,7 +96,26 @@ def ensure_topics(admin: AdminClient, topics: Iterable[str], partitions: int) ->
         except KafkaException as exc:
             # Another process may have created it between our look and our request.
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+                failed[topic] = exc
     if created:
         log.info("created Kafka topics %s with %d partitions", created, partitions)
-    return created
+    return created, failed
+
+
+def max_message_bytes(admin: AdminClient, topics: Iterable[str]) -> dict[str, int]:
+    """Each topic's own ``max.message.bytes``, where the broker reports one."""
+    resources = [ConfigResource(ResourceType.TOPIC, t) for t in topics]
+    if not resources:
+        return {}
+    limits = {}
+    for resource, future in admin.describe_configs(
+        resources, request_timeout=TOPIC_CREATE_TIMEOUT_S
+    ).items():
+        try:
+            entry = future.result().get("max.message.bytes")
+        except KafkaException as exc:
+            log.debug("no configuration for topic %s: %s", resource.name, exc)
+            continue
+        if entry is not None and entry.value is not None and entry.value.isdigit():
+            limits[resource.name] = int(entry.value)
+    return limits

@@ -16,7 +16,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from outbox.kafka import admin_client, ensure_topics, producer_config
+from outbox.kafka import admin_client, create_topics, max_message_bytes, producer_config
 from outbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ PRODUCER_UNUSABLE = frozenset(
 )
 TOPIC_MISSING = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART})
 PING_TIMEOUT_S = 2.0
+# A record batch's header and the record's own framing, rounded up.
+RECORD_OVERHEAD_BYTES = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,7 @@ class RelayProducer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.known_topics: set[str] = set()
+        self.topic_limits: dict[str, int] = {}
         self.brokers_down = False
         self.fatal: KafkaError | None = None
         # Why each replaced producer was replaced (error names), for the relay's metrics.
@@ -126,6 +129,10 @@ class RelayProducer:
                     "message.timeout.ms": s.relay_delivery_timeout_ms,
                     "message.max.bytes": max_message,
                     "queue.buffering.max.messages": max(100000, s.relay_batch_size * 4),
+                    # A record the broker refuses for good stops this producer (replaced
+                    # on the next pass) instead of letting later records of the
+                    # partition, and so of its key, be written after the gap.
+                    "enable.gapless.guarantee": True,
                     "error_cb": self._on_error,
                 },
             )
@@ -148,21 +155,33 @@ class RelayProducer:
         self.brokers_down = not metadata.brokers
         return not self.brokers_down
 
-    def prepare_topics(self, topics: set[str]) -> None:
-        """Create any of ``topics`` not known to exist, with the configured partitions."""
+    def prepare_topics(self, topics: set[str]) -> dict[str, KafkaError]:
+        """Create any of ``topics`` not known to exist, with the configured partitions, and
+        learn their ``max.message.bytes``; return the error of each the broker refused to
+        create (an unreachable broker raises)."""
         missing = topics - self.known_topics
-        if missing:
-            ensure_topics(
-                admin_client(self.settings), missing, self.settings.kafka_topic_partitions
-            )
-            self.known_topics |= missing
+        if not missing:
+            return {}
+        admin = admin_client(self.settings)
+        _, failed = create_topics(admin, missing, self.settings.kafka_topic_partitions)
+        made = missing - set(failed)
+        self.topic_limits.update(max_message_bytes(admin, made))
+        self.known_topics |= made
+        for topic, exc in failed.items():
+            log.warning("producer: the broker refused to create topic %r: %s", topic, exc)
+        return {topic: exc.args[0] for topic, exc in failed.items()}
 
     def send(self, rows: Sequence[Outgoing]) -> list[Delivery]:
         """Produce ``rows`` in order and wait for every delivery report."""
         if self.fatal is not None:
             self._replace()
-        self.prepare_topics({r.topic for r in rows})
         reports: dict[int, Delivery] = {}
+        try:
+            refused_topics = self.prepare_topics({r.topic for r in rows})
+        except KafkaException as exc:
+            # No broker answered the metadata or creation request: nothing was sent.
+            unreachable = KafkaError(KafkaError._TRANSPORT, f"topics not ready: {exc.args[0]}")
+            return [Delivery(r.id, error=unreachable) for r in rows]
 
         def on_delivery(row_id: int) -> Any:
             def report(error: KafkaError | None, msg: Message) -> None:
@@ -180,6 +199,12 @@ class RelayProducer:
                 continue
             if row.key is not None and row.key in refused_keys:
                 reports[row.id] = Delivery(row.id, held=True)
+                continue
+            refusal = refused_topics.get(row.topic) or self._too_large(row)
+            if refusal is not None:
+                reports[row.id] = Delivery(row.id, error=refusal)
+                if row.key is not None:
+                    refused_keys.add(row.key)
                 continue
             while True:
                 try:
@@ -224,9 +249,27 @@ class RelayProducer:
         if any(d.error is not None and d.error.code() in TOPIC_MISSING for d in deliveries):
             # The broker lost the topic (a memory-only broker restarted): make it again.
             self.known_topics.clear()
+            self.topic_limits.clear()
         elif deliveries and all(d.error is None and not d.held for d in deliveries):
             self.brokers_down = False
         return deliveries
+
+    def _too_large(self, row: Outgoing) -> KafkaError | None:
+        """The broker's refusal of a record over its topic's ``max.message.bytes``, made
+        before producing it: refused by the broker, it would fail in its delivery report,
+        after later records of its key had gone."""
+        limit = self.topic_limits.get(row.topic)
+        if limit is None:
+            return None
+        size = len(row.value) + len(row.key or "") + RECORD_OVERHEAD_BYTES
+        size += sum(len(name) + len(value or "") for name, value in row.headers)
+        if size <= limit:
+            return None
+        return KafkaError(
+            KafkaError.MSG_SIZE_TOO_LARGE,
+            f"a record of about {size} bytes is over topic {row.topic!r}'s "
+            f"max.message.bytes of {limit}",
+        )
 
     def _replace(self) -> None:
         """A new producer (a new idempotence session) in place of the unusable one."""

@@ -32,19 +32,20 @@ from outbox.errors import (
     PublishError,
     UnknownTopic,
 )
+from outbox.registry import check_topic_names
 from outbox.settings import Settings
 from outbox.wire import (
     HEADER_CORRELATION_ID,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_MESSAGE_ID,
     HEADER_TRACEPARENT,
+    MAX_TOPIC,
     RESERVED_HEADERS,
     bucket_for,
 )
 
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 MAX_IDEMPOTENCY_KEY = 255
-MAX_TOPIC = 249
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +185,7 @@ class Publisher:
         )
         unknown = [(i, r) for i, r in missing if r.topic not in states]
         if unknown and self.settings.auto_register_topics:
+            check_topic_names(session, {r.topic for _, r in unknown}, field="topic")
             session.execute(
                 queries.REGISTER_TOPICS, {"names": sorted({r.topic for _, r in unknown})}
             )
@@ -288,7 +290,10 @@ class Publisher:
         reserved = sorted(RESERVED_HEADERS & set(headers))
         if reserved:
             raise InvalidHeaders(
-                f"headers {reserved} are set by the outbox", field="headers", index=index
+                f"header {reserved[0]!r} is set by the outbox itself; the headers it "
+                f"reserves are {', '.join(sorted(RESERVED_HEADERS))}",
+                field=f"headers.{reserved[0]}",
+                index=index,
             )
         traceparent = headers.get(HEADER_TRACEPARENT)
         if traceparent is not None and not TRACEPARENT.match(traceparent):

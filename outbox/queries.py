@@ -96,6 +96,13 @@ TOPIC_STATES = _sql("""
 SELECT name, active FROM topics WHERE name = ANY(CAST(:names AS text[]))
 """)
 
+# A new name that differs from a registered one only in '.' against '_'.
+TOPIC_NAME_CLASHES = _sql("""
+SELECT n.name, t.name FROM unnest(CAST(:names AS text[])) AS n(name)
+JOIN topics t ON translate(t.name, '.', '_') = translate(n.name, '.', '_') AND t.name <> n.name
+LIMIT 1
+""")
+
 REGISTER_TOPICS = _sql("""
 INSERT INTO topics (name) SELECT unnest(CAST(:names AS text[])) ON CONFLICT DO NOTHING
 """)

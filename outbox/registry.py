@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from outbox.errors import UnknownTopic
+from outbox import queries
+from outbox.errors import InvalidTopic, UnknownTopic
 from outbox.models import ConsumerGroup, Topic
+from outbox.wire import MAX_TOPIC
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,40 @@ class GroupSpec:
     active: bool = True
 
 
+# What Kafka takes as a topic name (and "." and ".." it does not).
+TOPIC_NAME = re.compile(rf"^[A-Za-z0-9._-]{{1,{MAX_TOPIC}}}$")
+
+
+def check_topic_names(
+    session: Session | Connection, names: Iterable[str], *, field: str = "name"
+) -> None:
+    """Refuse names Kafka cannot take, before any is registered: outside its alphabet or
+    length, ``.`` and ``..``, and a name that differs from a registered one only in
+    ``.`` against ``_`` (Kafka's metrics cannot tell those apart, so it refuses them)."""
+    wanted = sorted(set(names))
+    for name in wanted:
+        if not TOPIC_NAME.match(name) or name in (".", ".."):
+            raise InvalidTopic(
+                f"topic name {name!r} is not one Kafka takes: 1 to {MAX_TOPIC} of "
+                "A-Z, a-z, 0-9, '.', '_' and '-', and neither '.' nor '..'",
+                field=field,
+            )
+    clash = session.execute(queries.TOPIC_NAME_CLASHES, {"names": wanted}).first()
+    if clash is not None:
+        raise InvalidTopic(
+            f"topic name {clash[0]!r} collides with registered topic {clash[1]!r}: Kafka "
+            "treats '.' and '_' in topic names alike",
+            field=field,
+        )
+
+
 def register_topic(
     session: Session, name: str, *, description: str = "", active: bool = True
 ) -> tuple[Topic, bool]:
-    """Create or update a topic; return it and whether it was created."""
+    """Create or update a topic; return it and whether it was created.
+
+    Raises :class:`~outbox.errors.InvalidTopic` for a name Kafka cannot take."""
+    check_topic_names(session, [name])
     stmt = insert(Topic).values(name=name, description=description, active=active)
     created = session.execute(
         stmt.on_conflict_do_nothing(index_elements=[Topic.name]).returning(Topic.id)

@@ -15,10 +15,23 @@ HEADER_TARGET_GROUP = "target_group"
 # the outbox row it repeats; its message_id header stays the original's.
 HEADER_TARGET_INSTANCE = "target_instance"
 HEADER_RETRY_ATTEMPT = "retry_attempt"
+# The longest topic name Kafka takes.
+MAX_TOPIC = 249
 # Consumers acknowledge processed messages on this topic, through their own outbox.
 ACK_TOPIC = "outbox.acks"
-# Set by the outbox itself; a caller may not supply them.
-RESERVED_HEADERS = frozenset({HEADER_MESSAGE_ID, HEADER_IDEMPOTENCY_KEY})
+# Topics only the outbox itself writes: the HTTP API neither registers nor publishes to them.
+INTERNAL_TOPICS = frozenset({ACK_TOPIC})
+# Set by the outbox itself, and acted on by consumers: a caller may not supply them (a
+# target_group set by a caller would make every other group skip the message).
+RESERVED_HEADERS = frozenset(
+    {
+        HEADER_MESSAGE_ID,
+        HEADER_IDEMPOTENCY_KEY,
+        HEADER_TARGET_GROUP,
+        HEADER_TARGET_INSTANCE,
+        HEADER_RETRY_ATTEMPT,
+    }
+)
 
 # Messages from producers that are not ours get a stable id from their position.
 _FOREIGN_NAMESPACE = uuid.UUID("6f1c2f43-52a4-4b0e-9a8f-3f4a1f0e2b7d")

@@ -130,7 +130,34 @@ BAD_INPUTS = [
         {},
         422,
         "invalid_headers",
-        "headers",
+        "headers.message_id",
+    ),
+    *(
+        (
+            f"header {name} the consumers act on",
+            {"topic": "orders", "payload": {}, "headers": {name: "x"}},
+            {},
+            422,
+            "invalid_headers",
+            f"headers.{name}",
+        )
+        for name in ("target_group", "target_instance", "retry_attempt")
+    ),
+    (
+        "the acks topic",
+        {"topic": "outbox.acks", "payload": {}},
+        {},
+        422,
+        "invalid_topic",
+        "topic",
+    ),
+    (
+        "the acks topic in a batch",
+        {"messages": [{"topic": "orders", "payload": {}}, {"topic": "outbox.acks", "payload": {}}]},
+        {},
+        422,
+        "invalid_topic",
+        "messages[1].topic",
     ),
     (
         "bad item in batch",
@@ -321,6 +348,28 @@ def test_topics_and_consumer_groups_are_registered_and_listed(client):
     )
     assert bad.status_code == 422
     assert bad.get_json()["error"]["details"]["fields"][0]["field"] == "max_retries"
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        (".", "not one Kafka takes"),
+        ("..", "not one Kafka takes"),
+        ("orders_v1", "collides"),
+        ("outbox.acks", "the outbox's own"),
+    ],
+)
+def test_a_topic_name_kafka_cannot_take_is_refused_and_registers_nothing(
+    client, session, name, why
+):
+    assert client.post("/v1/topics", json={"name": "orders.v1"}, headers=AUTH).status_code == 201
+    before = session.execute(text("SELECT count(*) FROM topics")).scalar()
+    response = client.post("/v1/topics", json={"name": name}, headers=AUTH)
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert (error["code"], error["details"]["field"]) == ("invalid_topic", "name")
+    assert why in error["message"]
+    assert session.execute(text("SELECT count(*) FROM topics")).scalar() == before
 
 
 def test_the_openapi_document_and_docs_page_are_served(client):

@@ -109,7 +109,10 @@ def test_a_batch_keeps_its_order_in_ids(publisher, session, orders):
         (Message("orders", {"x": "y" * 1000}), PayloadTooLarge, "payload"),
         (Message("orders", {}, key="k" * 11), KeyTooLong, "key"),
         (Message("orders", {}, headers={"h": "v" * 300}), InvalidHeaders, "headers"),
-        (Message("orders", {}, headers={"message_id": "mine"}), InvalidHeaders, "headers"),
+        *(
+            (Message("orders", {}, headers={name: "mine"}), InvalidHeaders, f"headers.{name}")
+            for name in ("message_id", "target_group", "target_instance", "retry_attempt")
+        ),
         (
             Message("orders", {}, headers={"traceparent": "bogus"}),
             InvalidHeaders,

@@ -6,11 +6,15 @@ import collections
 import uuid
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import NewTopic
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
+from outbox import producer as producer_module
 from outbox.db import make_sessionmaker
+from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
 from outbox.registry import register_topic
 from outbox.relay import Relay
@@ -107,6 +111,80 @@ def test_a_message_kafka_refuses_backs_off_ends_dead_and_holds_its_key_not_other
         ("k1", {"after": "blob"}),
         ("k2", {"other": "key"}),
     ]
+
+
+def test_a_record_over_its_topics_max_message_bytes_fails_before_later_rows_of_its_key(
+    relay_settings, engine, session, topic
+):
+    """A broker refuses a record over its topic's max.message.bytes in the delivery
+    report, after later records of its key went; the embedded broker keeps the setting
+    but does not enforce it, so what shows the refusal here is the relay's own."""
+    admin = admin_client(relay_settings)
+    created = admin.create_topics(
+        [
+            NewTopic(
+                topic, num_partitions=2, replication_factor=1, config={"max.message.bytes": "2000"}
+            )
+        ]
+    )
+    created[topic].result()
+    _register(session, topic)
+    # Given a large and then a small message of one key, and another key, in one batch
+    Publisher(relay_settings).publish_batch(
+        session,
+        [
+            Message(topic, {"blob": uuid.uuid4().hex * 100}, key="k1"),
+            Message(topic, {"after": "blob"}, key="k1"),
+            Message(topic, {"other": "key"}, key="k2"),
+        ],
+    )
+    session.commit()
+
+    # When the relay runs
+    report = Relay(relay_settings, sessions=make_sessionmaker(engine)).run(budget_s=5)
+
+    # Then the large one failed with a clear error, the small one of its key waits behind
+    # it without spending an attempt, and only the other key reached Kafka
+    assert (report.sent, report.failed) == (1, 1)
+    rows = {next(iter(r.payload)): r for r in session.scalars(select(OutboxMessage))}
+    assert (rows["blob"].status, rows["blob"].attempts) == ("pending", 1)
+    assert "max.message.bytes of 2000" in (rows["blob"].last_error or "")
+    assert (rows["after"].status, rows["after"].attempts) == ("pending", 0)
+    received = consume_all(relay_settings.kafka_bootstrap, topic, 1)
+    assert [m.value for m in received] == [{"other": "key"}]
+
+
+def test_a_topic_the_broker_refuses_to_create_fails_its_rows_and_delays_no_other(
+    relay_settings, engine, session, topic, monkeypatch
+):
+    """The embedded broker creates any topic it is asked for, so the refusal (as Kafka
+    gives it for a name it cannot take) is injected where the relay receives the
+    creation results; the other topic is created by the broker as usual."""
+    bad = f"{topic}.refused"
+    create = producer_module.create_topics
+
+    def refusing(admin, topics, partitions):
+        created, failed = create(admin, [t for t in topics if t != bad], partitions)
+        if bad in topics:
+            failed[bad] = KafkaException(KafkaError(KafkaError.TOPIC_EXCEPTION, "no"))
+        return created, failed
+
+    monkeypatch.setattr(producer_module, "create_topics", refusing)
+    _register(session, bad)
+    _register(session, topic)
+    Publisher(relay_settings).publish_batch(
+        session, [Message(bad, {"n": 1}, key="k1"), Message(topic, {"n": 2}, key="k2")]
+    )
+    session.commit()
+    settings = relay_settings.replace(relay_max_attempts=2, relay_retry_base_s=0.0)
+    relay = Relay(settings, sessions=make_sessionmaker(engine))
+    first = relay.run(budget_s=5)
+    second = relay.run(budget_s=5)
+    assert (first.sent + second.sent, first.failed + second.failed) == (1, 2)
+    rows = {r.topic: r for r in session.scalars(select(OutboxMessage))}
+    assert (rows[topic].status, rows[topic].attempts) == ("sent", 0)
+    assert (rows[bad].status, rows[bad].attempts) == ("dead", 2)
+    assert "TOPIC_EXCEPTION" in (rows[bad].last_error or "")
 
 
 def _lease(relay: Relay, held: dict[int, int]) -> dict[int, int]:
