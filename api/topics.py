@@ -85,9 +85,7 @@ def create_topic(body: TopicIn) -> tuple[Response, int]:
             topic, created = register_topic(
                 session, body.name, description=body.description, active=body.active
             )
-            groups = [
-                put_group(session, _spec(g.name, body.name, g)) for g in body.consumer_groups
-            ]
+            groups = [put_group(session, _spec(g.name, body.name, g)) for g in body.consumer_groups]
             view = topic_view(topic, groups)
     except PublishError as exc:
         return publish_error_response(exc, batch=False)

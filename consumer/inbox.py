@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import uuid
 from typing import Any
 
@@ -22,49 +24,188 @@ from outbox.wire import (
     foreign_message_id,
 )
 
+# Deeper JSON than this is refused as a record's payload (PostgreSQL's own parser, and
+# Python's, stop not far beyond).
+MAX_JSON_DEPTH = 512
+MAX_IDEMPOTENCY_KEY = 255
+
+
+class Unstorable(ValueError):
+    """A Kafka record that the inbox cannot hold as it is (its message is kept raw)."""
+
 
 def inbox_row(group: str, msg: Message, lanes: int) -> dict[str, Any]:
-    """The inbox row for one Kafka message; a payload that is not JSON is dead on arrival."""
+    """The inbox row for one Kafka message.
+
+    A record that cannot be stored as it is (a value that is not JSON or is JSON that
+    PostgreSQL refuses, a key or header that is not UTF-8 text or holds a NUL) is dead
+    on arrival: its row keeps the raw bytes, base64-encoded, and says what is wrong, so
+    that its partition keeps flowing."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     if topic is None or partition is None or offset is None:
         raise ValueError("an error event is not a message")
-    raw_headers = msg.headers() or []
-    pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
-    headers = {}
-    for name, value in pairs:
-        text = _text(value)
-        if text is not None:
-            headers[name] = text
-    key = _text(msg.key())
     try:
-        message_id = uuid.UUID(headers[HEADER_MESSAGE_ID])
-    except (KeyError, ValueError):
-        message_id = foreign_message_id(topic, partition, offset)
-    row: dict[str, Any] = {
+        return _row(group, msg, topic, partition, offset, lanes)
+    except Unstorable as exc:
+        return poison_row(group, msg, lanes, str(exc))
+
+
+def _row(
+    group: str, msg: Message, topic: str, partition: int, offset: int, lanes: int
+) -> dict[str, Any]:
+    headers: dict[str, str] = {}
+    for name, value in _header_pairs(msg):
+        text = _strict_text(value, f"header {name!r}")
+        if text is not None:
+            headers[_strict_text(name, "a header name") or ""] = text
+    key = _strict_text(msg.key(), "the key")
+    message_id = _message_id(headers, topic, partition, offset)
+    idempotency_key = headers.get(HEADER_IDEMPOTENCY_KEY)
+    if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        raise Unstorable(f"idempotency_key header is over {MAX_IDEMPOTENCY_KEY} characters")
+    return {
         "consumer_group": group,
         "message_id": message_id,
-        "idempotency_key": headers.get(HEADER_IDEMPOTENCY_KEY),
+        "idempotency_key": idempotency_key,
         "topic": topic,
         "partition": partition,
         "offset": offset,
         "key": key,
         "lane": bucket_for(key, message_id, lanes),
         "headers": headers,
+        "payload": _payload(msg.value()),
     }
+
+
+def poison_row(group: str, msg: Message, lanes: int, error: str) -> dict[str, Any]:
+    """A dead inbox row for a record that cannot be stored as it is, keeping its raw bytes."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
     try:
-        payload = json.loads(msg.value() or b"null")
-        row["payload"] = payload if isinstance(payload, dict) else {"value": payload}
+        pairs = _header_pairs(msg)
+    except Unstorable:
+        pairs = []
+    headers = {_readable(name): _readable(value) for name, value in pairs}
+    raw_key = msg.key()
+    key = None if raw_key is None else _readable(raw_key)
+    message_id = _message_id(headers, topic, partition, offset)
+    return {
+        "consumer_group": group,
+        "message_id": message_id,
+        # A raw record is never matched by its idempotency key: it cannot be trusted.
+        "idempotency_key": None,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "key": key,
+        "lane": bucket_for(key, message_id, lanes),
+        "headers": headers,
+        "payload": {
+            "raw": {
+                "value_base64": _b64(msg.value()),
+                "key_base64": _b64(raw_key),
+                "headers_base64": [[_b64(n), _b64(v)] for n, v in pairs],
+            }
+        },
+        "status": "dead",
+        "last_error": f"record cannot be stored: {error}",
+    }
+
+
+def _header_pairs(msg: Message) -> list[tuple[str | bytes, str | bytes | None]]:
+    try:
+        raw = msg.headers() or []
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Unstorable(f"headers are not readable: {exc}") from exc
+    return list(raw.items() if isinstance(raw, dict) else raw)
+
+
+def _message_id(headers: dict[str, str], topic: str, partition: int, offset: int) -> uuid.UUID:
+    try:
+        return uuid.UUID(headers[HEADER_MESSAGE_ID])
+    except (KeyError, ValueError):
+        return foreign_message_id(topic, partition, offset)
+
+
+def _strict_text(value: str | bytes | None, what: str) -> str | None:
+    """UTF-8 text without NUL (PostgreSQL's text and JSON take no NUL), or Unstorable."""
+    if value is None:
+        return None
+    try:
+        text = value.decode() if isinstance(value, bytes) else value
+        text.encode()
+    except UnicodeError as exc:
+        raise Unstorable(f"{what} is not UTF-8 text: {exc}") from exc
+    if "\x00" in text:
+        raise Unstorable(f"{what} holds a NUL character")
+    return text
+
+
+def _readable(value: str | bytes | None) -> str:
+    """Text for an operator to read: invalid bytes replaced, NUL shown as U+FFFD."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = value.encode(errors="replace")
+    return value.decode(errors="replace").replace("\x00", "\ufffd")
+
+
+def _b64(value: str | bytes | None) -> str | None:
+    if value is None:
+        return None
+    data = value.encode(errors="surrogateescape") if isinstance(value, str) else value
+    return base64.b64encode(data).decode()
+
+
+def _payload(value: bytes | None) -> dict[str, Any]:
+    """The record's value as the inbox stores it: JSON that PostgreSQL takes, an object
+    (any other JSON value is wrapped as ``{"value": ...}``)."""
+    try:
+        text = (value or b"null").decode()
+    except UnicodeDecodeError as exc:
+        raise Unstorable(f"payload is not JSON: not UTF-8: {exc}") from exc
+    try:
+        payload = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+    except RecursionError as exc:
+        raise Unstorable(f"payload nests deeper than {MAX_JSON_DEPTH} levels") from exc
     except ValueError as exc:
-        row["payload"] = {"raw": (msg.value() or b"").decode(errors="replace")}
-        row["status"] = "dead"
-        row["last_error"] = f"payload is not JSON: {exc}"
-    return row
+        raise Unstorable(f"payload is not JSON: {exc}") from exc
+    if _depth_over(payload, MAX_JSON_DEPTH):
+        raise Unstorable(f"payload nests deeper than {MAX_JSON_DEPTH} levels")
+    stored = json.dumps(payload)
+    if "\\u0000" in stored:
+        raise Unstorable("payload holds a NUL character (\\u0000), which PostgreSQL's JSON refuses")
+    try:
+        stored.encode()
+    except UnicodeEncodeError as exc:
+        raise Unstorable(f"payload holds a lone surrogate: {exc}") from exc
+    return payload if isinstance(payload, dict) else {"value": payload}
 
 
-def _text(value: str | bytes | None) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number PostgreSQL takes")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"{text} is too large a number for PostgreSQL's JSON")
+    return number
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` arrays and objects deep."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [
+            child
+            for item in level
+            if isinstance(item, (dict, list))
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return False
+    return any(isinstance(item, (dict, list)) for item in level)
 
 
 def record(session: Session, rows: list[dict[str, Any]]) -> list[int]:

@@ -15,12 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from consumer.inbox import absorb_retries, inbox_row, record
+from consumer.inbox import absorb_retries, inbox_row, poison_row, record
 from outbox import queries
 from outbox.agents import instance_id, upsert_agent
 from outbox.db import make_engine, make_sessionmaker
@@ -118,20 +120,24 @@ class Consumer:
                 log.warning("consumer %s: %s", self.instance, err)
         if not messages:
             return
-        rows = [inbox_row(self.group, m, self.settings.lanes) for m in messages]
+        lanes_n = self.settings.lanes
+        pairs = [(m, inbox_row(self.group, m, lanes_n)) for m in messages]
         # A retry aimed at another group is not ours: its offset is stored, it gets no row.
-        rows = [r for r in rows if r["headers"].get(HEADER_TARGET_GROUP, self.group) == self.group]
-        retries = [r for r in rows if HEADER_RETRY_ATTEMPT in r["headers"]]
-        targets: dict[int, str | None] = {}
-        with self.sessions.begin() as session:
-            lanes = record(session, rows)
-            if retries:
-                healthy = set(
-                    session.scalars(
-                        queries.HEALTHY_WORKERS, {"window": self.settings.agent_inactive_after}
-                    )
-                )
-                targets = absorb_retries(session, self.group, retries, self.publisher, healthy)
+        pairs = [
+            (m, r)
+            for m, r in pairs
+            if r.get("status") == "dead"
+            or r["headers"].get(HEADER_TARGET_GROUP, self.group) == self.group
+        ]
+        try:
+            lanes, targets = self._store([r for _, r in pairs])
+        except (DBAPIError, ValueError) as exc:
+            if isinstance(exc, (OperationalError, InterfaceError)):
+                raise  # PostgreSQL is unreachable: nothing is wrong with the records
+            # A record that passed inbox_row's checks and still cannot be stored: find it
+            # (and any like it), keep it as a dead row, and store the rest.
+            log.warning("consumer %s: a batch could not be stored (%s)", self.instance, exc)
+            lanes, targets = self._store(self._storable(pairs))
         # Only now is the batch safe in PostgreSQL: let its offsets be committed.
         for msg in messages:
             kafka.store_offsets(message=msg)
@@ -149,6 +155,40 @@ class Consumer:
         except Exception:
             log.exception("consumer %s: could not kick lanes; the sweep will", self.instance)
         log.debug("consumer %s: %d messages, %d new", self.instance, len(messages), len(lanes))
+
+    def _store(self, rows: list[dict[str, Any]]) -> tuple[list[int], dict[int, str | None]]:
+        """Record the rows and settle the targeted retries among them, in one transaction;
+        return the lanes of new rows and the lanes that retries want run."""
+        retries = [r for r in rows if HEADER_RETRY_ATTEMPT in r["headers"] and "status" not in r]
+        targets: dict[int, str | None] = {}
+        with self.sessions.begin() as session:
+            lanes = record(session, rows)
+            if retries:
+                healthy = set(
+                    session.scalars(
+                        queries.HEALTHY_WORKERS, {"window": self.settings.agent_inactive_after}
+                    )
+                )
+                targets = absorb_retries(session, self.group, retries, self.publisher, healthy)
+        return lanes, targets
+
+    def _storable(self, pairs: list[tuple[Message, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The rows, each record that PostgreSQL refuses replaced by its dead raw row; tried
+        one by one in savepoints of a transaction that is then rolled back."""
+        rows = []
+        with self.sessions() as session:  # closing it rolls everything back
+            for msg, row in pairs:
+                savepoint = session.begin_nested()
+                try:
+                    record(session, [row])
+                    savepoint.rollback()
+                    rows.append(row)
+                except (DBAPIError, ValueError) as exc:
+                    savepoint.rollback()
+                    if isinstance(exc, (OperationalError, InterfaceError)):
+                        raise
+                    rows.append(poison_row(self.group, msg, self.settings.lanes, str(exc)))
+        return rows
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()

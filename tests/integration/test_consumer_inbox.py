@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -132,3 +133,61 @@ def test_a_second_consumer_of_the_same_group_records_nothing_twice(
     assert replay.received == 20
     rows = _wait_rows(session, group, 20)
     assert sorted(str(r.message_id) for r in rows) == sorted(ids)
+
+
+POISON = [
+    ("not JSON", b"k", b"not json", {}, "not JSON"),
+    ("NaN", b"k", b'{"x": NaN}', {}, "NaN"),
+    ("Infinity", b"k", b'{"x": Infinity}', {}, "Infinity"),
+    ("a number past float", b"k", b'{"x": 1e999}', {}, "too large"),
+    ("a NUL in the payload", b"k", b'{"x": "a\\u0000b"}', {}, "NUL"),
+    ("a lone surrogate", b"k", b'{"x": "\\ud800"}', {}, "surrogate"),
+    ("nested too deep", b"k", b"[" * 5000 + b"]" * 5000, {}, "deeper"),
+    ("a key that is not UTF-8", b"\xff\xfe", b"{}", {}, "the key is not UTF-8"),
+    ("a NUL in the key", b"a\x00b", b"{}", {}, "the key holds a NUL"),
+    ("a header that is not UTF-8", b"k", b"{}", {"h": b"\xc3\x28"}, "not UTF-8"),
+    ("a NUL in a header", b"k", b"{}", {"h": b"x\x00y"}, "NUL"),
+    ("an overlong idempotency key", b"k", b"{}", {"idempotency_key": b"i" * 300}, "over 255"),
+]
+
+
+def test_records_the_inbox_cannot_store_are_dead_with_their_bytes_and_the_partition_flows(
+    settings: Settings, engine, session: Session, topic: str
+):
+    # Given one partition where each unstorable record sits between two good ones
+    ensure_topics(admin_client(settings), [topic], 1)
+    records = []
+    for n, (_, key, value, headers, _) in enumerate(POISON):
+        records.append((f"good-{n}".encode(), b'{"good": %d}' % n, {}))
+        records.append((key, value, headers))
+    records.append((b"good-last", b'{"good": "last"}', {}))
+    _produce(settings, topic, records)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
+
+    # When the consumer reads them
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        rows = _wait_rows(session, group, len(records))
+    finally:
+        consumer.stop()
+        thread.join(30)
+
+    # Then it is still running to the end, every good record is received in order, and
+    # each bad one is a dead row that says what is wrong and keeps the record's bytes
+    assert [r.offset for r in rows] == list(range(len(records)))
+    good = [r for r in rows if r.status == "received"]
+    assert [r.payload["good"] for r in good] == [*range(len(POISON)), "last"]
+    dead = [r for r in rows if r.status == "dead"]
+    assert len(dead) == len(POISON)
+    for row, (what, key, value, headers, error) in zip(dead, POISON, strict=True):
+        assert error in (row.last_error or ""), what
+        raw = row.payload["raw"]
+        assert base64.b64decode(raw["value_base64"]) == value, what
+        assert base64.b64decode(raw["key_base64"]) == key, what
+        assert [base64.b64decode(v) for _, v in raw["headers_base64"]] == list(headers.values())
+    probe = KafkaConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    committed = probe.committed([TopicPartition(topic, 0)], timeout=10)
+    probe.close()
+    assert committed[0].offset == len(records)
