@@ -139,8 +139,7 @@ class Consumer:
             log.warning("consumer %s: a batch could not be stored (%s)", self.instance, exc)
             lanes, targets = self._store(self._storable(pairs))
         # Only now is the batch safe in PostgreSQL: let its offsets be committed.
-        for msg in messages:
-            kafka.store_offsets(message=msg)
+        self._store_offsets(kafka, messages)
         self.received += len(messages)
         routed = {lane: worker for lane, worker in targets.items() if worker is not None}
         plain = (set(lanes) | set(targets)) - set(routed)
@@ -155,6 +154,27 @@ class Consumer:
         except Exception:
             log.exception("consumer %s: could not kick lanes; the sweep will", self.instance)
         log.debug("consumer %s: %d messages, %d new", self.instance, len(messages), len(lanes))
+
+    def _store_offsets(self, kafka: KafkaConsumer, messages: list[Message]) -> None:
+        """Store each partition's next offset. A partition revoked since the poll (a
+        rebalance) is left alone: its next owner reads from the last commit, and the
+        inbox absorbs what it reads again."""
+        after: dict[tuple[str, int], int] = {}
+        for msg in messages:
+            place = (msg.topic() or "", msg.partition() or 0)
+            after[place] = max(after.get(place, 0), (msg.offset() or 0) + 1)
+        for (topic, partition), offset in after.items():
+            try:
+                kafka.store_offsets(offsets=[TopicPartition(topic, partition, offset)])
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._STATE:
+                    raise
+                log.info(
+                    "consumer %s: %s[%d] was revoked before its offset was stored",
+                    self.instance,
+                    topic,
+                    partition,
+                )
 
     def _store(self, rows: list[dict[str, Any]]) -> tuple[list[int], dict[int, str | None]]:
         """Record the rows and settle the targeted retries among them, in one transaction;

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from consumer import Consumer
 from outbox.db import make_sessionmaker
-from outbox.kafka import admin_client, ensure_topics
+from outbox.kafka import admin_client, consumer_config, ensure_topics
 from outbox.models import Agent, InboxMessage
 from outbox.settings import Settings
 
@@ -191,3 +191,88 @@ def test_records_the_inbox_cannot_store_are_dead_with_their_bytes_and_the_partit
     committed = probe.committed([TopicPartition(topic, 0)], timeout=10)
     probe.close()
     assert committed[0].offset == len(records)
+
+
+def test_consumers_joining_and_leaving_under_steady_traffic_neither_exit_nor_lose_anything(
+    settings: Settings, engine, session: Session, topic: str
+):
+    ensure_topics(admin_client(settings), [topic], 4)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    sessions = make_sessionmaker(engine)
+    ids = [str(uuid.uuid4()) for _ in range(3000)]
+    errors: list[BaseException] = []
+
+    def produce_steadily() -> None:
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 5})
+        for n, message_id in enumerate(ids):
+            producer.produce(
+                topic, key=f"k{n % 50}".encode(), value=b"{}", headers=[("message_id", message_id)]
+            )
+            if n % 100 == 99:
+                producer.flush(10)
+                time.sleep(0.05)
+        assert producer.flush(10) == 0
+
+    def member() -> tuple[Consumer, threading.Thread]:
+        consumer = Consumer(settings, group, [topic], sessions=sessions)
+
+        def run() -> None:
+            try:
+                consumer.run()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return consumer, thread
+
+    # Given steady traffic into a group whose members come and go throughout
+    producer = threading.Thread(target=produce_steadily)
+    producer.start()
+    members = [member()]
+    for step in range(8):
+        time.sleep(1.0)
+        if step % 3 == 2 and len(members) > 1:
+            leaving, thread = members.pop(0)
+            leaving.stop()
+            thread.join(30)
+        else:
+            members.append(member())
+    producer.join(60)
+    try:
+        rows = _wait_rows(session, group, len(ids), timeout_s=60)
+        # Then every member still running is alive (none ended on an error) ...
+        assert not errors
+        assert all(thread.is_alive() for _, thread in members)
+    finally:
+        for consumer, thread in members:
+            consumer.stop()
+            thread.join(30)
+    # ... and the inbox holds every message once
+    assert sorted(str(r.message_id) for r in rows) == sorted(ids)
+
+
+def test_a_partition_revoked_between_poll_and_offset_store_does_not_end_the_consumer(
+    settings: Settings, engine, session: Session, topic: str
+):
+    ensure_topics(admin_client(settings), [topic], 1)
+    message_id = str(uuid.uuid4())
+    _produce(settings, topic, [(b"k", b"{}", {"message_id": message_id})])
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
+    kafka = KafkaConsumer(consumer_config(settings, group))
+    kafka.subscribe([topic])
+    try:
+        # Given a polled record whose partition is revoked (a rebalance) before its
+        # offset is stored
+        deadline = time.monotonic() + 30
+        polled = []
+        while not polled and time.monotonic() < deadline:
+            polled = [m for m in kafka.consume(1, 0.5) if m.error() is None]
+        kafka.unassign()
+        # When the consumer records it
+        consumer._ingest(kafka, polled)
+    finally:
+        kafka.close()
+    # Then the record is in the inbox and the consumer went on
+    assert [str(r.message_id) for r in _wait_rows(session, group, 1)] == [message_id]
