@@ -60,7 +60,8 @@ def write_acks(session: Session, publisher: Publisher, acks: list[dict[str, Any]
 
 @handler(ACK_TOPIC)
 def apply_ack(message: Message, session: Session) -> None:
-    """Record an ack on its delivery; one for an unknown delivery changes nothing."""
+    """Record an ack on its delivery, however early or late it comes; one for a message
+    that is not ours, or a group that needs no acks, changes nothing."""
     ack = message.payload
     try:
         ok = ack["status"] == "success"
@@ -74,4 +75,9 @@ def apply_ack(message: Message, session: Session) -> None:
         }
     except (KeyError, TypeError) as exc:
         raise Permanent(f"not an ack: {exc!r}") from exc
+    if session.execute(queries.APPLY_ACK, params).first() is not None:
+        return
+    if session.execute(queries.OPEN_DELIVERY_BY_ACK, params).first() is not None:
+        return
+    # The relay's mark opened the delivery between the two statements: apply it now.
     session.execute(queries.APPLY_ACK, params)

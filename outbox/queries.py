@@ -345,25 +345,47 @@ SELECT topic, ordered, requires_ack, retry_base_s, retry_factor, retry_cap_s, ma
 FROM consumer_groups WHERE name = :group
 """)
 
+# A failed delivery is due for its targeted retry after the group's backoff: drawn from
+# [ceiling / factor, ceiling], the ceiling growing with the retries so far.
+_ACK_RETRY_AT = """now() + make_interval(secs =>
+    LEAST(g.retry_cap_s, g.retry_base_s * power(g.retry_factor, LEAST({attempts}, 64)))
+    * (1 / g.retry_factor + random() * (1 - 1 / g.retry_factor)))"""
+
 # An ack moves a delivery forward only: a success ack wins over anything but dead; a
 # failure ack counts only while the delivery still waits, so a late or repeated failure
 # after a success changes nothing.
-APPLY_ACK = _sql("""
+APPLY_ACK = _sql(f"""
 UPDATE deliveries d
 SET status = CASE WHEN :ok THEN 'acked' ELSE 'failed' END,
     error = CASE WHEN :ok THEN NULL ELSE :error END,
     instance_id = :instance, updated_at = now(),
-    -- a failed delivery is due for its targeted retry after the group's backoff: drawn
-    -- from [ceiling / factor, ceiling], the ceiling growing with the retries so far
-    next_retry_at = CASE WHEN :ok THEN NULL ELSE now() + make_interval(secs =>
-        LEAST(g.retry_cap_s, g.retry_base_s * power(g.retry_factor, LEAST(d.attempts, 64)))
-        * (1 / g.retry_factor + random() * (1 - 1 / g.retry_factor))) END
+    next_retry_at = CASE WHEN :ok THEN NULL ELSE {_ACK_RETRY_AT.format(attempts="d.attempts")} END
 FROM consumer_groups g
 WHERE d.consumer_group_id = g.id AND g.name = :group AND g.topic = :topic
   AND d.message_id = CAST(:message_id AS uuid)
   AND d.status IN ('awaiting_ack', 'failed')
   AND (:ok OR d.status = 'awaiting_ack')
-""")
+RETURNING d.id
+""")  # noqa: S608 (composed of constants only)
+
+# An ack that comes before its delivery exists (the consumer was faster than the relay's
+# mark): the delivery starts in the ack's state, and the mark's own insert then changes
+# nothing. Only for a message of ours, to a group that requires acks.
+OPEN_DELIVERY_BY_ACK = _sql(f"""
+INSERT INTO deliveries (message_id, consumer_group_id, status, error, instance_id,
+                        next_retry_at)
+SELECT CAST(:message_id AS uuid), g.id, CASE WHEN :ok THEN 'acked' ELSE 'failed' END,
+       CASE WHEN :ok THEN NULL ELSE :error END, :instance,
+       CASE WHEN :ok THEN NULL ELSE {_ACK_RETRY_AT.format(attempts="0")} END
+FROM consumer_groups g
+WHERE g.name = :group AND g.topic = :topic AND g.requires_ack
+  AND EXISTS (
+      SELECT 1 FROM outbox_messages m
+      WHERE m.message_id = CAST(:message_id AS uuid) AND NOT m.is_retry
+  )
+ON CONFLICT (message_id, consumer_group_id) DO NOTHING
+RETURNING id
+""")  # noqa: S608 (composed of constants only)
 
 # Dead letters of both sides, filtered; each side walks its own partial index.
 _DEAD_LETTERS = """

@@ -129,3 +129,30 @@ def test_acks_move_a_delivery_forward_only(
     apply_ack(_ack(second, topic, "success", "w2"), session)
     session.commit()
     assert status(second) == ("acked", "w2")
+
+
+def test_an_ack_that_comes_before_the_relay_marks_its_message_sent_still_counts(
+    settings: Settings, engine, session: Session, topic: str
+):
+    _topic_with_groups(session, topic)
+    publisher = Publisher(settings)
+    early_success = publisher.publish(session, topic, {"order": 1}, key="o-1")
+    early_failure = publisher.publish(session, topic, {"order": 2}, key="o-2")
+    session.commit()
+
+    # Given a consumer fast enough that its acks are applied before the relay's mark
+    # commits (here the mark simply comes later)
+    apply_ack(_ack(early_success, topic, "success", "w1"), session)
+    apply_ack(_ack(early_failure, topic, "failure", "w1"), session)
+    # and an ack of a message that is not ours, which must open nothing
+    apply_ack(_ack(uuid.uuid4(), topic, "success", "w1"), session)
+    session.commit()
+
+    # When the relay marks them sent
+    assert Relay(settings, sessions=make_sessionmaker(engine)).run().sent == 2
+
+    # Then the success stands (no retry, no false dead letter), the failure waits for its
+    # retry, and nothing else was opened
+    session.expire_all()
+    deliveries = dict(session.execute(select(Delivery.message_id, Delivery.status)).all())
+    assert deliveries == {early_success: "acked", early_failure: "failed"}
