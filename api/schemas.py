@@ -123,6 +123,9 @@ class GroupFields(Strict):
     max_retries: int = Field(10, ge=-1, description="-1 retries forever.")
     ordered: bool = True
     retry: RetryIn = Field(default_factory=RetryIn)
+    handler_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest one handler call may take; then it fails."
+    )
     active: bool = True
 
 
@@ -146,6 +149,7 @@ class GroupOut(BaseModel):
     max_retries: int
     ordered: bool
     retry: RetryIn
+    handler_timeout_s: float
     active: bool
 
 

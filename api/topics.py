@@ -42,6 +42,7 @@ def _spec(name: str, topic: str, fields: GroupFields) -> GroupSpec:
         retry_factor=fields.retry.factor,
         retry_cap_s=fields.retry.cap_s,
         max_attempts=fields.retry.max_attempts,
+        handler_timeout_s=fields.handler_timeout_s,
         active=fields.active,
     )
 
@@ -60,6 +61,7 @@ def group_view(g: ConsumerGroup) -> dict[str, Any]:
             "cap_s": g.retry_cap_s,
             "max_attempts": g.max_attempts,
         },
+        "handler_timeout_s": g.handler_timeout_s,
         "active": g.active,
     }
 

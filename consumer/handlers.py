@@ -33,6 +33,14 @@ class NoHandler(OutboxError):
     """No handler is registered for the message's topic."""
 
 
+class HandlerTimeout(OutboxError):
+    """The handler took longer than its group's ``handler_timeout_s``."""
+
+
+class HandlerExit(OutboxError):
+    """The handler tried to end its process (``sys.exit``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Message:
     """What a handler sees of one received message."""

@@ -29,7 +29,8 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumer.acks import ack_payload, register_ack_topic, write_acks
-from consumer.handlers import Message, Permanent, handler_for
+from consumer.calls import call, limit_statements
+from consumer.handlers import Message, Permanent
 from outbox import leases, queries
 from outbox.logs import log_message
 from outbox.publishing import Publisher
@@ -74,16 +75,11 @@ class _TopicPolicy:
     ordered: bool
     requires_ack: bool
     retry: RetryPolicy
+    timeout_s: float = 30.0
 
 
 # A topic the group has not registered: ordered, no acks, the default retry policy.
 UNREGISTERED = _TopicPolicy(ordered=True, requires_ack=False, retry=DEFAULT_POLICY)
-
-
-def _handle(message: Message, session: Session) -> None:
-    """Run the message's handler; its log lines name the message."""
-    with log_message(message.id):
-        handler_for(message.topic)(message, session)
 
 
 class LaneProcessor:
@@ -103,8 +99,8 @@ class LaneProcessor:
     ) -> LaneReport:
         """Process the due rows of ``lanes`` until none is left or ``budget_s`` ends.
 
-        The leases are taken in the first batch's transaction and given back in the
-        last one's, so lanes with a few new rows cost one transaction together.
+        The leases are taken first, in a transaction of their own, renewed in each
+        batch's and given back in the last one's.
         """
         s = self.settings
         wanted = sorted({lanes} if isinstance(lanes, int) else set(lanes))
@@ -112,38 +108,66 @@ class LaneProcessor:
         scope = lane_scope(group)
         report = LaneReport()
         held: list[int] = []
-        first = True
         finished = False
         committed = False
         try:
-            while not finished:
+            # The leases are taken in a transaction of their own, so that a process that
+            # ends in the middle of its first batch leaves them held: whoever takes them
+            # over once they lapse knows that a batch never finished there.
+            with self.sessions.begin() as session:
+                policies = self._prepare(session, group, scope)
+                granted, lapsed = leases.take(
+                    session, scope, self.owner, wanted, limit=len(wanted), lease_s=s.lane_lease_s
+                )
+            committed = True
+            # Lanes another task works now: it looks for late rows as it ends.
+            report.busy = [n for n in wanted if n not in granted]
+            held = sorted(granted)
+            careful = set(lapsed)
+            if careful:
+                log.warning(
+                    "lane %s/%s: taken over from a holder that ended or hung mid-batch; each "
+                    "attempt there is counted before it runs",
+                    group,
+                    sorted(careful),
+                )
+            while held and not finished:
+                counted: _Counted | None = None
                 with self.sessions.begin() as session:
-                    if first:
-                        policies = self._prepare(session, group, scope)
-                    granted = leases.acquire(
-                        session,
-                        scope,
-                        self.owner,
-                        wanted,
-                        limit=len(wanted),
-                        lease_s=s.lane_lease_s,
+                    # Renewed in the batch's transaction: its lease rows stay locked while
+                    # its handlers run, so no other task can take the lanes meanwhile.
+                    held = sorted(
+                        leases.acquire(
+                            session,
+                            scope,
+                            self.owner,
+                            held,
+                            limit=len(held),
+                            lease_s=s.lane_lease_s,
+                        )
                     )
-                    if first:
-                        # Lanes another task works now: it looks for late rows as it ends.
-                        report.busy = [n for n in wanted if n not in granted]
-                    held = sorted(granted)
                     if not held:
-                        return report
+                        break  # taken over by another task (a stall past the lease)
                     report.leased = held
-                    first = False
-                    full, unblocked = self._batch(session, group, held, policies, report)
-                    more = full or unblocked
-                    if not more or time.monotonic() >= deadline:
-                        report.due_s = self._finish(session, group, held, policies)
-                        finished = True
-                    # Lanes taken over by another task (a stall past the lease) are theirs.
-                    wanted = held
-                committed = True
+                    limit_statements(session, _longest_timeout_s(policies))
+                    careful &= set(held)
+                    if careful:
+                        counted = self._count_next(session, group, sorted(careful), policies)
+                        if counted is None:
+                            careful.clear()  # nothing due there: back to whole batches
+                    if counted is None:
+                        full, unblocked = self._batch(session, group, held, policies, report)
+                        more = full or unblocked
+                        if not more or time.monotonic() >= deadline:
+                            report.due_s = self._finish(session, group, held, policies)
+                            finished = True
+                if counted is not None:
+                    with self.sessions.begin() as session:
+                        limit_statements(session, _longest_timeout_s(policies))
+                        self._run_counted(session, group, counted, report)
+                        if time.monotonic() >= deadline:
+                            report.due_s = self._finish(session, group, held, policies)
+                            finished = True
         except BaseException:
             if not committed:
                 # The transaction that made the lease rows or the ack topic may not have
@@ -185,8 +209,9 @@ class LaneProcessor:
                 ordered,
                 requires_ack,
                 RetryPolicy(base_s=base, factor=factor, cap_s=cap, max_attempts=most),
+                timeout_s,
             )
-            for topic, ordered, requires_ack, base, factor, cap, most in session.execute(
+            for topic, ordered, requires_ack, base, factor, cap, most, timeout_s in session.execute(
                 queries.GROUP_POLICIES, {"group": group}
             )
         }
@@ -205,57 +230,133 @@ class LaneProcessor:
         whether a retried row finished (done or dead), which lets later rows of its key go.
         """
         per_lane = -(-self.settings.lane_batch_size // len(lanes))
-        rows = session.execute(
-            queries.CLAIM_LANE,
-            {
-                "group": group,
-                "lanes": lanes,
-                "unordered_topics": _unordered(policies),
-                "per_lane": per_lane,
-            },
-        ).all()
-        batch = [
-            (row_id, policies.get(topic, UNREGISTERED), attempts, message_id, topic, key, lane)
-            for row_id, message_id, topic, key, _, _, attempts, _, _, lane, _ in rows
-        ]
-        messages = [
-            Message(
-                message_id, topic, key, payload, headers, attempts + 1, part, off, group, retries
-            )
-            for _, message_id, topic, key, payload, headers, attempts, part, off, _, retries in rows
-        ]
-        # Usually every handler succeeds: run them all under one savepoint. When one
-        # fails, the batch is undone and run again from its start, each row in a savepoint
-        # of its own; the failing row keeps the failure it had, so its handler runs once
-        # per attempt (the rows before it run a second time, their first effects undone).
-        failure = self._run_together(session, messages)
-        if failure is None:
-            outcome = _Outcome(done=[row_id for row_id, *_ in batch])
-            outcome.acks = [
-                ack_payload(message, group, self.worker)
-                for (_, policy, *_), message in zip(batch, messages, strict=True)
-                if policy.requires_ack
-            ]
-        else:
-            outcome = self._run_each(session, group, batch, messages, failure)
-        outcome.write(session, self.publisher, self.worker)
-        report.done += len(outcome.done)
-        report.failed += outcome.failed
-        report.dead += outcome.dead
-        unblocked = any(
-            attempts > 0 for row_id, _, attempts, *_ in batch if row_id in outcome.ended
-        )
+        rows = self._claim(session, group, lanes, policies, per_lane)
+        ended = self._process(session, group, rows, policies, report, counted=False)
+        unblocked = any(row.attempts > 0 for row in rows if row.id in ended)
         full = max(collections.Counter(row.lane for row in rows).values(), default=0) == per_lane
         return full, unblocked
 
     @staticmethod
-    def _run_together(session: Session, messages: list[Message]) -> tuple[int, Exception] | None:
+    def _claim(
+        session: Session,
+        group: str,
+        lanes: list[int],
+        policies: dict[str, _TopicPolicy],
+        per_lane: int,
+    ) -> list[Any]:
+        return list(
+            session.execute(
+                queries.CLAIM_LANE,
+                {
+                    "group": group,
+                    "lanes": lanes,
+                    "unordered_topics": _unordered(policies),
+                    "per_lane": per_lane,
+                },
+            )
+        )
+
+    def _count_next(
+        self, session: Session, group: str, lanes: list[int], policies: dict[str, _TopicPolicy]
+    ) -> _Counted | None:
+        """In lanes whose last holder ended or hung mid-batch: count the attempt of the
+        first due row before it runs (committed with this transaction); None when none is
+        due. A row whose counted attempts are spent (its last one never finished) is dead
+        without running again."""
+        rows = self._claim(session, group, lanes, policies, per_lane=1)
+        for row in rows:
+            policy = policies.get(row.topic, UNREGISTERED)
+            if policy.retry.exhausted(row.attempts):
+                _never_finished(row, policy).write(session, self.publisher, self.worker, add=0)
+                continue
+            attempt = row.attempts + 1
+            session.execute(
+                queries.COUNT_ATTEMPT,
+                {
+                    "id": row.id,
+                    "worker": self.worker,
+                    "delay_s": policy.retry.delay(attempt),
+                    "error": f"the worker ended or hung during attempt {attempt}; it never "
+                    "finished (the handler ended its process, or ran past every time limit)",
+                },
+            )
+            return _Counted(row, policies)
+        return None
+
+    def _run_counted(
+        self, session: Session, group: str, counted: _Counted, report: LaneReport
+    ) -> None:
+        """Run a row whose attempt is counted already, in a transaction of its own."""
+        row = counted.row
+        scope = lane_scope(group)
+        granted = leases.acquire(
+            session, scope, self.owner, [row.lane], limit=1, lease_s=self.settings.lane_lease_s
+        )
+        locked = session.scalar(queries.LOCK_COUNTED, {"id": row.id}) if granted else None
+        if locked is None:
+            return  # the lane or the row moved on: the counted attempt stands
+        self._process(session, group, [row], counted.policies, report, counted=True)
+
+    def _process(
+        self,
+        session: Session,
+        group: str,
+        rows: Sequence[Any],
+        policies: dict[str, _TopicPolicy],
+        report: LaneReport,
+        *,
+        counted: bool,
+    ) -> set[int]:
+        """Run the handlers of ``rows`` and mark them; return the rows that ended (done or
+        dead). ``counted``: their attempts were counted before (see :meth:`_count_next`)."""
+        batch: list[_Row] = []
+        spent = _Outcome()
+        for row in rows:
+            policy = policies.get(row.topic, UNREGISTERED)
+            if not counted and policy.retry.exhausted(row.attempts):
+                # Its last attempt was counted and never finished: it does not run again.
+                spent.failures += _never_finished(row, policy).failures
+                continue
+            message = Message(
+                row.message_id,
+                row.topic,
+                row.key,
+                row.payload,
+                row.headers,
+                row.attempts + 1,
+                row.partition,
+                row.offset,
+                group,
+                row.retries,
+            )
+            batch.append(_Row(row.id, policy, row.attempts, message, row.lane))
+        spent.write(session, self.publisher, self.worker, add=0)
+        # Usually every handler succeeds: run them all under one savepoint. When one
+        # fails, the batch is undone and run again from its start, each row in a savepoint
+        # of its own; the failing row keeps the failure it had, so its handler runs once
+        # per attempt (the rows before it run a second time, their first effects undone).
+        failure = self._run_together(session, batch)
+        if failure is None:
+            outcome = _Outcome(done=[r.id for r in batch])
+            outcome.acks = [
+                ack_payload(r.message, group, self.worker) for r in batch if r.policy.requires_ack
+            ]
+        else:
+            outcome = self._run_each(session, group, batch, failure)
+        outcome.write(session, self.publisher, self.worker, add=0 if counted else 1)
+        report.done += len(outcome.done)
+        report.failed += outcome.failed
+        report.dead += outcome.dead + spent.dead
+        return outcome.ended | spent.ended
+
+    @staticmethod
+    def _run_together(session: Session, batch: list[_Row]) -> tuple[int, Exception] | None:
         """Run every handler in one savepoint. If one fails, nothing is kept and the
         failing row's index and exception are returned."""
         savepoint = session.begin_nested()
-        for index, message in enumerate(messages):
+        for index, row in enumerate(batch):
             try:
-                _handle(message, session)
+                call(row.message, session, row.policy.timeout_s)
             except Exception as exc:
                 savepoint.rollback()
                 return index, exc
@@ -267,7 +368,6 @@ class LaneProcessor:
         session: Session,
         group: str,
         batch: list[_Row],
-        messages: list[Message],
         known: tuple[int, Exception],
     ) -> _Outcome:
         """Run each handler in a savepoint of its own; a failure undoes only its row.
@@ -276,9 +376,9 @@ class LaneProcessor:
         """
         outcome = _Outcome()
         failed_keys: set[tuple[str, str]] = set()
-        for index, ((row_id, policy, attempts, message_id, topic, key, lane), message) in enumerate(
-            zip(batch, messages, strict=True)
-        ):
+        for index, row in enumerate(batch):
+            message, policy = row.message, row.policy
+            topic, key = message.topic, message.key
             if policy.ordered and key is not None and (topic, key) in failed_keys:
                 continue  # an earlier row of its key failed in this batch: it waits
             if index == known[0]:
@@ -286,9 +386,9 @@ class LaneProcessor:
             else:
                 savepoint = session.begin_nested()
                 try:
-                    _handle(message, session)
+                    call(message, session, policy.timeout_s)
                     savepoint.commit()
-                    outcome.done.append(row_id)
+                    outcome.done.append(row.id)
                     if policy.requires_ack:
                         outcome.acks.append(ack_payload(message, group, self.worker))
                     continue
@@ -297,29 +397,57 @@ class LaneProcessor:
                     exc = caught
             error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
             permanent = isinstance(exc, Permanent)
-            attempt = attempts + 1
+            attempt = row.attempts + 1
             if permanent or policy.retry.exhausted(attempt):
-                outcome.failures.append((row_id, "dead", 0.0, error))
+                outcome.failures.append((row.id, "dead", 0.0, error))
             else:
-                outcome.failures.append((row_id, "failed", policy.retry.delay(attempt), error))
+                outcome.failures.append((row.id, "failed", policy.retry.delay(attempt), error))
             if key is not None:
                 failed_keys.add((topic, key))
             if policy.requires_ack:
                 outcome.acks.append(ack_payload(message, group, self.worker, error))
-            with log_message(message_id):
+            with log_message(message.id):
                 log.warning(
                     "lane %s/%d: message %s attempt %d failed: %s",
                     group,
-                    lane,
-                    message_id,
+                    row.lane,
+                    message.id,
                     attempt,
                     error,
                 )
         return outcome
 
 
-# One claimed row: id, policy, attempts so far, message id, topic, key, lane.
-_Row = tuple[int, _TopicPolicy, int, uuid.UUID, str, "str | None", int]
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """One claimed row to run: its id, policy, attempts before this one, message, lane."""
+
+    id: int
+    policy: _TopicPolicy
+    attempts: int
+    message: Message
+    lane: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Counted:
+    """A claimed row whose attempt was counted before it runs, and its group's policies."""
+
+    row: Any
+    policies: dict[str, _TopicPolicy]
+
+
+def _never_finished(row: Any, policy: _TopicPolicy) -> _Outcome:
+    """A row whose counted attempts are spent, the last one never finished: dead."""
+    error = (
+        f"dead after {row.attempts} attempts; the last one never finished (the worker "
+        "ended or hung during it)"
+    )
+    return _Outcome(failures=[(row.id, "dead", 0.0, error)])
+
+
+def _longest_timeout_s(policies: dict[str, _TopicPolicy]) -> float:
+    return max((p.timeout_s for p in policies.values()), default=UNREGISTERED.timeout_s)
 
 
 @dataclasses.dataclass
@@ -343,10 +471,13 @@ class _Outcome:
         """Rows that will not run again: done or dead."""
         return set(self.done) | {f[0] for f in self.failures if f[1] == "dead"}
 
-    def write(self, session: Session, publisher: Publisher, worker: str) -> None:
-        """Mark the rows and write the acks, in the batch's transaction."""
+    def write(self, session: Session, publisher: Publisher, worker: str, *, add: int) -> None:
+        """Mark the rows and write the acks, in the batch's transaction; ``add`` is 1 to
+        count the attempt, 0 when it was counted before it ran."""
         if self.done:
-            session.execute(queries.MARK_INBOX_DONE, {"ids": self.done, "worker": worker})
+            session.execute(
+                queries.MARK_INBOX_DONE, {"ids": self.done, "worker": worker, "add": add}
+            )
         if self.failures:
             ids, statuses, delays, errors = zip(*self.failures, strict=True)
             session.execute(
@@ -357,6 +488,7 @@ class _Outcome:
                     "delays": list(delays),
                     "errors": list(errors),
                     "worker": worker,
+                    "add": add,
                 },
             )
         if self.acks:

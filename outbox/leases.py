@@ -33,14 +33,29 @@ def acquire(
     Buckets ``owner`` already holds are renewed first. Buckets another owner holds
     (unexpired) or has locked right now are skipped, never waited for.
     """
+    granted, _ = take(session, scope, owner, candidates, limit=limit, lease_s=lease_s)
+    return granted
+
+
+def take(
+    session: Session,
+    scope: str,
+    owner: str,
+    candidates: Iterable[int],
+    *,
+    limit: int,
+    lease_s: float,
+) -> tuple[dict[int, int], set[int]]:
+    """:func:`acquire`, also returning the buckets taken over from a holder whose lease
+    lapsed without being given back (it died or stalled in the middle of its work)."""
     wanted = sorted(set(candidates))
     if not wanted or limit <= 0:
-        return {}
+        return {}, set()
     rows = session.execute(
         queries.ACQUIRE_LEASES,
         {"scope": scope, "owner": owner, "candidates": wanted, "limit": limit, "lease_s": lease_s},
-    )
-    return {bucket: token for bucket, token in rows}
+    ).all()
+    return {bucket: token for bucket, token, _ in rows}, {b for b, _, lapsed in rows if lapsed}
 
 
 def release(session: Session, scope: str, owner: str, buckets: Iterable[int]) -> None:

@@ -76,6 +76,7 @@ class ConsumerGroup(Base):
         UniqueConstraint("name", "topic"),
         CheckConstraint("max_retries >= -1", name="max_retries"),
         CheckConstraint("ack_timeout_s > 0", name="ack_timeout"),
+        CheckConstraint("handler_timeout_s > 0", name="handler_timeout"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -90,6 +91,8 @@ class ConsumerGroup(Base):
     retry_factor: Mapped[float] = mapped_column(Float, server_default=text("2.0"))
     retry_cap_s: Mapped[float] = mapped_column(Float, server_default=text("600.0"))
     max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("10"))
+    # Longest one handler call may take; past it the call fails like any other failure.
+    handler_timeout_s: Mapped[float] = mapped_column(Float, server_default=text("30.0"))
     active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _created()

@@ -133,7 +133,7 @@ WHERE EXISTS (
 # two owners: rows are locked while chosen, and only free, expired or own leases qualify.
 ACQUIRE_LEASES = _sql("""
 WITH chosen AS (
-    SELECT l.bucket FROM leases l
+    SELECT l.bucket, l.owner AS previous, l.expires_at < now() AS lapsed FROM leases l
     WHERE l.scope = :scope
       AND l.bucket = ANY(CAST(:candidates AS int[]))
       -- free, expired (its owner is presumed dead), or ours already
@@ -150,7 +150,9 @@ SET owner = :owner,
                          THEN l.fencing_token ELSE l.fencing_token + 1 END
 FROM chosen c
 WHERE l.scope = :scope AND l.bucket = c.bucket
-RETURNING l.bucket, l.fencing_token
+-- taken over: its last holder neither let it go nor renewed it (it died or stalled)
+RETURNING l.bucket, l.fencing_token,
+          (c.previous IS NOT NULL AND c.previous <> :owner AND c.lapsed) AS taken_over
 """)
 
 RELEASE_LEASES = _sql("""
@@ -316,22 +318,44 @@ _APPEND_WORKER = (
     "[greatest(cardinality({m}attempt_workers) - 98, 1):]"
 )
 
+# Marks add the attempt (:add = 1) and its worker, unless the attempt was counted before
+# it ran (:add = 0, see COUNT_ATTEMPT).
 MARK_INBOX_DONE = _sql(f"""
 UPDATE inbox_messages
-SET status = 'done', attempts = attempts + 1, processed_at = now(), worker = :worker,
-    attempt_workers = {_APPEND_WORKER.format(m="")}, last_error = NULL
+SET status = 'done', attempts = attempts + :add, processed_at = now(), worker = :worker,
+    attempt_workers = CASE WHEN :add = 1 THEN {_APPEND_WORKER.format(m="")}
+                           ELSE attempt_workers END,
+    last_error = NULL
 WHERE id = ANY(CAST(:ids AS bigint[]))
 """)  # noqa: S608 (composed of constants only)
 
 MARK_INBOX_FAILED = _sql(f"""
 UPDATE inbox_messages m
-SET status = v.status, attempts = m.attempts + 1, worker = :worker, last_error = v.error,
-    attempt_workers = {_APPEND_WORKER.format(m="m.")},
+SET status = v.status, attempts = m.attempts + :add, worker = :worker, last_error = v.error,
+    attempt_workers = CASE WHEN :add = 1 THEN {_APPEND_WORKER.format(m="m.")}
+                           ELSE m.attempt_workers END,
     next_attempt_at = now() + make_interval(secs => v.delay_s)
 FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:delays AS float8[]),
             CAST(:errors AS text[])) AS v(id, status, delay_s, error)
 WHERE m.id = v.id
 """)  # noqa: S608 (composed of constants only)
+
+# An attempt counted, and its row failed with a backoff, before the handler runs, in a
+# transaction of its own: should the handler end or hang its process, the attempt stays
+# counted and the row retries after the backoff, then goes dead like any failure. A
+# handler that returns overwrites this with its own outcome.
+COUNT_ATTEMPT = _sql(f"""
+UPDATE inbox_messages
+SET status = 'failed', attempts = attempts + 1, worker = :worker, last_error = :error,
+    attempt_workers = {_APPEND_WORKER.format(m="")},
+    next_attempt_at = now() + make_interval(secs => :delay_s)
+WHERE id = :id
+""")  # noqa: S608 (composed of constants only)
+
+# The row of a counted attempt, locked for its run; none if it moved on meanwhile.
+LOCK_COUNTED = _sql("""
+SELECT id FROM inbox_messages WHERE id = :id AND status = 'failed' FOR UPDATE SKIP LOCKED
+""")
 
 # Lanes with due rows, for the beat sweep that recovers lost lane tasks.
 LANES_WITH_DUE_ROWS = _sql("""
@@ -341,7 +365,8 @@ LIMIT :limit
 """)
 
 GROUP_POLICIES = _sql("""
-SELECT topic, ordered, requires_ack, retry_base_s, retry_factor, retry_cap_s, max_attempts
+SELECT topic, ordered, requires_ack, retry_base_s, retry_factor, retry_cap_s, max_attempts,
+       handler_timeout_s
 FROM consumer_groups WHERE name = :group
 """)
 

@@ -31,6 +31,7 @@ class GroupSpec:
     retry_factor: float = 2.0
     retry_cap_s: float = 600.0
     max_attempts: int = 10
+    handler_timeout_s: float = 30.0
     active: bool = True
 
 

@@ -121,6 +121,12 @@ class Settings:
     lane_budget_s: float = _setting(
         10.0, "Longest one lane task keeps processing before it yields its worker.", minimum=0.1
     )
+    lane_time_limit_s: float = _setting(
+        300.0,
+        "Hard time limit of one lane task: a worker process stuck past it (a handler hung "
+        "where no timeout reaches) is ended, and the message's attempt counts.",
+        minimum=1.0,
+    )
     lane_sweep_interval_s: float = _setting(
         5.0, "Beat: how often lanes with due rows are kicked (recovers lost tasks).", minimum=0.5
     )
@@ -259,6 +265,11 @@ class Settings:
             raise SettingsError(
                 f"{env_name('relay_lease_s')}={self.relay_lease_s:g}: must exceed "
                 f"{env_name('relay_delivery_timeout_ms')}={self.relay_delivery_timeout_ms} ms"
+            )
+        if self.lane_time_limit_s <= self.lane_budget_s:
+            raise SettingsError(
+                f"{env_name('lane_time_limit_s')}={self.lane_time_limit_s:g}: must exceed "
+                f"{env_name('lane_budget_s')}={self.lane_budget_s:g}"
             )
         if not self.consumer_topics:
             raise SettingsError(f"{env_name('consumer_topics')}: needs at least one topic")

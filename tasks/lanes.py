@@ -72,7 +72,14 @@ def register(app: Celery, settings: Settings) -> None:
     # Re-kicks wait at most this long: a countdown must stay below the visibility timeout.
     longest_countdown_s = settings.celery_visibility_timeout_s / 2
 
-    @app.task(name="consumer.process_lane", bind=True, shared=False)
+    # A process stuck in a handler past every timeout is ended (and replaced by the pool);
+    # its lanes' next holder counts each attempt before it runs (consumer.lanes).
+    @app.task(
+        name="consumer.process_lane",
+        bind=True,
+        shared=False,
+        time_limit=settings.lane_time_limit_s,
+    )
     def process_lane(self: Any, group: str, lanes: int | list[int]) -> dict[str, Any]:
         """Run the handlers of the lanes' due inbox rows, each lane in order."""
         wanted = [lanes] if isinstance(lanes, int) else list(lanes)

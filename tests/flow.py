@@ -63,17 +63,23 @@ def flow(
 ) -> Iterator[Flow]:
     """Serves ``topic`` for one group; ``request.param`` may set ``requires_ack`` (then an
     acks consumer runs too), ``workers`` (Celery worker processes, 1 by default),
-    ``consumers`` (consumer processes of the group, 1 by default) and
-    ``settings`` (overrides for every process)."""
+    ``consumers`` (consumer processes of the group, 1 by default), ``retry`` (the
+    group's retry policy), ``handler_timeout_s`` and ``settings`` (overrides for every
+    process)."""
     options = getattr(request, "param", {})
     settings = settings.replace(**options.get("settings", {}))
     group = f"g-{uuid.uuid4().hex[:8]}"
-    retry = {"base_s": 0.3, "factor": 3.0, "max_attempts": 5}
+    retry = {"base_s": 0.3, "factor": 3.0, "max_attempts": 5, **options.get("retry", {})}
     s = settings.replace(api_tokens=(TOKEN,), handler_modules=("tests.handlers",))
     with engine.begin() as conn:
         conn.execute(text(SCHEMA))
     flow = Flow(s, engine, topic, group)
-    spec = {"name": group, "retry": retry, "requires_ack": options.get("requires_ack", False)}
+    spec = {
+        "name": group,
+        "retry": retry,
+        "requires_ack": options.get("requires_ack", False),
+        "handler_timeout_s": options.get("handler_timeout_s", 30.0),
+    }
     response = flow.client.post(
         "/v1/topics", json={"name": topic, "consumer_groups": [spec]}, headers=AUTH
     )

@@ -5,7 +5,8 @@ row of ``effects`` (its message id is the primary key), so a repeated effect can
 Each call is also logged in ``attempts`` on a connection of its own, committed at
 once, so that failed attempts leave their trace. A payload may ask to fail:
 ``{"fail_times": n}`` fails the first n attempts; ``{"poison": true}`` fails until a
-row in ``fixes`` says the handler was fixed; ``{"sleep_ms": n}`` takes that long.
+row in ``fixes`` says the handler was fixed; ``{"sleep_ms": n}`` takes that long;
+``{"exit": true}`` ends the worker process at once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def handle(message: consumer.Message, session: Session) -> None:
     """Fail as the payload asks, else write the effect."""
     _log_attempt(session, message)
     payload = message.payload
+    if payload.get("exit"):
+        os._exit(1)  # as an OOM kill or a segfault would end the process
     if payload.get("sleep_ms"):
         time.sleep(payload["sleep_ms"] / 1000)
     if message.attempt <= payload.get("fail_times", 0):

@@ -335,7 +335,7 @@ def test_an_inbox_row_keeps_the_workers_of_its_last_hundred_attempts(session: Se
         {"workers": [f"w{n}@host" for n in range(100)]},
     )
     row_id = session.scalars(select(InboxMessage.id)).one()
-    session.execute(queries.MARK_INBOX_DONE, {"ids": [row_id], "worker": "w100@host"})
+    session.execute(queries.MARK_INBOX_DONE, {"ids": [row_id], "worker": "w100@host", "add": 1})
     row = session.scalars(select(InboxMessage)).one()
     session.refresh(row)
     assert row.message_id == message_id
