@@ -126,14 +126,15 @@ class OutboxMessage(Base):
             "original_message_id",
             postgresql_where=text("original_message_id IS NOT NULL"),
         ),
-        # Per-key order: rows that failed and wait for a retry hold back later rows of
-        # their key. Few rows ever match, so the relay's check stays cheap.
+        # Per-key order: rows that met an error and wait (for a retry, for their topic)
+        # hold back later rows of their key. Few rows ever match, so the relay's check
+        # stays cheap.
         Index(
             "ix_outbox_messages_held",
             "bucket",
             "key",
             "id",
-            postgresql_where=text("status = 'pending' AND attempts > 0"),
+            postgresql_where=text("status = 'pending' AND last_error IS NOT NULL"),
         ),
         # Room on each page lets the claim (which changes no indexed column) update in
         # place (HOT), so it writes no index entries; every row is updated twice.

@@ -21,9 +21,8 @@ from outbox.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Errors that say the broker (or the cluster's view of a topic) is unavailable,
-# not that the message is bad: the relay releases such rows without spending an
-# attempt and opens its circuit.
+# Errors that say no broker could be reached, not that the message is bad: the relay
+# releases such rows without spending an attempt and opens its circuit.
 BROKER_UNAVAILABLE = frozenset(
     {
         KafkaError._ALL_BROKERS_DOWN,
@@ -33,10 +32,18 @@ BROKER_UNAVAILABLE = frozenset(
         KafkaError._RESOLVE,
         KafkaError._PURGE_QUEUE,
         KafkaError._PURGE_INFLIGHT,
-        KafkaError._UNKNOWN_TOPIC,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
         KafkaError.REQUEST_TIMED_OUT,
         KafkaError.NETWORK_EXCEPTION,
+    }
+)
+# Errors of one topic or partition while the brokers answer (no leader, too few
+# replicas, a topic the broker lost): only that topic's rows back off, and the circuit
+# stays closed for every other topic.
+TOPIC_UNAVAILABLE = frozenset(
+    {
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
         KafkaError.LEADER_NOT_AVAILABLE,
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.NOT_ENOUGH_REPLICAS,
@@ -93,6 +100,11 @@ class Delivery:
     def broker_unavailable(self) -> bool:
         """The broker could not be reached: the row goes back untouched, the circuit opens."""
         return self.error is not None and self.error.code() in BROKER_UNAVAILABLE
+
+    @property
+    def topic_unavailable(self) -> bool:
+        """Its topic or partition cannot take records now: the row backs off."""
+        return self.error is not None and self.error.code() in TOPIC_UNAVAILABLE
 
     @property
     def producer_unusable(self) -> bool:

@@ -186,10 +186,11 @@ claimable AS (
           AND m.available_at <= now()
           -- not claimed by a relay whose claim is still live
           AND (m.lease_expires_at IS NULL OR m.lease_expires_at < now())
-          -- per-key order: while an earlier row of the key waits to be retried, later ones wait
+          -- per-key order: while an earlier row of the key waits after an error (to be
+          -- retried, or for its topic), later ones wait
           AND NOT EXISTS (
               SELECT 1 FROM outbox_messages f
-              WHERE f.status = 'pending' AND f.attempts > 0
+              WHERE f.status = 'pending' AND f.last_error IS NOT NULL
                 AND f.bucket = m.bucket AND f.key = m.key AND f.id < m.id
           )
         ORDER BY m.id
@@ -257,6 +258,22 @@ WHERE m.id = v.id
   -- fencing: a relay whose claim was taken over changes nothing
   AND m.claim_token = :token
 """)
+
+# Rows whose topic or partition is unavailable (no leader, say) while the brokers answer:
+# they back off; an attempt is spent only once the row has waited past the grace.
+_SPEND = "(CASE WHEN m.created_at < now() - make_interval(secs => :grace_s) THEN 1 ELSE 0 END)"
+MARK_DEFERRED = _sql(f"""
+UPDATE outbox_messages m
+SET attempts = m.attempts + {_SPEND},
+    status = CASE WHEN m.attempts + {_SPEND} >= :max_attempts THEN 'dead' ELSE 'pending' END,
+    available_at = now() + make_interval(secs => v.delay_s),
+    last_error = v.error, claim_token = NULL, lease_expires_at = NULL
+FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]), CAST(:errors AS text[]))
+     AS v(id, delay_s, error)
+WHERE m.id = v.id
+  -- fencing: a relay whose claim was taken over changes nothing
+  AND m.claim_token = :token
+""")  # noqa: S608 (composed of constants only)
 
 # Give rows back untouched (broker unreachable): no attempt is spent.
 RELEASE_CLAIMS = _sql("""

@@ -12,7 +12,9 @@ One pass of :meth:`Relay.run`:
 3. produce outside any transaction and wait for the delivery reports;
 4. mark rows sent (with partition and offset) only ``WHERE claim_token`` is
    still ours; failed rows back off and end dead after the last attempt; rows
-   that met a broker outage are released untouched and the circuit opens.
+   that met a broker outage are released untouched and the circuit opens; rows
+   whose topic or partition alone is unavailable back off, spending attempts
+   only once they have waited past ``relay_topic_error_grace_s``.
 
 A relay that dies stops renewing: its bucket leases and row claims expire and
 another relay takes them over. Rows are never chosen by an id cursor, since
@@ -62,6 +64,7 @@ class RelayReport:
 
     sent: int = 0
     failed: int = 0
+    deferred: int = 0
     released: int = 0
     batches: int = 0
     buckets: int = 0
@@ -114,7 +117,7 @@ class Relay:
         report.circuit = self.circuit.state
         self.metrics.circuit(self.owner, self.circuit.state)
         report.elapsed_s = round(time.monotonic() - started, 4)
-        if report.sent or report.failed or report.released:
+        if report.sent or report.failed or report.deferred or report.released:
             log.info("relay %s: %s", self.owner, report.as_dict())
         return report
 
@@ -252,7 +255,14 @@ class Relay:
         # go back untouched: no attempt is spent.
         back = [d.held or d.broker_unavailable or d.producer_unusable for d in deliveries]
         released = [d for d, b in zip(deliveries, back, strict=True) if b]
-        failed = [d for d, b in zip(deliveries, back, strict=True) if d.error is not None and not b]
+        deferred = [
+            d for d, b in zip(deliveries, back, strict=True) if d.topic_unavailable and not b
+        ]
+        failed = [
+            d
+            for d, b in zip(deliveries, back, strict=True)
+            if d.error is not None and not b and not d.topic_unavailable
+        ]
         marked: Sequence[Any] = ()
         with self.sessions.begin() as session:
             if sent:
@@ -276,6 +286,21 @@ class Relay:
                         "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in failed],
                     },
                 )
+            if deferred:
+                # Only their topic or partition is unavailable: they wait, and spend
+                # attempts once they have waited past the grace, so they end dead
+                # rather than wait unseen forever.
+                session.execute(
+                    queries.MARK_DEFERRED,
+                    {
+                        "token": token,
+                        "max_attempts": self.policy.max_attempts,
+                        "grace_s": self.settings.relay_topic_error_grace_s,
+                        "ids": [d.id for d in deferred],
+                        "delays": [self.policy.delay(attempts[d.id] + 1) for d in deferred],
+                        "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in deferred],
+                    },
+                )
             self._settle(session, token, [d.id for d in released])
             if release:
                 leases.release(session, SCOPE, self.owner, release)
@@ -292,8 +317,16 @@ class Relay:
             log.warning(
                 "relay %s: %d rows failed, first: %s", self.owner, len(failed), failed[0].error
             )
+        if deferred:
+            log.warning(
+                "relay %s: %d rows wait on their topic, first: %s",
+                self.owner,
+                len(deferred),
+                deferred[0].error,
+            )
         report.sent += len(sent)
         report.failed += len(failed)
+        report.deferred += len(deferred)
         report.released += len(released)
 
     @staticmethod

@@ -101,6 +101,12 @@ class Settings:
         1.0, "First backoff after a failed delivery (doubles, jittered).", minimum=0.0
     )
     relay_retry_cap_s: float = _setting(300.0, "Longest backoff between deliveries.", minimum=0.0)
+    relay_topic_error_grace_s: float = _setting(
+        600.0,
+        "How long a row may wait on its topic or partition (no leader, unknown partition) "
+        "before each such error spends one of its attempts.",
+        minimum=0.0,
+    )
     relay_delivery_timeout_ms: int = _setting(
         10000, "Producer message timeout: an unacknowledged send fails after it.", minimum=1000
     )

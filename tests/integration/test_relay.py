@@ -16,6 +16,7 @@ from outbox import producer as producer_module
 from outbox.db import make_sessionmaker
 from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
+from outbox.producer import Delivery
 from outbox.registry import register_topic
 from outbox.relay import Relay
 from outbox.settings import Settings
@@ -220,3 +221,59 @@ def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
         assert taken[bucket] == held_a[bucket] + 1
     owners = session.execute(select(Lease.bucket, Lease.owner)).all()
     assert len(owners) == relay_settings.buckets
+
+
+def test_a_partition_without_a_leader_backs_off_its_topic_only_and_ends_dead_after_the_grace(
+    relay_settings, engine, session, topic
+):
+    """The embedded broker has one node and never loses a partition's leader, so that
+    error is injected where the relay receives delivery reports, for one topic's rows; the
+    other topic's rows go to the broker as usual."""
+    sick = f"{topic}.sick"
+    _register(session, topic)
+    _register(session, sick)
+    Publisher(relay_settings).publish_batch(
+        session,
+        [Message(sick, {"n": i}, key=f"k{i}") for i in range(5)]
+        + [Message(topic, {"n": i}, key=f"k{i}") for i in range(5)],
+    )
+    session.commit()
+    relay = Relay(relay_settings, sessions=make_sessionmaker(engine))
+    send = relay.producer.send
+
+    def leaderless(rows):
+        healthy = send([r for r in rows if r.topic != sick])
+        no_leader = KafkaError(KafkaError.LEADER_NOT_AVAILABLE, "no leader")
+        return healthy + [Delivery(r.id, error=no_leader) for r in rows if r.topic == sick]
+
+    relay.producer.send = leaderless
+
+    # When the relay meets the error for one topic
+    report = relay.run(budget_s=5)
+
+    # Then the other topic flows, the circuit stays closed, and the sick topic's rows wait
+    # without spending an attempt, later rows of their keys behind them
+    assert (report.sent, report.failed, report.deferred) == (5, 0, 5)
+    assert relay.circuit.state == "closed"
+    session.expire_all()
+    rows = list(session.scalars(select(OutboxMessage).where(OutboxMessage.topic == sick)))
+    assert {(r.status, r.attempts) for r in rows} == {("pending", 0)}
+    assert all("LEADER_NOT_AVAILABLE" in (r.last_error or "") for r in rows)
+
+    # And once rows have waited past the grace, each such error spends an attempt
+    graceless = Relay(
+        relay_settings.replace(
+            relay_topic_error_grace_s=0.0, relay_max_attempts=2, relay_retry_base_s=0.0
+        ),
+        sessions=make_sessionmaker(engine),
+    )
+    graceless.producer.send = leaderless
+    session.execute(text("UPDATE outbox_messages SET available_at = now()"))
+    session.commit()
+    for _ in range(3):
+        graceless.run(budget_s=5)
+    session.expire_all()
+    rows = list(session.scalars(select(OutboxMessage).where(OutboxMessage.topic == sick)))
+    assert {(r.status, r.attempts) for r in rows} == {("dead", 2)}
+    relay.close()
+    graceless.close()
