@@ -35,7 +35,7 @@ from outbox import leases, queries
 from outbox.logs import log_message
 from outbox.publishing import Publisher
 from outbox.retry import RetryPolicy
-from outbox.settings import Settings
+from outbox.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,14 @@ class LaneProcessor:
             register_ack_topic(session)
             self._ack_topic_ready = True
         if scope not in self._scopes_ready:
-            leases.ensure_rows(session, scope, self.settings.lanes)
+            leases.fit_rows(
+                session,
+                scope,
+                self.settings.lanes,
+                unfinished=queries.LANES_UNFINISHED,
+                params={"group": group},
+                setting=env_name("lanes"),
+            )
             self._scopes_ready.add(scope)
         return policies
 

@@ -23,12 +23,13 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumer.inbox import absorb_retries, inbox_row, poison_row, record
-from outbox import queries
+from consumer.lanes import lane_scope
+from outbox import leases, queries
 from outbox.agents import instance_id, upsert_agent
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kafka import admin_client, consumer_config, ensure_topics
 from outbox.publishing import Publisher
-from outbox.settings import Settings
+from outbox.settings import Settings, env_name
 from outbox.wire import HEADER_RETRY_ATTEMPT, HEADER_TARGET_GROUP
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,16 @@ class Consumer:
         ensure_topics(
             admin_client(self.settings), self.topics, self.settings.kafka_topic_partitions
         )
+        with self.sessions.begin() as session:
+            # Rows are spread over the group's lanes by this count from now on.
+            leases.fit_rows(
+                session,
+                lane_scope(self.group),
+                self.settings.lanes,
+                unfinished=queries.LANES_UNFINISHED,
+                params={"group": self.group},
+                setting=env_name("lanes"),
+            )
         kafka = KafkaConsumer(consumer_config(self.settings, self.group))
         self._kafka = kafka
         kafka.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)

@@ -8,15 +8,58 @@ may take them. Expiry is judged by the database clock only.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
+from sqlalchemy import Connection, TextClause
 from sqlalchemy.orm import Session
 
 from outbox import queries
+from outbox.errors import SettingsError
+
+RELAY_SCOPE = "relay"
 
 
 def ensure_rows(session: Session, scope: str, buckets: int) -> None:
     """Create the lease rows of ``scope`` for buckets ``0..buckets-1`` that do not exist."""
     session.execute(queries.ENSURE_LEASE_ROWS, {"scope": scope, "buckets": buckets})
+
+
+def fit_rows(
+    session: Session | Connection,
+    scope: str,
+    buckets: int,
+    *,
+    unfinished: TextClause,
+    params: dict[str, Any],
+    setting: str,
+) -> None:
+    """Make ``scope`` have exactly ``buckets`` lease rows, the count the rows were spread
+    by. While rows spread by another count are unfinished (``unfinished`` says whether
+    any is), a changed count would strand some (a bucket that no longer exists) or split
+    a key between two holders (its new bucket and its old one): it is refused, with
+    :class:`~outbox.errors.SettingsError` naming ``setting``."""
+    have = session.scalar(queries.LEASE_ROWS, {"scope": scope}) or 0
+    if have == buckets:
+        return
+    if have and session.scalar(unfinished, params):
+        raise SettingsError(
+            _changed(setting, buckets, have) + "; rows spread by it are "
+            "unfinished: set it back until they are done, then change it"
+        )
+    session.execute(queries.DROP_LEASE_ROWS, {"scope": scope, "buckets": buckets})
+    session.execute(queries.ENSURE_LEASE_ROWS, {"scope": scope, "buckets": buckets})
+
+
+def check_rows(session: Session | Connection, scope: str, buckets: int, setting: str) -> None:
+    """Refuse to spread rows by ``buckets`` when ``scope`` has a different number of lease
+    rows (those who relay or process them use another count)."""
+    have = session.scalar(queries.LEASE_ROWS, {"scope": scope}) or 0
+    if have not in (0, buckets):
+        raise SettingsError(_changed(setting, buckets, have) + "; every process must use one")
+
+
+def _changed(setting: str, buckets: int, have: int) -> str:
+    return f"{setting}={buckets}, but the rows in the database are spread over {have}"
 
 
 def acquire(

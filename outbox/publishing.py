@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, TextClause
 from sqlalchemy.orm import Session
 
-from outbox import queries
+from outbox import leases, queries
 from outbox.errors import (
     IdempotencyConflict,
     InactiveTopic,
@@ -33,7 +33,7 @@ from outbox.errors import (
     UnknownTopic,
 )
 from outbox.registry import check_topic_names
-from outbox.settings import Settings
+from outbox.settings import Settings, env_name
 from outbox.wire import (
     HEADER_CORRELATION_ID,
     HEADER_IDEMPOTENCY_KEY,
@@ -44,6 +44,7 @@ from outbox.wire import (
     bucket_for,
 )
 
+_BUCKETS = env_name("buckets")
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -111,6 +112,7 @@ class Publisher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._buckets_checked = False
 
     def publish(
         self,
@@ -138,6 +140,10 @@ class Publisher:
         rows = [self._row(i, m) for i, m in enumerate(messages)]
         if not rows:
             return []
+        if not self._buckets_checked:
+            # Rows spread by another bucket count than the relay's would strand or reorder.
+            leases.check_rows(session, leases.RELAY_SCOPE, self.settings.buckets, _BUCKETS)
+            self._buckets_checked = True
         inserted = self._insert(session, rows)
         if len(inserted) == len(rows):
             return [r.message_id for r in rows]

@@ -120,6 +120,21 @@ SELECT :scope, b, NULL, now() FROM generate_series(0, :buckets - 1) AS b
 ON CONFLICT DO NOTHING
 """)
 
+LEASE_ROWS = _sql("SELECT count(*) FROM leases WHERE scope = :scope")
+
+DROP_LEASE_ROWS = _sql("DELETE FROM leases WHERE scope = :scope AND bucket >= :buckets")
+
+# Whether rows spread over the relay's buckets are unfinished (waiting to be sent).
+RELAY_UNFINISHED = _sql("SELECT EXISTS (SELECT 1 FROM outbox_messages WHERE status = 'pending')")
+
+# Whether rows spread over a group's lanes are unfinished (waiting to be processed).
+LANES_UNFINISHED = _sql("""
+SELECT EXISTS (
+    SELECT 1 FROM inbox_messages
+    WHERE consumer_group = :group AND status IN ('received', 'failed')
+)
+""")
+
 # Buckets holding rows a relay could send now; probes the claim index once per bucket.
 BUCKETS_WITH_WORK = _sql("""
 SELECT b FROM generate_series(0, :buckets - 1) AS b

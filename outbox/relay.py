@@ -48,11 +48,11 @@ from outbox.db import make_engine, make_sessionmaker
 from outbox.metrics import MetricsRecorder
 from outbox.producer import Delivery, Outgoing, RelayProducer
 from outbox.retry import RetryPolicy
-from outbox.settings import Settings
+from outbox.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
 
-SCOPE = "relay"
+SCOPE = leases.RELAY_SCOPE
 # With no delivery for this long, check that a broker answers before claiming.
 IDLE_PROBE_S = 5.0
 MAX_ERROR_CHARS = 2000
@@ -188,7 +188,14 @@ class Relay:
         """
         s = self.settings
         if not self._lease_rows_ready:
-            leases.ensure_rows(session, SCOPE, s.buckets)
+            leases.fit_rows(
+                session,
+                SCOPE,
+                s.buckets,
+                unfinished=queries.RELAY_UNFINISHED,
+                params={},
+                setting=env_name("buckets"),
+            )
             self._lease_rows_ready = True
         with_work = set(session.scalars(queries.BUCKETS_WITH_WORK, {"buckets": s.buckets}))
         # Held buckets that still have work are renewed first.

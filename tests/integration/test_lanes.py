@@ -12,9 +12,11 @@ from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
 
 import consumer
+from consumer import Consumer
 from consumer.lanes import LaneProcessor, lane_scope
 from outbox import leases
 from outbox.db import make_sessionmaker
+from outbox.errors import SettingsError
 from outbox.models import ConsumerGroup, InboxMessage, Topic
 from outbox.settings import Settings
 from tests.inbox import receive
@@ -207,3 +209,32 @@ def test_one_run_takes_several_lanes_and_leaves_a_busy_one_to_its_holder(
     assert sorted(seen) == [(1, "k")] * 3 + [(2, "k")] * 3
     rows = _rows(session).values()
     assert sorted(r.lane for r in rows if r.status == "received") == [5, 5, 5]
+
+
+def test_a_changed_lane_count_is_refused_while_rows_spread_by_the_old_one_are_unfinished(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+    done: list[str] = []
+
+    @consumer.handler(topic)
+    def record(message: consumer.Message, tx: Session) -> None:
+        done.append(message.key or "")
+
+    sessions = make_sessionmaker(effects)
+    LaneProcessor(settings.replace(lanes=8), sessions, "w").run(GROUP, [LANE])  # count: 8
+    _receive(session, topic, [("k1", {}), ("k2", {})])
+    # When a worker (or a consumer) starts with 4 lanes while those rows wait
+    with pytest.raises(SettingsError, match=r"OUTBOX_LANES=4.*spread over 8.*unfinished"):
+        LaneProcessor(settings.replace(lanes=4), sessions, "w").run(GROUP, [LANE])
+    with pytest.raises(SettingsError, match=r"OUTBOX_LANES=4"):
+        Consumer(settings.replace(lanes=4), GROUP, [topic], sessions=sessions).run()
+    assert done == []
+    # Once the old count's workers finish them, the new count is taken
+    assert LaneProcessor(settings.replace(lanes=8), sessions, "w").run(GROUP, [LANE]).done == 2
+    LaneProcessor(settings.replace(lanes=4), sessions, "w").run(GROUP, [0])
+    count = session.scalar(
+        text("SELECT count(*) FROM leases WHERE scope = :s"), {"s": lane_scope(GROUP)}
+    )
+    assert count == 4

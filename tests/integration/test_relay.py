@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from outbox import Message, Publisher
 from outbox import producer as producer_module
 from outbox.db import make_sessionmaker
+from outbox.errors import SettingsError
 from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
 from outbox.producer import Delivery
@@ -277,3 +278,34 @@ def test_a_partition_without_a_leader_backs_off_its_topic_only_and_ends_dead_aft
     assert {(r.status, r.attempts) for r in rows} == {("dead", 2)}
     relay.close()
     graceless.close()
+
+
+def test_a_changed_bucket_count_is_refused_while_rows_spread_by_the_old_one_are_unsent(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    eight = relay_settings.replace(buckets=8)
+    sixteen = relay_settings.replace(buckets=16)
+    Relay(eight, sessions=make_sessionmaker(engine)).run(budget_s=5)  # the relay's count: 8
+    Publisher(eight).publish_batch(
+        session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(20)]
+    )
+    session.commit()
+
+    # When the relay and a publisher start with 16 while those rows are unsent
+    # Then both refuse, naming the setting, and nothing was written or stranded
+    with pytest.raises(SettingsError, match=r"OUTBOX_BUCKETS=16.*spread over 8.*unfinished"):
+        Relay(sixteen, sessions=make_sessionmaker(engine)).run(budget_s=5)
+    with pytest.raises(SettingsError, match=r"OUTBOX_BUCKETS=16.*spread over 8"):
+        Publisher(sixteen).publish(session, topic, {"n": "new"}, key="k1")
+    session.rollback()
+    assert session.scalar(text("SELECT count(*) FROM leases WHERE scope = 'relay'")) == 8
+
+    # When the old count's relay drains them, the new count takes over
+    assert Relay(eight, sessions=make_sessionmaker(engine)).run(budget_s=10).sent == 20
+    relay = Relay(sixteen, sessions=make_sessionmaker(engine))
+    relay.run(budget_s=5)
+    Publisher(sixteen).publish(session, topic, {"n": "new"}, key="k1")
+    session.commit()
+    assert relay.run(budget_s=10).sent == 1
+    assert session.scalar(text("SELECT count(*) FROM leases WHERE scope = 'relay'")) == 16
