@@ -215,11 +215,44 @@ def record(session: Session, rows: list[dict[str, Any]]) -> list[int]:
     """
     if not rows:
         return []
+    rows = _not_remembered(session, rows)
+    if not rows:
+        return []
     # No conflict target: both unique keys (message id, idempotency key) absorb duplicates.
     result = session.execute(
         insert(InboxMessage).on_conflict_do_nothing().returning(InboxMessage.lane), rows
     )
     return list(result.scalars())
+
+
+def _not_remembered(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose message the group did not process before its inbox row was cleaned
+    up (it remembers those in ``inbox_dedup`` for the dedup window)."""
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_group.setdefault(row["consumer_group"], []).append(row)
+    seen_ids: set[tuple[str, str]] = set()
+    seen_keys: set[tuple[str, str]] = set()
+    for group, group_rows in by_group.items():
+        for message_id, idempotency_key in session.execute(
+            queries.DEDUP_SEEN,
+            {
+                "group": group,
+                "ids": [str(r["message_id"]) for r in group_rows],
+                "keys": [r["idempotency_key"] for r in group_rows if r["idempotency_key"]],
+            },
+        ):
+            seen_ids.add((group, str(message_id)))
+            if idempotency_key is not None:
+                seen_keys.add((group, idempotency_key))
+    if not seen_ids:
+        return rows
+    return [
+        r
+        for r in rows
+        if (r["consumer_group"], str(r["message_id"])) not in seen_ids
+        and (r["consumer_group"], r["idempotency_key"]) not in seen_keys
+    ]
 
 
 def absorb_retries(
@@ -243,6 +276,12 @@ def absorb_retries(
         success_ack(message_id, topic, group, worker or "unknown", attempts)
         for message_id, topic, worker, attempts in session.execute(
             queries.INBOX_DONE_OF, {"group": group, "ids": ids}
+        )
+    ] + [
+        # processed, and its row cleaned up since: it is remembered for the dedup window
+        success_ack(message_id, topic, group, "unknown", 1)
+        for message_id, topic in session.execute(
+            queries.DEDUP_DONE_OF, {"group": group, "ids": ids}
         )
     ]
     if acks:

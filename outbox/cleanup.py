@@ -41,6 +41,7 @@ def _retentions(settings: Settings) -> dict[str, float]:
         "outbox_sent": settings.retention_sent,
         "outbox_dead": settings.retention_dead,
         "inbox_done": settings.retention_done,
+        "inbox_dedup": settings.retention_dedup_s,
         "inbox_dead": settings.retention_dead,
         "health_snapshots": settings.retention_health,
         "agents": settings.retention_health,

@@ -257,6 +257,30 @@ class InboxMessage(Base):
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class InboxDedup(Base):
+    """What a group remembers of a processed message once its inbox row is cleaned up:
+    enough to know a redelivery or a late retry for what it is, for the dedup window."""
+
+    __tablename__ = "inbox_dedup"
+    __table_args__ = (
+        UniqueConstraint("consumer_group", "message_id"),
+        Index(
+            "uq_inbox_dedup_idempotency_key",
+            "consumer_group",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    consumer_group: Mapped[str] = mapped_column(String(255))
+    message_id: Mapped[uuid.UUID] = mapped_column()
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    topic: Mapped[str] = mapped_column(String(249))
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class Agent(Base):
     __tablename__ = "agents"
     __table_args__ = (

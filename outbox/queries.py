@@ -546,6 +546,14 @@ m.status = 'dead' AND m.created_at < now() - make_interval(secs => :retention)""
         """
 m.status = 'done' AND m.processed_at < now() - make_interval(secs => :retention)""",
     ),
+    # What a group remembers of a processed message past its inbox row (the dedup
+    # window), and nothing longer.
+    "inbox_dedup": (
+        "inbox_dedup",
+        "processed_at",
+        """
+m.processed_at < now() - make_interval(secs => :retention)""",
+    ),
     "inbox_dead": (
         "inbox_messages",
         "received_at",
@@ -581,7 +589,20 @@ deliveries_gone AS (
         if table == "outbox_messages"
         else ""
     )
-    returning = "m.id, m.message_id" if table == "outbox_messages" else "m.id"
+    if table == "inbox_messages":
+        # A processed message's id outlives its row, for the dedup window.
+        deliveries = """,
+remembered AS (
+    INSERT INTO inbox_dedup (consumer_group, message_id, idempotency_key, topic, processed_at)
+    SELECT consumer_group, message_id, idempotency_key, topic, processed_at FROM gone
+    WHERE status = 'done'
+    ON CONFLICT DO NOTHING
+)"""
+    returning = {
+        "outbox_messages": "m.id, m.message_id",
+        "inbox_messages": "m.id, m.consumer_group, m.message_id, m.idempotency_key, m.topic, "
+        "m.processed_at, m.status",
+    }.get(table, "m.id")
     return f"""
 WITH doomed AS (
     SELECT {returning} FROM {table} m WHERE {where}
@@ -659,7 +680,8 @@ FROM health_snapshots ORDER BY taken_at DESC, id DESC LIMIT 1
 DUE_DELIVERIES = _sql("""
 SELECT d.id, d.message_id, d.attempts, d.instance_id, g.name AS group_name, g.max_retries,
        g.ack_timeout_s, g.retry_base_s, g.retry_factor, g.retry_cap_s,
-       m.topic, m.key, m.payload, m.headers, m.idempotency_key
+       m.topic, m.key, m.payload, m.headers, m.idempotency_key,
+       CAST(EXTRACT(EPOCH FROM now() - m.created_at) AS float8) AS age_s
 FROM deliveries d
 JOIN consumer_groups g ON g.id = d.consumer_group_id
 JOIN outbox_messages m ON m.message_id = d.message_id
@@ -700,7 +722,7 @@ WHERE d.id = v.id
 MARK_DELIVERIES_DEAD = _sql("""
 UPDATE deliveries
 SET status = 'dead', next_retry_at = NULL, updated_at = now(),
-    error = COALESCE(error, 'no ack after the last retry')
+    error = COALESCE(CAST(:why AS text), error, 'no ack after the last retry')
 WHERE id = ANY(CAST(:ids AS bigint[]))
 """)
 
@@ -725,6 +747,19 @@ WHERE g.name = :group AND d.message_id = CAST(:message_id AS uuid)
 INBOX_DONE_OF = _sql("""
 SELECT message_id, topic, worker, attempts FROM inbox_messages
 WHERE consumer_group = :group AND message_id = ANY(CAST(:ids AS uuid[])) AND status = 'done'
+""")
+
+# The same for one whose inbox row was cleaned up: its id is still remembered.
+DEDUP_DONE_OF = _sql("""
+SELECT message_id, topic FROM inbox_dedup
+WHERE consumer_group = :group AND message_id = ANY(CAST(:ids AS uuid[]))
+""")
+
+# Received messages that the group processed already and whose rows were cleaned up.
+DEDUP_SEEN = _sql("""
+SELECT message_id, idempotency_key FROM inbox_dedup
+WHERE consumer_group = :group
+  AND (message_id = ANY(CAST(:ids AS uuid[])) OR idempotency_key = ANY(CAST(:keys AS text[])))
 """)
 
 # One it failed (or gave up on): it runs again now, with a fresh attempt budget.

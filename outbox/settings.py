@@ -176,6 +176,12 @@ class Settings:
     retention_done: float = _setting(
         7 * 86400.0, "Seconds a processed (done) inbox row stays.", minimum=0
     )
+    retention_dedup_s: float = _setting(
+        90 * 86400.0,
+        "Seconds a processed message's id (and idempotency key) is remembered by its group "
+        "after its inbox row is gone: the dedup window. Targeted retries stop before it ends.",
+        minimum=0,
+    )
     retention_dead: float = _setting(
         30 * 86400.0, "Seconds a dead letter (either side) stays; 0 keeps them.", minimum=0
     )
@@ -271,6 +277,11 @@ class Settings:
             raise SettingsError(
                 f"{env_name('relay_lease_s')}={self.relay_lease_s:g}: must exceed "
                 f"{env_name('relay_delivery_timeout_ms')}={self.relay_delivery_timeout_ms} ms"
+            )
+        if self.retention_dedup_s < self.retention_done:
+            raise SettingsError(
+                f"{env_name('retention_dedup_s')}={self.retention_dedup_s:g}: must be at "
+                f"least {env_name('retention_done')}={self.retention_done:g}"
             )
         if self.lane_time_limit_s <= self.lane_budget_s:
             raise SettingsError(

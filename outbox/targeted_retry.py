@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from outbox import queries
 from outbox.metrics import MetricsRecorder
 from outbox.retry import RetryPolicy
-from outbox.settings import Settings
+from outbox.settings import Settings, env_name
 from outbox.wire import (
     HEADER_RETRY_ATTEMPT,
     HEADER_TARGET_GROUP,
@@ -83,9 +83,14 @@ def _batch(settings: Settings, session: Session, report: RetryReport, groups: li
     rows: list[dict[str, Any]] = []
     retried: list[tuple[int, float]] = []
     dead: list[int] = []
+    too_old: list[int] = []
     for d in due:
         if d.max_retries != -1 and d.attempts >= d.max_retries:
             dead.append(d.id)
+            continue
+        if d.age_s >= settings.retention_dedup_s:
+            # Past it, a group that processed the message may have forgotten it.
+            too_old.append(d.id)
             continue
         attempt = d.attempts + 1
         target = choose_target(d.message_id, d.instance_id, healthy)
@@ -121,8 +126,14 @@ def _batch(settings: Settings, session: Session, report: RetryReport, groups: li
         ids, waits = zip(*retried, strict=True)
         session.execute(queries.MARK_DELIVERIES_RETRIED, {"ids": list(ids), "waits": list(waits)})
     if dead:
-        session.execute(queries.MARK_DELIVERIES_DEAD, {"ids": dead})
+        session.execute(queries.MARK_DELIVERIES_DEAD, {"ids": dead, "why": None})
+    if too_old:
+        why = (
+            f"no retry past the consumers' dedup window ({env_name('retention_dedup_s')}): "
+            "a group that processed it could not tell it from a new message"
+        )
+        session.execute(queries.MARK_DELIVERIES_DEAD, {"ids": too_old, "why": why})
     groups.extend(row["target_group"] for row in rows)
     report.retried += len(rows)
-    report.dead += len(dead)
+    report.dead += len(dead) + len(too_old)
     return len(due)

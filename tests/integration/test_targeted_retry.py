@@ -8,15 +8,16 @@ import threading
 import uuid
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from api import create_app
 from consumer.acks import apply_ack
 from consumer.handlers import Message
-from consumer.inbox import absorb_retries
+from consumer.inbox import absorb_retries, record
 from outbox import queries
 from outbox.agents import upsert_agent
+from outbox.cleanup import cleanup
 from outbox.db import make_sessionmaker
 from outbox.models import InboxMessage
 from outbox.publishing import Publisher
@@ -340,3 +341,69 @@ def test_an_inbox_row_keeps_the_workers_of_its_last_hundred_attempts(session: Se
     session.refresh(row)
     assert row.message_id == message_id
     assert row.attempt_workers == [f"w{n}@host" for n in range(1, 101)]
+
+
+def test_a_processed_message_is_known_past_its_inbox_rows_cleanup_for_the_dedup_window(
+    settings: Settings, engine: Engine, session: Session
+):
+    register_topic(session, TOPIC)
+    session.commit()
+    (done,) = receive(
+        session,
+        "billing",
+        TOPIC,
+        [("k1", {})],
+        status="done",
+        attempts=1,
+        idempotency_key="pay-9",
+        processed_at=text("now() - interval '8 days'"),
+    )
+    # Given cleanup removed the processed row after its retention (7 days)
+    report = cleanup(settings, make_sessionmaker(engine))
+    assert report.deleted["inbox_done"] == 1
+    assert session.scalar(select(func.count()).select_from(InboxMessage)) == 0
+
+    # When Kafka redelivers it, a copy with its idempotency key comes, and a targeted
+    # retry of it arrives
+    def row(message_id: uuid.UUID, idempotency_key: str | None, **headers: str) -> dict:
+        return {
+            "consumer_group": "billing",
+            "message_id": message_id,
+            "idempotency_key": idempotency_key,
+            "topic": TOPIC,
+            "partition": 0,
+            "offset": 7,
+            "key": "k1",
+            "lane": 1,
+            "payload": {},
+            "headers": {"message_id": str(message_id), **headers},
+        }
+
+    retry = row(done, "pay-9", target_group="billing", retry_attempt="1")
+    with make_sessionmaker(engine).begin() as tx:
+        lanes = record(tx, [row(done, None), row(uuid.uuid4(), "pay-9"), retry])
+        absorb_retries(tx, "billing", [retry], Publisher(settings), set())
+
+    # Then none of them is recorded to run again, and the retry's success ack goes out
+    assert lanes == []
+    assert session.scalar(select(func.count()).select_from(InboxMessage)) == 0
+    acks = session.scalars(
+        text("SELECT payload FROM outbox_messages WHERE topic = 'outbox.acks'")
+    ).all()
+    assert [(a["message_id"], a["status"]) for a in acks] == [(str(done), "success")]
+
+
+def test_no_targeted_retry_goes_out_past_the_consumers_dedup_window(
+    settings: Settings, engine: Engine, session: Session, published: uuid.UUID
+):
+    session.execute(
+        text(
+            "UPDATE outbox_messages SET created_at = now() - interval '91 days';"
+            " UPDATE deliveries SET next_retry_at = now()"
+        )
+    )
+    session.commit()
+    report = retry_due(settings, make_sessionmaker(engine))
+    assert (report.retried, report.dead) == (0, 2)
+    errors = session.scalars(text("SELECT error FROM deliveries")).all()
+    assert all("dedup window" in e for e in errors)
