@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -168,21 +169,45 @@ def _numbered(role: str, n: int, count: int) -> str:
     return role if count == 1 else f"{role}{n}"
 
 
+class Output:
+    """Where ``outbox dev`` writes; once that is gone (a closed pipe, a lost terminal) its
+    lines are dropped, so that stopping never fails on them."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out: TextIO | None = out
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            if self.out is None:
+                return
+            try:
+                self.out.write(text)
+                self.out.flush()
+            except (OSError, ValueError):
+                self.out = None
+
+
 class Supervisor:
     """Runs the children, relays their output with a name prefix, and stops them all."""
 
-    def __init__(self, settings: Settings, children: list[Child], out: TextIO) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        children: list[Child],
+        out: Output,
+        on_start: Callable[[int], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.children = children
         self.out = out
+        # Told each child's pid (the leader of its own process group) once it started.
+        self.on_start = on_start
         self.stopping = threading.Event()
-        self._print_lock = threading.Lock()
         self._width = max(len(c.name) for c in children)
 
     def say(self, name: str, line: str) -> None:
-        with self._print_lock:
-            self.out.write(f"{name:<{self._width}} | {line}\n")
-            self.out.flush()
+        self.out.write(f"{name:<{self._width}} | {line}\n")
 
     def start(self) -> None:
         env = {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1"}
@@ -197,6 +222,8 @@ class Supervisor:
                 bufsize=1,
                 start_new_session=True,
             )
+            if self.on_start is not None:
+                self.on_start(child.proc.pid)
             threading.Thread(target=self._pump, args=(child,), daemon=True).start()
             if child.ready_url is not None:
                 threading.Thread(target=self._probe, args=(child,), daemon=True).start()
@@ -265,7 +292,7 @@ def _resolve_ports(settings: Settings) -> Settings:
     return settings.replace(**changes) if changes else settings
 
 
-def _banner(settings: Settings, elapsed_s: float, out: TextIO) -> None:
+def _banner(settings: Settings, elapsed_s: float, out: Output) -> None:
     api = f"http://{settings.api_host}:{settings.api_port}"
     lines = [
         f"outbox dev: all ready in {elapsed_s:.1f} s",
@@ -283,13 +310,13 @@ def _banner(settings: Settings, elapsed_s: float, out: TextIO) -> None:
         "Ctrl-C stops everything.",
     ]
     out.write("\n".join(lines) + "\n")
-    out.flush()
 
 
 def run(
-    settings: Settings, out: TextIO = sys.stdout, *, workers: int = 1, consumers: int = 1
+    settings: Settings, stream: TextIO = sys.stdout, *, workers: int = 1, consumers: int = 1
 ) -> int:
     """Run the system until SIGINT or SIGTERM, or until a child dies; return an exit code."""
+    out = Output(stream)
     started = time.monotonic()
     stop_requested = threading.Event()
 
@@ -317,6 +344,8 @@ def run(
             settings,
             plan(settings, root / "celerybeat-schedule", workers=workers, consumers=consumers),
             out,
+            # Should this process be killed, the watchdog stops the children too.
+            on_start=services.watch_group,
         )
         supervisor.start()
         not_ready = supervisor.wait_ready()
@@ -334,9 +363,7 @@ def run(
         return 0
     finally:
         out.write("outbox dev: stopping\n")
-        out.flush()
         if supervisor is not None:
             supervisor.stop()
         services.stop()
         out.write("outbox dev: stopped\n")
-        out.flush()

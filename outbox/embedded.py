@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -31,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from outbox import watchdog
 from outbox.errors import ServiceError, SettingsError
@@ -43,6 +44,7 @@ STANDARD_PORTS = {"postgres": 5432, "redis": 6379, "kafka": 9092}
 PG_SYSTEM_USER = "embedded_postgres"
 DATABASE_NAME = "outbox"
 READY_TIMEOUT_S = 30.0
+LOCK_FILE = "services.lock"
 
 
 def free_port() -> int:
@@ -365,9 +367,39 @@ class EmbeddedServices:
     _watchdog: subprocess.Popen[bytes] | None = dataclasses.field(
         default=None, init=False, repr=False
     )
+    _lock_file: IO[str] | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def _lock(self) -> None:
+        """Hold the data folder's lock, or raise naming the process that holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_FILE
+        handle = open(path, "a+")  # noqa: SIM115 (held open as long as the services run)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ServiceError(
+                f"{holder} runs the embedded services in {self.root}; stop it first, or give "
+                f"this one a folder of its own with {env_name('dev_dir')}"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} ({' '.join(sys.argv)})")
+        handle.flush()
+        self._lock_file = handle
+
+    def watch_group(self, pid: int) -> None:
+        """Have the watchdog also stop process group ``pid`` should this process die."""
+        self._tell(watchdog.group_spec(pid))
 
     def start(self) -> Settings:
-        """Start what is missing; on any failure stop what did start, then raise."""
+        """Start what is missing; on any failure stop what did start, then raise.
+
+        The data folder is locked for as long as the services run: a second process
+        that would start services on it (another ``outbox dev`` in the same checkout)
+        is refused, naming the first, before it touches anything."""
         s = self.settings
         # Every port is checked before anything starts, so a bad one starts nothing.
         planned: list[tuple[str, EmbeddedPostgres | EmbeddedRedis | EmbeddedKafka]] = []
@@ -385,6 +417,7 @@ class EmbeddedServices:
         changes: dict[str, str] = {}
         try:
             if planned:
+                self._lock()
                 self._watch()
             for setting, service in planned:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -404,6 +437,9 @@ class EmbeddedServices:
                 service.stop()
             except Exception:
                 log.exception("stopping %s failed", type(service).__name__)
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing it lets go of the lock
+            self._lock_file = None
         if self._watchdog is not None:
             self._tell(watchdog.DISARM)
             with contextlib.suppress(OSError):

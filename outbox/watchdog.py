@@ -1,5 +1,5 @@
-"""Stops the embedded services when the process that started them dies without stopping
-them (SIGKILL, a crash, a lost terminal).
+"""Stops the embedded services (and the children of ``outbox dev``) when the process that
+started them dies without stopping them (SIGKILL, a crash, a lost terminal).
 
 :class:`~outbox.embedded.EmbeddedServices` starts ``python -m outbox.watchdog`` in a
 session of its own, its standard input a pipe that only the starting process holds.
@@ -39,22 +39,30 @@ def process_spec(pid: int) -> dict[str, Any]:
     return {"kind": "process", "pid": pid, "start": start_ticks(pid)}
 
 
-def _stop_process(pid: int, start: str | None) -> None:
+def group_spec(pid: int) -> dict[str, Any]:
+    """What the watchdog needs to stop a child that leads a process group of its own (its
+    pool processes, say, go with it)."""
+    return {"kind": "group", "pid": pid, "start": start_ticks(pid)}
+
+
+def _stop_process(pid: int, start: str | None, group: bool = False) -> None:
     if start_ticks(pid) != start:
         return  # gone already (or the pid is another process's now)
+    kill = os.killpg if group else os.kill
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+        kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
         while time.monotonic() < deadline and start_ticks(pid) == start:
             time.sleep(0.1)
-        if start_ticks(pid) == start:
-            os.kill(pid, signal.SIGKILL)
+        # A group may keep members (pool processes) after its leader went.
+        if group or start_ticks(pid) == start:
+            kill(pid, signal.SIGKILL)
 
 
 def stop(spec: dict[str, Any]) -> None:
     """Stop one service described by ``spec``."""
-    if spec["kind"] == "process":
-        _stop_process(spec["pid"], spec["start"])
+    if spec["kind"] in ("process", "group"):
+        _stop_process(spec["pid"], spec["start"], group=spec["kind"] == "group")
     elif spec["kind"] == "postgres":
         subprocess.run(
             [spec["pg_ctl"], "-D", spec["data"], "-m", "fast", "-w", "stop"],

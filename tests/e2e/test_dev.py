@@ -222,3 +222,66 @@ def _cmdline(entry: Path) -> bytes:
         return (entry / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def _dev_env(dev_dir: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_KAFKA_BOOTSTRAP")
+    }
+    env.update(
+        OUTBOX_DEV_DIR=str(dev_dir),
+        OUTBOX_API_PORT=str(free_port()),
+        OUTBOX_FLOWER_PORT=str(free_port()),
+    )
+    return env
+
+
+def test_a_second_outbox_dev_on_the_same_folder_is_refused_and_a_stop_without_stdout_leaves_nothing(
+    dev_dir: Path,
+):
+    # Given outbox dev running, its output read through a pipe
+    read_end, write_end = os.pipe()
+    env = _dev_env(dev_dir)
+    api_port = int(env["OUTBOX_API_PORT"])
+    first = subprocess.Popen(
+        [sys.executable, "-m", "outbox", "dev"],
+        env=env,
+        stdout=write_end,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    os.close(write_end)
+    reader = os.fdopen(read_end, "r")
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and BANNER_END not in "".join(seen[-3:]):
+            seen.append(reader.readline())
+        assert BANNER_END in "".join(seen), "".join(seen)[-3000:]
+        children = _descendants(first.pid)
+
+        # When a second one starts in another shell on the same folder
+        second = subprocess.run(
+            [sys.executable, "-m", "outbox", "dev"],
+            env=_dev_env(dev_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        # Then it refuses, naming the running one, and the first is untouched
+        assert second.returncode != 0
+        assert f"pid {first.pid}" in second.stderr + second.stdout
+        assert _status(f"http://127.0.0.1:{api_port}/readyz") == 200
+
+        # When the first one's output is gone (a closed pipe) and it is stopped
+        reader.close()
+        first.send_signal(signal.SIGTERM)
+        first.wait(60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    # Then no child is left behind, Flower (which ignores SIGTERM) included
+    assert [pid for pid in children if _alive(pid)] == []
+    assert not port_open(api_port)
