@@ -43,6 +43,7 @@ class NullProducer:
 
     def __init__(self) -> None:
         self.offset = 0
+        self.replaced: list[str] = []  # never: it has no broker to fence it
 
     def ping(self) -> bool:
         return True
