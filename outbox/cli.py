@@ -207,6 +207,51 @@ def dev(
 
 
 @cli.command()
+@option("--duration", default=60.0, show_default=True, help="Seconds of faults under load.")
+@option("--rate", default=200.0, show_default=True, help="Messages per second offered.")
+@option("--seed", type=int, default=None, help="Seed of the faults (default: a random one).")
+@option(
+    "--catch-up",
+    default=300.0,
+    show_default=True,
+    help="Longest wait, after the last fault, for every message to finish.",
+)
+@option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=".outbox-chaos",
+    show_default=True,
+    help="Folder for chaos.json, chaos.png and every process's log.",
+)
+@click.pass_context
+def chaos(
+    ctx: click.Context, duration: float, rate: float, seed: int | None, catch_up: float, out: str
+) -> None:
+    """The fault ledger: the whole system under load and random faults, then every
+    acknowledged message judged; exits 1 when one is lost, repeated, out of order or
+    stuck."""
+    import random
+
+    from outbox import chaos as chaos_mod
+
+    settings = _settings(ctx)
+    setup_logging(settings.replace(log_level="WARNING"), "chaos")
+    seed = random.randrange(1 << 32) if seed is None else seed
+    ledger = chaos_mod.run(
+        settings,
+        duration_s=duration,
+        rate=rate,
+        seed=seed,
+        out_dir=Path(out),
+        catch_up_s=catch_up,
+        say=lambda line: click.echo(line, err=True),
+    )
+    click.echo(ledger.table())
+    click.echo(f"wrote {Path(out) / 'chaos.json'} and {Path(out) / 'chaos.png'}", err=True)
+    sys.exit(0 if ledger.ok else 1)
+
+
+@cli.command()
 @option(
     "--group",
     required=True,

@@ -205,28 +205,66 @@ class Supervisor:
         self.on_start = on_start
         self.stopping = threading.Event()
         self._width = max(len(c.name) for c in children)
+        self._children_lock = threading.Lock()  # add, retire and restart_dead may race
 
     def say(self, name: str, line: str) -> None:
         self.out.write(f"{name:<{self._width}} | {line}\n")
 
     def start(self) -> None:
-        env = {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1"}
         for child in self.children:
-            child.proc = subprocess.Popen(
-                child.argv,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                bufsize=1,
-                start_new_session=True,
-            )
-            if self.on_start is not None:
-                self.on_start(child.proc.pid)
-            threading.Thread(target=self._pump, args=(child,), daemon=True).start()
-            if child.ready_url is not None:
-                threading.Thread(target=self._probe, args=(child,), daemon=True).start()
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        env = {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1"}
+        child.ready.clear()
+        child.proc = subprocess.Popen(
+            child.argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        if self.on_start is not None:
+            self.on_start(child.proc.pid)
+        threading.Thread(target=self._pump, args=(child,), daemon=True).start()
+        if child.ready_url is not None:
+            threading.Thread(target=self._probe, args=(child,), daemon=True).start()
+
+    def add(self, child: Child) -> None:
+        """Start one more child (a consumer joining its group, say)."""
+        with self._children_lock:
+            self.children.append(child)
+            self._width = max(self._width, len(child.name))
+            self._spawn(child)
+
+    def retire(self, child: Child) -> None:
+        """Stop one child for good, as :meth:`stop` stops them all."""
+        with self._children_lock:
+            self.children.remove(child)
+        _signal_group(child, signal.SIGTERM)
+        assert child.proc is not None
+        try:
+            child.proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.say(child.name, f"did not stop in {STOP_GRACE_S:g} s; killing it")
+        _signal_group(child, signal.SIGKILL)
+        child.proc.wait()
+
+    def restart_dead(self) -> list[str]:
+        """Start again every child that exited, as a process supervisor would; return
+        their names."""
+        with self._children_lock:
+            dead = [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
+            for child in dead:
+                assert child.proc is not None
+                # What its process group still holds (pool processes) goes with it.
+                _signal_group(child, signal.SIGKILL)
+                self.say(child.name, f"exited ({child.proc.returncode}); starting it again")
+                self._spawn(child)
+        return [c.name for c in dead]
 
     def _pump(self, child: Child) -> None:
         assert child.proc is not None and child.proc.stdout is not None

@@ -232,9 +232,10 @@ class EmbeddedPostgres:
             "user": self.run_as,
         }
 
-    def stop(self) -> None:
-        """Stop the server (fast shutdown: open sessions are ended)."""
-        result = self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (fast shutdown ends open sessions; immediate shutdown quits at
+        once, as a crash would, and recovers from its log at the next start)."""
+        result = self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
         if result.returncode != 0 and "No server running" not in result.stderr:
             raise ServiceError(f"PostgreSQL did not stop: {result.stderr.strip()}")
 
@@ -389,6 +390,32 @@ class EmbeddedServices:
         handle.write(f"pid {os.getpid()} ({' '.join(sys.argv)})")
         handle.flush()
         self._lock_file = handle
+
+    def _service(self, kind: str) -> EmbeddedPostgres | EmbeddedRedis | EmbeddedKafka:
+        types = {"postgres": EmbeddedPostgres, "redis": EmbeddedRedis, "kafka": EmbeddedKafka}
+        for service in self.started:
+            if isinstance(service, types[kind]):
+                return service
+        raise ServiceError(f"no embedded {kind} runs here")
+
+    def pid(self, kind: str) -> int:
+        """The process id of the embedded ``kafka`` or ``redis`` server."""
+        service = self._service(kind)
+        assert not isinstance(service, EmbeddedPostgres) and service.proc is not None
+        return service.proc.pid
+
+    def restart(self, kind: str, mode: str = "fast") -> str:
+        """Stop and start one embedded service on its port (PostgreSQL with shutdown
+        ``mode``: fast or immediate); return what was restarted."""
+        service = self._service(kind)
+        if isinstance(service, EmbeddedPostgres):
+            service.stop(mode)
+        else:
+            service.stop()
+        service.start()
+        if not isinstance(service, EmbeddedPostgres):
+            self._tell(service.watch_spec())
+        return kind if kind != "postgres" else f"postgres ({mode} shutdown)"
 
     def watch_group(self, pid: int) -> None:
         """Have the watchdog also stop process group ``pid`` should this process die."""
