@@ -21,6 +21,19 @@ log = logging.getLogger(__name__)
 TOPIC_CREATE_TIMEOUT_S = 10.0
 
 
+class _ChosenOnPurpose(logging.Filter):
+    """Drops librdkafka's warning that the gapless guarantee is experimental: the relay
+    turns it on knowingly, and every new producer would say it again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "enable.gapless.guarantee is experimental" not in record.getMessage()
+
+
+# librdkafka's own log lines go through logging (so they are JSON lines when logs are).
+librdkafka_log = logging.getLogger("outbox.librdkafka")
+librdkafka_log.addFilter(_ChosenOnPurpose())
+
+
 def bootstrap(settings: Settings) -> str:
     """The configured bootstrap servers, or an error naming the variable to set."""
     if settings.kafka_bootstrap is None:
@@ -38,6 +51,7 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
+        "logger": librdkafka_log,
     }
     config.update(extra)
     return config
@@ -54,6 +68,7 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         "session.timeout.ms": settings.kafka_session_timeout_ms,
         "heartbeat.interval.ms": max(settings.kafka_session_timeout_ms // 5, 500),
         "fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms,
+        "logger": librdkafka_log,
     }
     config.update(extra)
     return config
@@ -61,7 +76,8 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
 
 def admin_client(settings: Settings) -> AdminClient:
     """An admin client for metadata and topic creation."""
-    return AdminClient({"bootstrap.servers": bootstrap(settings)})
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap(settings), "logger": librdkafka_log}
+    return AdminClient(config)
 
 
 def ensure_topics(admin: AdminClient, topics: Iterable[str], partitions: int) -> list[str]:

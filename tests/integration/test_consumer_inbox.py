@@ -30,7 +30,7 @@ def _wait_rows(session: Session, group: str, count: int, timeout_s: float = 30) 
     deadline = time.monotonic() + timeout_s
     rows: list = []
     while time.monotonic() < deadline:
-        session.expire_all()
+        session.rollback()  # a fresh look each time
         rows = list(
             session.scalars(
                 select(InboxMessage)
