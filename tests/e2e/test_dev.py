@@ -99,6 +99,22 @@ class DevProcess:
         return "".join(self.output)
 
 
+def _dev_env(dev_dir: Path) -> dict[str, str]:
+    """The environment of an ``outbox dev`` on embedded services, in ``dev_dir``, on free
+    ports."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_KAFKA_BOOTSTRAP")
+    }
+    env.update(
+        OUTBOX_DEV_DIR=str(dev_dir),
+        OUTBOX_API_PORT=str(free_port()),
+        OUTBOX_FLOWER_PORT=str(free_port()),
+    )
+    return env
+
+
 @pytest.fixture
 def dev_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="outbox-dev-e2e-"))
@@ -122,19 +138,9 @@ def dev_dir() -> Iterator[Path]:
 def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
     dev_dir: Path, stop_signal: signal.Signals, scale: tuple[str, ...], named: tuple[str, ...]
 ):
-    api_port, flower_port = free_port(), free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_KAFKA_BOOTSTRAP")
-    }
-    env.update(
-        OUTBOX_DEV_DIR=str(dev_dir),
-        OUTBOX_API_PORT=str(api_port),
-        OUTBOX_FLOWER_PORT=str(flower_port),
-        OUTBOX_FLOWER_USER="ops",
-        OUTBOX_FLOWER_PASSWORD="s3cret",
-    )
+    env = _dev_env(dev_dir)
+    env.update(OUTBOX_FLOWER_USER="ops", OUTBOX_FLOWER_PASSWORD="s3cret")
+    api_port, flower_port = int(env["OUTBOX_API_PORT"]), int(env["OUTBOX_FLOWER_PORT"])
     dev = DevProcess(env, scale)
     try:
         assert dev.ready.wait(90), dev.text[-5000:]
@@ -222,20 +228,6 @@ def _cmdline(entry: Path) -> bytes:
         return (entry / "cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def _dev_env(dev_dir: Path) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("OUTBOX_DATABASE_URL", "OUTBOX_REDIS_URL", "OUTBOX_KAFKA_BOOTSTRAP")
-    }
-    env.update(
-        OUTBOX_DEV_DIR=str(dev_dir),
-        OUTBOX_API_PORT=str(free_port()),
-        OUTBOX_FLOWER_PORT=str(free_port()),
-    )
-    return env
 
 
 def test_a_second_outbox_dev_on_the_same_folder_is_refused_and_a_stop_without_stdout_leaves_nothing(

@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
 from outbox.db import make_sessionmaker
-from outbox.embedded import EmbeddedKafka, free_port
+from outbox.embedded import EmbeddedKafka
 from outbox.models import OutboxMessage
 from outbox.registry import register_topic
 from outbox.relay import Relay
 from outbox.settings import Settings
 from tests.kafka_helpers import consume_all
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[EmbeddedKafka]:
-    broker = EmbeddedKafka(tmp_path, free_port())
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 def _states(session: Session) -> collections.Counter[tuple[str, int, bool]]:
