@@ -41,28 +41,59 @@ def inbox_row(group: str, msg: Message, lanes: int) -> dict[str, Any]:
     PostgreSQL refuses, a key or header that is not UTF-8 text or holds a NUL) is dead
     on arrival: its row keeps the raw bytes, base64-encoded, and says what is wrong, so
     that its partition keeps flowing."""
-    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    if topic is None or partition is None or offset is None:
+    if msg.topic() is None or msg.partition() is None or msg.offset() is None:
         raise ValueError("an error event is not a message")
     try:
-        return _row(group, msg, topic, partition, offset, lanes)
+        headers: dict[str, str] = {}
+        for name, value in _header_pairs(msg):
+            text = _strict_text(value, f"header {name!r}")
+            if text is not None:
+                headers[_strict_text(name, "a header name") or ""] = text
+        idempotency_key = headers.get(HEADER_IDEMPOTENCY_KEY)
+        if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise Unstorable(f"idempotency_key header is over {MAX_IDEMPOTENCY_KEY} characters")
+        key = _strict_text(msg.key(), "the key")
+        payload = _payload(msg.value())
     except Unstorable as exc:
         return poison_row(group, msg, lanes, str(exc))
+    return _row(group, msg, lanes, key, headers, idempotency_key, payload)
+
+
+def poison_row(group: str, msg: Message, lanes: int, error: str) -> dict[str, Any]:
+    """A dead inbox row for a record that cannot be stored as it is, keeping its raw bytes."""
+    try:
+        pairs = _header_pairs(msg)
+    except Unstorable:
+        pairs = []
+    headers = {_readable(name): _readable(value) for name, value in pairs}
+    raw_key = msg.key()
+    raw = {
+        "value_base64": _b64(msg.value()),
+        "key_base64": _b64(raw_key),
+        "headers_base64": [[_b64(n), _b64(v)] for n, v in pairs],
+    }
+    key = None if raw_key is None else _readable(raw_key)
+    # A raw record is never matched by its idempotency key: it cannot be trusted.
+    row = _row(group, msg, lanes, key, headers, None, {"raw": raw})
+    row.update(status="dead", last_error=f"record cannot be stored: {error}")
+    return row
 
 
 def _row(
-    group: str, msg: Message, topic: str, partition: int, offset: int, lanes: int
+    group: str,
+    msg: Message,
+    lanes: int,
+    key: str | None,
+    headers: dict[str, str],
+    idempotency_key: str | None,
+    payload: dict[str, Any],
 ) -> dict[str, Any]:
-    headers: dict[str, str] = {}
-    for name, value in _header_pairs(msg):
-        text = _strict_text(value, f"header {name!r}")
-        if text is not None:
-            headers[_strict_text(name, "a header name") or ""] = text
-    key = _strict_text(msg.key(), "the key")
-    message_id = _message_id(headers, topic, partition, offset)
-    idempotency_key = headers.get(HEADER_IDEMPOTENCY_KEY)
-    if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        raise Unstorable(f"idempotency_key header is over {MAX_IDEMPOTENCY_KEY} characters")
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    try:
+        message_id = uuid.UUID(headers[HEADER_MESSAGE_ID])
+    except (KeyError, ValueError):
+        message_id = foreign_message_id(topic, partition, offset)
     return {
         "consumer_group": group,
         "message_id": message_id,
@@ -73,42 +104,7 @@ def _row(
         "key": key,
         "lane": bucket_for(key, message_id, lanes),
         "headers": headers,
-        "payload": _payload(msg.value()),
-    }
-
-
-def poison_row(group: str, msg: Message, lanes: int, error: str) -> dict[str, Any]:
-    """A dead inbox row for a record that cannot be stored as it is, keeping its raw bytes."""
-    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-    assert topic is not None and partition is not None and offset is not None
-    try:
-        pairs = _header_pairs(msg)
-    except Unstorable:
-        pairs = []
-    headers = {_readable(name): _readable(value) for name, value in pairs}
-    raw_key = msg.key()
-    key = None if raw_key is None else _readable(raw_key)
-    message_id = _message_id(headers, topic, partition, offset)
-    return {
-        "consumer_group": group,
-        "message_id": message_id,
-        # A raw record is never matched by its idempotency key: it cannot be trusted.
-        "idempotency_key": None,
-        "topic": topic,
-        "partition": partition,
-        "offset": offset,
-        "key": key,
-        "lane": bucket_for(key, message_id, lanes),
-        "headers": headers,
-        "payload": {
-            "raw": {
-                "value_base64": _b64(msg.value()),
-                "key_base64": _b64(raw_key),
-                "headers_base64": [[_b64(n), _b64(v)] for n, v in pairs],
-            }
-        },
-        "status": "dead",
-        "last_error": f"record cannot be stored: {error}",
+        "payload": payload,
     }
 
 
@@ -118,13 +114,6 @@ def _header_pairs(msg: Message) -> list[tuple[str | bytes, str | bytes | None]]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise Unstorable(f"headers are not readable: {exc}") from exc
     return list(raw.items() if isinstance(raw, dict) else raw)
-
-
-def _message_id(headers: dict[str, str], topic: str, partition: int, offset: int) -> uuid.UUID:
-    try:
-        return uuid.UUID(headers[HEADER_MESSAGE_ID])
-    except (KeyError, ValueError):
-        return foreign_message_id(topic, partition, offset)
 
 
 def _strict_text(value: str | bytes | None, what: str) -> str | None:

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 POLL_BATCH = 500
 POLL_TIMEOUT_S = 0.5
+# Pauses before a batch is tried again while PostgreSQL is away.
+DB_RETRY_FIRST_S = 0.2
+DB_RETRY_MAX_S = 5.0
 
 
 class Consumer:
@@ -112,12 +115,33 @@ class Consumer:
                 batch = kafka.consume(1, POLL_TIMEOUT_S)
                 if batch:
                     batch += kafka.consume(POLL_BATCH - 1, 0)
-                self._ingest(kafka, batch)
+                self._ingest_until_stored(kafka, batch)
                 self._heartbeat()
         finally:
             log.info("consumer %s: closing after %d messages", self.instance, self.received)
             kafka.close()
             self._kafka = None
+
+    def _ingest_until_stored(self, kafka: KafkaConsumer, batch: list[Message]) -> None:
+        """Record the batch, however long PostgreSQL is away: the next poll would move past
+        it, so it is tried again (after a growing pause) until it is stored or the consumer
+        is stopped (then its offsets are not stored, and the group reads it again)."""
+        pause_s = DB_RETRY_FIRST_S
+        while True:
+            try:
+                self._ingest(kafka, batch)
+                return
+            except (OperationalError, InterfaceError) as exc:
+                if self.stopping.is_set():
+                    raise
+                log.warning(
+                    "consumer %s: PostgreSQL unavailable, trying again in %.1f s: %s",
+                    self.instance,
+                    pause_s,
+                    str(exc).splitlines()[0],
+                )
+                self.stopping.wait(pause_s)
+                pause_s = min(pause_s * 2, DB_RETRY_MAX_S)
 
     def _ingest(self, kafka: KafkaConsumer, batch: list[Message]) -> None:
         messages = []
@@ -226,14 +250,18 @@ class Consumer:
         if not force and now - self._last_heartbeat < self.settings.heartbeat_interval_s:
             return
         self._last_heartbeat = now
-        with self.sessions.begin() as session:
-            upsert_agent(
-                session,
-                self.instance,
-                "consumer",
-                consumer_group=self.group,
-                health={"received": self.received},
-            )
+        try:
+            with self.sessions.begin() as session:
+                upsert_agent(
+                    session,
+                    self.instance,
+                    "consumer",
+                    consumer_group=self.group,
+                    health={"received": self.received},
+                )
+        except (OperationalError, InterfaceError) as exc:
+            # Only a missed heartbeat: the next one comes at the next interval.
+            log.warning("consumer %s: heartbeat not recorded: %s", self.instance, exc)
 
     def _on_assign(self, kafka: KafkaConsumer, partitions: list[TopicPartition]) -> None:
         log.info("consumer %s: assigned %s", self.instance, _names(partitions))

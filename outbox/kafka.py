@@ -66,6 +66,7 @@ def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, A
         "enable.auto.commit": True,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
         "heartbeat.interval.ms": max(settings.kafka_session_timeout_ms // 5, 500),
         "fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms,
         "logger": librdkafka_log,

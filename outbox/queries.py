@@ -261,30 +261,19 @@ WITH marked AS (
 SELECT topic, latency_s FROM marked
 """)
 
-MARK_FAILED = _sql("""
+# Rows that failed back off and end dead after the last attempt. A row whose topic or
+# partition alone was unavailable (no leader, say; v.always false) spends its attempt
+# only once it has waited past the grace.
+_SPENT = """(CASE WHEN v.always OR m.created_at < now() - make_interval(secs => :grace_s)
+       THEN 1 ELSE 0 END)"""
+MARK_FAILED = _sql(f"""
 UPDATE outbox_messages m
-SET attempts = m.attempts + 1,
-    status = CASE WHEN m.attempts + 1 >= :max_attempts THEN 'dead' ELSE 'pending' END,
+SET attempts = m.attempts + {_SPENT},
+    status = CASE WHEN m.attempts + {_SPENT} >= :max_attempts THEN 'dead' ELSE 'pending' END,
     available_at = now() + make_interval(secs => v.delay_s),
     last_error = v.error, claim_token = NULL, lease_expires_at = NULL
-FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]), CAST(:errors AS text[]))
-     AS v(id, delay_s, error)
-WHERE m.id = v.id
-  -- fencing: a relay whose claim was taken over changes nothing
-  AND m.claim_token = :token
-""")
-
-# Rows whose topic or partition is unavailable (no leader, say) while the brokers answer:
-# they back off; an attempt is spent only once the row has waited past the grace.
-_SPEND = "(CASE WHEN m.created_at < now() - make_interval(secs => :grace_s) THEN 1 ELSE 0 END)"
-MARK_DEFERRED = _sql(f"""
-UPDATE outbox_messages m
-SET attempts = m.attempts + {_SPEND},
-    status = CASE WHEN m.attempts + {_SPEND} >= :max_attempts THEN 'dead' ELSE 'pending' END,
-    available_at = now() + make_interval(secs => v.delay_s),
-    last_error = v.error, claim_token = NULL, lease_expires_at = NULL
-FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]), CAST(:errors AS text[]))
-     AS v(id, delay_s, error)
+FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]), CAST(:errors AS text[]),
+            CAST(:always AS boolean[])) AS v(id, delay_s, error, always)
 WHERE m.id = v.id
   -- fencing: a relay whose claim was taken over changes nothing
   AND m.claim_token = :token

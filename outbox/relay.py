@@ -282,30 +282,21 @@ class Relay:
                         "offsets": [d.offset for d in sent],
                     },
                 ).all()
-            if failed:
+            if failed or deferred:
+                # A row whose topic or partition alone is unavailable waits, spending
+                # attempts only once it has waited past the grace, so that it ends dead
+                # rather than wait unseen forever.
+                erred = failed + deferred
                 session.execute(
                     queries.MARK_FAILED,
                     {
                         "token": token,
                         "max_attempts": self.policy.max_attempts,
-                        "ids": [d.id for d in failed],
-                        "delays": [self.policy.delay(attempts[d.id] + 1) for d in failed],
-                        "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in failed],
-                    },
-                )
-            if deferred:
-                # Only their topic or partition is unavailable: they wait, and spend
-                # attempts once they have waited past the grace, so they end dead
-                # rather than wait unseen forever.
-                session.execute(
-                    queries.MARK_DEFERRED,
-                    {
-                        "token": token,
-                        "max_attempts": self.policy.max_attempts,
                         "grace_s": self.settings.relay_topic_error_grace_s,
-                        "ids": [d.id for d in deferred],
-                        "delays": [self.policy.delay(attempts[d.id] + 1) for d in deferred],
-                        "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in deferred],
+                        "ids": [d.id for d in erred],
+                        "delays": [self.policy.delay(attempts[d.id] + 1) for d in erred],
+                        "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in erred],
+                        "always": [not d.topic_unavailable for d in erred],
                     },
                 )
             self._settle(session, token, [d.id for d in released])

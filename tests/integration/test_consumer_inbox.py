@@ -9,11 +9,11 @@ import uuid
 
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer, TopicPartition
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from consumer import Consumer
-from outbox.db import make_sessionmaker
+from outbox.db import make_engine, make_sessionmaker
 from outbox.kafka import admin_client, consumer_config, ensure_topics
 from outbox.models import Agent, InboxMessage
 from outbox.settings import Settings
@@ -276,3 +276,61 @@ def test_a_partition_revoked_between_poll_and_offset_store_does_not_end_the_cons
         kafka.close()
     # Then the record is in the inbox and the consumer went on
     assert [str(r.message_id) for r in _wait_rows(session, group, 1)] == [message_id]
+
+
+def test_a_consumer_rides_out_its_database_connections_being_cut_and_loses_nothing(
+    settings: Settings, engine, session: Session, topic: str
+):
+    ensure_topics(admin_client(settings), [topic], 2)
+    ids = [str(uuid.uuid4()) for _ in range(2000)]
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    own = make_engine(settings, pool_size=2, connect_args={"application_name": "cut-me"})
+    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(own))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            consumer.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    stop_cutting = threading.Event()
+
+    def cut() -> None:
+        # As a PostgreSQL restart or a failover would: every connection of the consumer's
+        # ends, over and over, while it records.
+        while not stop_cutting.wait(0.05):
+            with engine.connect() as conn:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = 'cut-me'"
+                    )
+                )
+                conn.commit()
+
+    cutter = threading.Thread(target=cut)
+    try:
+        cutter.start()
+        for start in range(0, len(ids), 200):
+            _produce(
+                settings,
+                topic,
+                [
+                    (f"k{n % 20}".encode(), b"{}", {"message_id": m})
+                    for n, m in enumerate(ids[start : start + 200])
+                ],
+            )
+        time.sleep(3.0)
+        stop_cutting.set()
+        cutter.join(10)
+        rows = _wait_rows(session, group, len(ids), timeout_s=60)
+        assert not errors and thread.is_alive()
+    finally:
+        stop_cutting.set()
+        consumer.stop()
+        thread.join(30)
+        own.dispose()
+    assert sorted(str(r.message_id) for r in rows) == sorted(ids)
