@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import TopicPartition
 from sqlalchemy import text
 
 from outbox import migrate
@@ -28,6 +30,7 @@ from outbox.chaos.load import Publishers
 from outbox.db import make_engine, make_sessionmaker
 from outbox.dev import DEV_API_TOKEN, DEV_SESSION_TIMEOUT_MS, Child, Output, Supervisor, plan
 from outbox.embedded import EmbeddedServices, free_port
+from outbox.kafka import consumer_config
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
 
@@ -141,7 +144,7 @@ def run(
             publishers.acked,
             injector.faults,
             seed,
-            {
+            extra={
                 "catch-up after the last fault, s": round(
                     caught_up if caught_up is not None else catch_up_s, 1
                 ),
@@ -149,6 +152,7 @@ def run(
                 "processes restarted": len(restarted),
                 "publisher retries": publishers.retries,
             },
+            committed=committed_offsets(s, GROUP, TOPIC),
         )
         write(ledger, publishers.acked, [float(t) for t in effect_times], injector.faults, out_dir)
         return ledger
@@ -161,6 +165,17 @@ def run(
         services.stop()
         log.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of ``topic`` (none yet: left out)."""
+    probe = KafkaConsumer(consumer_config(settings, group))
+    try:
+        partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
+        found = probe.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        probe.close()
+    return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
 
 
 def _keep_alive(supervisor: Supervisor, done: threading.Event, restarted: list[str]) -> None:

@@ -1,11 +1,14 @@
 """What the fault ledger finds: every acknowledged message against the effects.
 
-- lost: acknowledged, no effect, and not a dead letter;
+- lost: acknowledged, no effect, not a dead letter, and nowhere it could still come
+  from: no outbox row, or a row sent to Kafka below the group's committed offset
+  with no inbox row (the consumer moved past it);
 - duplicate effects: effect rows beyond one per message;
 - order violations: per key, a message whose first effect committed after the first
   effect of a later message of its key (by the effects' commit order);
-- stuck: unfinished (pending in the outbox, received or failed in the inbox) and not
-  dead, once the system was given time to catch up.
+- stuck: unfinished (pending in the outbox, received or failed in the inbox, or in
+  Kafka above the group's committed offset) and not dead, once the system was given
+  time to catch up.
 """
 
 from __future__ import annotations
@@ -80,9 +83,23 @@ def judge(
     faults: Sequence[Fault],
     seed: int,
     extra: dict[str, float],
+    committed: dict[int, int],
 ) -> Ledger:
-    """Compare the acknowledged messages with the effects and the tables."""
+    """Compare the acknowledged messages with the effects and the tables; ``committed``
+    is the group's committed offset per partition."""
     with engine.connect() as conn:
+        where = {
+            message_id: (partition, offset, inboxed)
+            for message_id, partition, offset, inboxed in conn.execute(
+                text(
+                    "SELECT o.message_id::text, o.kafka_partition, o.kafka_offset,"
+                    " EXISTS (SELECT 1 FROM inbox_messages i WHERE i.consumer_group = :group"
+                    "         AND i.message_id = o.message_id)"
+                    " FROM outbox_messages o WHERE o.topic = :topic AND NOT o.is_retry"
+                ),
+                {"topic": TOPIC, "group": GROUP},
+            )
+        }
         effects = conn.execute(
             text("SELECT message_id::text, key, seq FROM chaos_effects ORDER BY id")
         ).all()
@@ -99,6 +116,18 @@ def judge(
         )
     acked_ids = {a.message_id for a in acked}
     counts = Counter(message_id for message_id, _, _ in effects)
+    missing = acked_ids - set(counts) - dead
+    # Messages still in Kafka, above the offset the group committed: late, not lost.
+    in_kafka = {
+        m
+        for m in missing
+        if m in where
+        and where[m][0] is not None
+        and not where[m][2]
+        and where[m][1] >= committed.get(where[m][0], 0)
+    }
+    # Rows still unsent, or received and not processed: counted as stuck below.
+    unfinished_rows = {m for m in missing if m in where and (where[m][0] is None or where[m][2])}
     first_seen: dict[str, list[int]] = defaultdict(list)
     seen: set[str] = set()
     for message_id, key, seq in effects:
@@ -111,10 +140,11 @@ def judge(
     figures: dict[str, float] = {
         "acknowledged": len(acked_ids),
         "delivered (an effect)": len(acked_ids & set(counts)),
-        "lost": len(acked_ids - set(counts) - dead),
+        "lost": len(missing - in_kafka - unfinished_rows),
         "duplicate effects": sum(n - 1 for n in counts.values()),
         "order violations": violations,
-        "stuck": unfinished(engine),
+        "stuck": unfinished(engine) + len(in_kafka),
+        "of them in Kafka, not yet consumed": len(in_kafka),
         "dead letters": len(dead),
         "effects of unacknowledged messages": len(set(counts) - acked_ids),
         "faults injected": len(faults),
