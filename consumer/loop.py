@@ -65,6 +65,7 @@ class Consumer:
         self.on_targeted = on_targeted
         self.publisher = Publisher(settings)
         self.stopping = threading.Event()
+        self.ready = threading.Event()  # set once it is subscribed
         self.received = 0
         self._kafka: KafkaConsumer | None = None
         self._last_heartbeat = 0.0
@@ -102,6 +103,7 @@ class Consumer:
         self._kafka = kafka
         kafka.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._heartbeat(force=True)
+        self.ready.set()
         log.info(
             "consumer %s ready: group=%s topics=%s",
             self.instance,

@@ -313,6 +313,7 @@ def test_a_consumer_rides_out_its_database_connections_being_cut_and_loses_nothi
 
     cutter = threading.Thread(target=cut)
     try:
+        assert consumer.ready.wait(30)
         cutter.start()
         for start in range(0, len(ids), 200):
             _produce(
