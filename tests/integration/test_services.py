@@ -121,9 +121,10 @@ def test_a_fresh_embedded_set_starts_keeps_its_data_and_stops_cleanly(tmp_path: 
             conn.execute(text("CREATE TABLE kept (v int)"))
             conn.execute(text("INSERT INTO kept VALUES (42)"))
             backend = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            # PostgreSQL refuses root, so under root it runs as its own system user (read
+            # while the backend lives: it ends with its connection).
+            owner = pwd.getpwuid(Path(f"/proc/{backend}").stat().st_uid).pw_name
         engine.dispose()
-        # PostgreSQL refuses root, so under root it runs as its own system user.
-        owner = pwd.getpwuid(Path(f"/proc/{backend}").stat().st_uid).pw_name
         assert owner == (
             "embedded_postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         )
