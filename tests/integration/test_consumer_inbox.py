@@ -44,6 +44,20 @@ def _wait_rows(session: Session, group: str, count: int, timeout_s: float = 30) 
     return rows
 
 
+def _running(consumer: Consumer, errors: list[BaseException]) -> threading.Thread:
+    """The consumer's loop in a thread; what ends it with an error goes to ``errors``."""
+
+    def run() -> None:
+        try:
+            consumer.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_each_message_is_recorded_once_and_offsets_follow_the_commit(
     settings: Settings, engine, session: Session, topic: str
 ):
@@ -215,16 +229,7 @@ def test_consumers_joining_and_leaving_under_steady_traffic_neither_exit_nor_los
 
     def member() -> tuple[Consumer, threading.Thread]:
         consumer = Consumer(settings, group, [topic], sessions=sessions)
-
-        def run() -> None:
-            try:
-                consumer.run()
-            except BaseException as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return consumer, thread
+        return consumer, _running(consumer, errors)
 
     # Given steady traffic into a group whose members come and go throughout
     producer = threading.Thread(target=produce_steadily)
@@ -287,15 +292,7 @@ def test_a_consumer_rides_out_its_database_connections_being_cut_and_loses_nothi
     own = make_engine(settings, pool_size=2, connect_args={"application_name": "cut-me"})
     consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(own))
     errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            consumer.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread = _running(consumer, errors)
     stop_cutting = threading.Event()
 
     def cut() -> None:
