@@ -34,4 +34,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .outbox-dev .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .outbox-dev .outbox-chaos .pytest_cache .mypy_cache .ruff_cache *.egg-info
