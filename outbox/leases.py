@@ -19,7 +19,7 @@ from outbox.errors import SettingsError
 RELAY_SCOPE = "relay"
 
 
-def ensure_rows(session: Session, scope: str, buckets: int) -> None:
+def ensure_rows(session: Session | Connection, scope: str, buckets: int) -> None:
     """Create the lease rows of ``scope`` for buckets ``0..buckets-1`` that do not exist."""
     session.execute(queries.ENSURE_LEASE_ROWS, {"scope": scope, "buckets": buckets})
 
@@ -47,7 +47,7 @@ def fit_rows(
             "unfinished: set it back until they are done, then change it"
         )
     session.execute(queries.DROP_LEASE_ROWS, {"scope": scope, "buckets": buckets})
-    session.execute(queries.ENSURE_LEASE_ROWS, {"scope": scope, "buckets": buckets})
+    ensure_rows(session, scope, buckets)
 
 
 def check_rows(session: Session | Connection, scope: str, buckets: int, setting: str) -> None:

@@ -91,26 +91,21 @@ class MetricsRecorder:
 
     def retries(self, groups: Iterable[str]) -> None:
         """Targeted retries published, one group name per retry."""
-        if not self.enabled:
-            return
-        counts = Counter(groups)
-
-        def write(pipe: Any) -> None:
-            for group, n in counts.items():
-                pipe.hincrby(COUNTERS, f"retries|{group}", n)
-
-        if counts:
-            self._pipeline(write)
+        self._count("retries", groups)
 
     def producer_replaced(self, reasons: Iterable[str]) -> None:
         """Relay producers replaced because they became unusable, one error name each."""
+        self._count("producer_replaced", reasons)
+
+    def _count(self, kind: str, labels: Iterable[str]) -> None:
+        """Add one to ``<kind>|<label>`` per label."""
         if not self.enabled:
             return
-        counts = Counter(reasons)
+        counts = Counter(labels)
 
         def write(pipe: Any) -> None:
-            for reason, n in counts.items():
-                pipe.hincrby(COUNTERS, f"producer_replaced|{reason}", n)
+            for label, n in counts.items():
+                pipe.hincrby(COUNTERS, f"{kind}|{label}", n)
 
         if counts:
             self._pipeline(write)
