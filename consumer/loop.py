@@ -1,10 +1,11 @@
-"""The consumer process: poll Kafka, record each batch in the inbox, then store offsets.
+"""The consumer process: poll Kafka, record each batch in the inbox with its offsets.
 
-Offsets are stored only after the inbox transaction commits
-(``enable.auto.offset.store=false``), so a crash between the two re-reads the
-batch and the inbox's unique keys absorb the repeat. Committing stored offsets
-is left to librdkafka's periodic auto-commit, plus an explicit commit when
-partitions are revoked and on close.
+A batch's inbox rows and each partition's next offset are written in one
+transaction (``inbox_offsets``): a crash before the commit re-reads the batch, a
+crash after it reads on from the stored offset, and the inbox's unique keys
+absorb anything read twice. Partitions are shared out among a group's consumers
+by leases (``consumer.partitions``); the offsets are also committed to Kafka,
+after the fact, for the tools that read a group's lag there.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import Any
 
+from confluent_kafka import OFFSET_STORED, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka import Consumer as KafkaConsumer
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumer.inbox import absorb_retries, inbox_row, poison_row, record
 from consumer.lanes import lane_scope
+from consumer.partitions import PartitionLeases, scope_prefix
 from outbox import leases, queries
 from outbox.agents import instance_id, upsert_agent
 from outbox.db import make_engine, make_sessionmaker
+from outbox.errors import OutboxError
 from outbox.kafka import admin_client, consumer_config, ensure_topics
 from outbox.publishing import Publisher
 from outbox.settings import Settings, env_name
@@ -39,6 +42,12 @@ POLL_TIMEOUT_S = 0.5
 # Pauses before a batch is tried again while PostgreSQL is away.
 DB_RETRY_FIRST_S = 0.2
 DB_RETRY_MAX_S = 5.0
+# A paused broker holds a metadata look this long at most; the leases are renewed anyway.
+METADATA_TIMEOUT_S = 2.0
+
+
+class Fenced(OutboxError):
+    """A partition of the batch passed to another consumer: the batch was not stored."""
 
 
 class Consumer:
@@ -68,7 +77,9 @@ class Consumer:
         self.ready = threading.Event()  # set once it is subscribed
         self.received = 0
         self._kafka: KafkaConsumer | None = None
-        self._last_heartbeat = 0.0
+        self.partitions = PartitionLeases(group, self.instance, settings.consumer_lease_s)
+        self._partition_counts: dict[str, int] = {}
+        self._next_refresh = 0.0
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish its batch, commit and close."""
@@ -101,8 +112,7 @@ class Consumer:
             )
         kafka = KafkaConsumer(consumer_config(self.settings, self.group))
         self._kafka = kafka
-        kafka.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
-        self._heartbeat(force=True)
+        self._refresh(kafka, force=True)
         self.ready.set()
         log.info(
             "consumer %s ready: group=%s topics=%s",
@@ -112,15 +122,20 @@ class Consumer:
         )
         try:
             while not self.stopping.is_set():
-                # Wait for one message, then take what is already fetched without waiting:
-                # consume(n, timeout) would hold a batch back until n arrive.
-                batch = kafka.consume(1, POLL_TIMEOUT_S)
-                if batch:
-                    batch += kafka.consume(POLL_BATCH - 1, 0)
+                if not self.partitions.held:
+                    self.stopping.wait(POLL_TIMEOUT_S)
+                    batch = []
+                else:
+                    # Wait for one message, then take what is already fetched without
+                    # waiting: consume(n, timeout) would hold a batch back until n arrive.
+                    batch = kafka.consume(1, POLL_TIMEOUT_S)
+                    if batch:
+                        batch += kafka.consume(POLL_BATCH - 1, 0)
                 self._ingest_until_stored(kafka, batch)
-                self._heartbeat()
+                self._refresh(kafka)
         finally:
             log.info("consumer %s: closing after %d messages", self.instance, self.received)
+            self._leave()
             kafka.close()
             self._kafka = None
 
@@ -150,7 +165,9 @@ class Consumer:
         for msg in batch:
             err = msg.error()
             if err is None:
-                messages.append(msg)
+                # Fetched before its partition was given up: its next holder reads it.
+                if (msg.topic(), msg.partition()) in self.partitions.held:
+                    messages.append(msg)
             elif err.code() != KafkaError._PARTITION_EOF:
                 if err.fatal():
                     raise KafkaException(err)
@@ -166,17 +183,19 @@ class Consumer:
             if r.get("status") == "dead"
             or r["headers"].get(HEADER_TARGET_GROUP, self.group) == self.group
         ]
+        offsets = _next_offsets(messages)
         try:
-            lanes, targets = self._store([r for _, r in pairs])
-        except (DBAPIError, ValueError) as exc:
-            if isinstance(exc, (OperationalError, InterfaceError)):
-                raise  # PostgreSQL is unreachable: nothing is wrong with the records
-            # A record that passed inbox_row's checks and still cannot be stored: find it
-            # (and any like it), keep it as a dead row, and store the rest.
-            log.warning("consumer %s: a batch could not be stored (%s)", self.instance, exc)
-            lanes, targets = self._store(self._storable(pairs))
-        # Only now is the batch safe in PostgreSQL: let its offsets be committed.
-        self._store_offsets(kafka, messages)
+            lanes, targets = self._store_batch(pairs, offsets)
+        except Fenced as exc:
+            # Another consumer reads some of these partitions now (this one stalled past
+            # its lease): nothing was stored. Every partition is read again from its
+            # stored offset, as the leases allow.
+            log.warning("consumer %s: %s; reading from the stored offsets", self.instance, exc)
+            kafka.unassign()
+            self.partitions.held = {}
+            self._next_refresh = 0.0
+            return
+        self._commit_to_kafka(kafka, offsets)
         self.received += len(messages)
         routed = {lane: worker for lane, worker in targets.items() if worker is not None}
         plain = (set(lanes) | set(targets)) - set(routed)
@@ -192,33 +211,56 @@ class Consumer:
             log.exception("consumer %s: could not kick lanes; the sweep will", self.instance)
         log.debug("consumer %s: %d messages, %d new", self.instance, len(messages), len(lanes))
 
-    def _store_offsets(self, kafka: KafkaConsumer, messages: list[Message]) -> None:
-        """Store each partition's next offset. A partition revoked since the poll (a
-        rebalance) is left alone: its next owner reads from the last commit, and the
-        inbox absorbs what it reads again."""
-        after: dict[tuple[str, int], int] = {}
-        for msg in messages:
-            place = (msg.topic() or "", msg.partition() or 0)
-            after[place] = max(after.get(place, 0), (msg.offset() or 0) + 1)
-        for (topic, partition), offset in after.items():
-            try:
-                kafka.store_offsets(offsets=[TopicPartition(topic, partition, offset)])
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError._STATE:
-                    raise
-                log.info(
-                    "consumer %s: %s[%d] was revoked before its offset was stored",
-                    self.instance,
-                    topic,
-                    partition,
-                )
+    def _commit_to_kafka(self, kafka: KafkaConsumer, offsets: dict[tuple[str, int], int]) -> None:
+        """Tell Kafka the offsets just stored, for tools that read a group's lag there.
+        Where the consumer reads from is the database's word, never this one."""
+        try:
+            kafka.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                asynchronous=True,
+            )
+        except KafkaException as exc:
+            log.debug("consumer %s: offsets not committed to Kafka: %s", self.instance, exc)
 
-    def _store(self, rows: list[dict[str, Any]]) -> tuple[list[int], dict[int, str | None]]:
-        """Record the rows and settle the targeted retries among them, in one transaction;
-        return the lanes of new rows and the lanes that retries want run."""
+    def _store_batch(
+        self, pairs: list[tuple[Message, dict[str, Any]]], offsets: dict[tuple[str, int], int]
+    ) -> tuple[list[int], dict[int, str | None]]:
+        try:
+            return self._store([r for _, r in pairs], offsets)
+        except (DBAPIError, ValueError) as exc:
+            if isinstance(exc, (OperationalError, InterfaceError)):
+                raise  # PostgreSQL is unreachable: nothing is wrong with the records
+            # A record that passed inbox_row's checks and still cannot be stored: find it
+            # (and any like it), keep it as a dead row, and store the rest.
+            log.warning("consumer %s: a batch could not be stored (%s)", self.instance, exc)
+            return self._store(self._storable(pairs), offsets)
+
+    def _store(
+        self, rows: list[dict[str, Any]], offsets: dict[tuple[str, int], int]
+    ) -> tuple[list[int], dict[int, str | None]]:
+        """Record the rows, settle the targeted retries among them and store the next
+        offset of each partition, in one transaction; return the lanes of new rows and
+        the lanes that retries want run. Raises :class:`Fenced`, storing nothing, when a
+        partition is no longer this consumer's."""
         retries = [r for r in rows if HEADER_RETRY_ATTEMPT in r["headers"] and "status" not in r]
         targets: dict[int, str | None] = {}
+        places = list(offsets)
         with self.sessions.begin() as session:
+            stored = session.execute(
+                queries.STORE_INBOX_OFFSETS,
+                {
+                    "group": self.group,
+                    "owner": self.instance,
+                    "scope_prefix": scope_prefix(self.group),
+                    "topics": [t for t, _ in places],
+                    "partitions": [p for _, p in places],
+                    "offsets": [offsets[place] for place in places],
+                    "tokens": self.partitions.tokens(places),
+                },
+            )
+            gone = set(places) - {(topic, partition) for topic, partition in stored}
+            if gone:
+                raise Fenced(f"no longer holds {_names(gone)}")
             lanes = record(session, rows)
             if retries:
                 healthy = set(
@@ -247,11 +289,22 @@ class Consumer:
                     rows.append(poison_row(self.group, msg, self.settings.lanes, str(exc)))
         return rows
 
-    def _heartbeat(self, force: bool = False) -> None:
+    def _refresh(self, kafka: KafkaConsumer, force: bool = False) -> None:
+        """Every third of a lease (at most a second): say this consumer is alive, renew
+        its partitions, give back and take some as its share changes, and read what it
+        holds from there on."""
         now = time.monotonic()
-        if not force and now - self._last_heartbeat < self.settings.heartbeat_interval_s:
+        if not force and now < self._next_refresh:
             return
-        self._last_heartbeat = now
+        self._next_refresh = now + min(1.0, self.settings.consumer_lease_s / 3)
+        try:
+            metadata = kafka.list_topics(timeout=METADATA_TIMEOUT_S).topics
+            self._partition_counts = {
+                t: len(metadata[t].partitions) for t in self.topics if t in metadata
+            }
+        except KafkaException as exc:
+            # A paused broker: the leases are renewed all the same, with the last counts.
+            log.debug("consumer %s: no metadata: %s", self.instance, exc)
         try:
             with self.sessions.begin() as session:
                 upsert_agent(
@@ -259,23 +312,44 @@ class Consumer:
                     self.instance,
                     "consumer",
                     consumer_group=self.group,
-                    health={"received": self.received},
+                    health={"received": self.received, "partitions": len(self.partitions.held)},
                 )
+                change = self.partitions.refresh(session, self._partition_counts)
         except (OperationalError, InterfaceError) as exc:
-            # Only a missed heartbeat: the next one comes at the next interval.
-            log.warning("consumer %s: heartbeat not recorded: %s", self.instance, exc)
+            # Only a missed renewal: the leases outlast a few of them.
+            log.warning("consumer %s: partition leases not renewed: %s", self.instance, exc)
+            return
+        if change.lost:
+            log.info("consumer %s: gave up %s", self.instance, _names(change.lost))
+            kafka.incremental_unassign([TopicPartition(t, p) for t, p in change.lost])
+        if change.gained:
+            log.info("consumer %s: assigned %s", self.instance, _names(change.gained))
+            kafka.incremental_assign(
+                [
+                    # No offset stored yet: the group's offset in Kafka, if it has one.
+                    TopicPartition(t, p, OFFSET_STORED if offset is None else offset)
+                    for (t, p), (_, offset) in change.gained.items()
+                ]
+            )
 
-    def _on_assign(self, kafka: KafkaConsumer, partitions: list[TopicPartition]) -> None:
-        log.info("consumer %s: assigned %s", self.instance, _names(partitions))
-
-    def _on_revoke(self, kafka: KafkaConsumer, partitions: list[TopicPartition]) -> None:
-        log.info("consumer %s: revoked %s", self.instance, _names(partitions))
+    def _leave(self) -> None:
+        """A clean stop: give the partitions back and leave, so the others go on at once."""
         try:
-            kafka.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("consumer %s: commit on revoke failed: %s", self.instance, exc)
+            with self.sessions.begin() as session:
+                self.partitions.give_back(session)
+                session.execute(queries.AGENT_GONE, {"instance": self.instance})
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("consumer %s: leaving when its leases lapse: %s", self.instance, exc)
 
 
-def _names(partitions: list[TopicPartition]) -> str:
-    return ",".join(f"{p.topic}[{p.partition}]" for p in partitions) or "-"
+def _next_offsets(messages: list[Message]) -> dict[tuple[str, int], int]:
+    """Each partition's offset after the batch's last message of it."""
+    after: dict[tuple[str, int], int] = {}
+    for msg in messages:
+        place = (msg.topic() or "", msg.partition() or 0)
+        after[place] = max(after.get(place, 0), (msg.offset() or 0) + 1)
+    return after
+
+
+def _names(places: Iterable[tuple[str, int]]) -> str:
+    return ",".join(f"{t}[{p}]" for t, p in sorted(places)) or "-"

@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
-# Consumer group rebalances wait on the session timeout; keep it short on one machine.
-DEV_SESSION_TIMEOUT_MS = 6000
 # Used only when OUTBOX_API_TOKENS is unset; the API listens on loopback in dev.
 DEV_API_TOKEN = "dev-token"
 
@@ -365,7 +363,6 @@ def run(
     signal.signal(signal.SIGINT, request_stop)
 
     settings = settings.replace(
-        kafka_session_timeout_ms=min(settings.kafka_session_timeout_ms, DEV_SESSION_TIMEOUT_MS),
         api_tokens=settings.api_tokens or (DEV_API_TOKEN,),
     )
     root = Path(settings.dev_dir).resolve()

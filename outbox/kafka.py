@@ -58,16 +58,14 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
 
 
 def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
-    """A group consumer that stores offsets only when told to (after the inbox commit)."""
+    """A consumer of assigned partitions (``consumer.partitions`` shares them out) that
+    commits to Kafka only when told to, after the inbox stored the offsets."""
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap(settings),
         "group.id": group,
         "enable.auto.offset.store": False,
-        "enable.auto.commit": True,
+        "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
-        "session.timeout.ms": settings.kafka_session_timeout_ms,
-        "max.poll.interval.ms": settings.kafka_max_poll_interval_ms,
-        "heartbeat.interval.ms": max(settings.kafka_session_timeout_ms // 5, 500),
         "fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms,
         "logger": librdkafka_log,
     }

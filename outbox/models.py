@@ -281,6 +281,19 @@ class InboxDedup(Base):
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
+class InboxOffset(Base):
+    """Where a group reads each partition from next: written in the transaction that
+    stores the inbox rows below it, so the two never disagree."""
+
+    __tablename__ = "inbox_offsets"
+
+    consumer_group: Mapped[str] = mapped_column(String(255), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(249), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = _created()
+
+
 class Agent(Base):
     __tablename__ = "agents"
     __table_args__ = (

@@ -144,6 +144,47 @@ WHERE EXISTS (
 )
 """)
 
+# A process that stops cleanly leaves at once rather than when it goes silent.
+AGENT_GONE = _sql("UPDATE agents SET active = false WHERE instance_id = :instance")
+
+# Consumers of a group alive now: their partitions are shared out among them.
+LIVE_CONSUMERS = _sql("""
+SELECT count(*) FROM agents
+WHERE role = 'consumer' AND active AND consumer_group = :group
+  -- seen within a partition lease: one that stopped renewing has lost its share too
+  AND last_seen_at > now() - make_interval(secs => :lease_s)
+""")
+
+# Where the group reads each partition of a topic from next.
+INBOX_OFFSETS = _sql("""
+SELECT partition, next_offset FROM inbox_offsets
+WHERE consumer_group = :group AND topic = :topic
+""")
+
+# The group's next offset per partition, written in the transaction that stores the
+# inbox rows below it. Returns the partitions written: one missing was not ours.
+STORE_INBOX_OFFSETS = _sql("""
+WITH batch AS (
+    SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:partitions AS int[]),
+                         CAST(:offsets AS bigint[]), CAST(:tokens AS bigint[]))
+        AS b(topic, partition, next_offset, token)
+),
+held AS (
+    SELECT b.topic, b.partition, b.next_offset FROM batch b
+    JOIN leases l ON l.scope = :scope_prefix || b.topic AND l.bucket = b.partition
+    -- still this consumer's, by the database clock now: one that stalled past its lease
+    -- (its partition read by another since) stores nothing
+    WHERE l.owner = :owner AND l.fencing_token = b.token AND l.expires_at > clock_timestamp()
+    -- the lease cannot pass to another until this transaction ends
+    FOR SHARE OF l
+)
+INSERT INTO inbox_offsets AS o (consumer_group, topic, partition, next_offset, updated_at)
+SELECT :group, topic, partition, next_offset, now() FROM held
+ON CONFLICT (consumer_group, topic, partition)
+DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_at
+RETURNING o.topic, o.partition
+""")
+
 # Take or renew up to :limit buckets among :candidates. A bucket is never held by
 # two owners: rows are locked while chosen, and only free, expired or own leases qualify.
 ACQUIRE_LEASES = _sql("""

@@ -195,16 +195,10 @@ class Settings:
         50, "Pause between two DELETE batches of `outbox.cleanup`.", minimum=0
     )
 
-    kafka_session_timeout_ms: int = _setting(
-        10000,
-        "Consumer group session timeout; a dead member's partitions move after it.",
-        minimum=1000,
-    )
-    kafka_max_poll_interval_ms: int = _setting(
-        60000,
-        "Consumer rebalance timeout: a rebalance waits at most this long for a member that "
-        "stopped answering (Kafka's default of 5 min holds a whole group up that long).",
-        minimum=1000,
+    consumer_lease_s: float = _setting(
+        10.0,
+        "Partition lease of a consumer: a dead or stalled consumer's partitions move after it.",
+        minimum=3.0,
     )
     kafka_fetch_wait_max_ms: int = _setting(
         10, "Longest time the broker may hold a fetch waiting for data.", minimum=0
@@ -283,12 +277,6 @@ class Settings:
             raise SettingsError(
                 f"{env_name('relay_lease_s')}={self.relay_lease_s:g}: must exceed "
                 f"{env_name('relay_delivery_timeout_ms')}={self.relay_delivery_timeout_ms} ms"
-            )
-        if self.kafka_max_poll_interval_ms < self.kafka_session_timeout_ms:
-            raise SettingsError(
-                f"{env_name('kafka_max_poll_interval_ms')}={self.kafka_max_poll_interval_ms}: "
-                f"must be at least {env_name('kafka_session_timeout_ms')}="
-                f"{self.kafka_session_timeout_ms}"
             )
         if self.retention_dedup_s < self.retention_done:
             raise SettingsError(

@@ -25,8 +25,8 @@ from outbox.db import make_engine, make_sessionmaker
 from outbox.embedded import EmbeddedServices
 from outbox.settings import Settings
 
-# Short consumer-group timeouts: a new member's first assignment waits about half of it.
-TEST_SESSION_TIMEOUT_MS = 6000
+# Short partition leases: a dead consumer's partitions move after it.
+TEST_CONSUMER_LEASE_S = 6.0
 # Database 0 is left alone on a shared Redis; tests take 1..15 in turn.
 _redis_dbs = itertools.cycle(range(1, 16))
 
@@ -38,7 +38,7 @@ def _url(base: str, database: str) -> str:
 @pytest.fixture(scope="session")
 def services() -> Iterator[Settings]:
     """Settings pointing at running PostgreSQL, Redis and Kafka for the whole session."""
-    settings = Settings.from_env(kafka_session_timeout_ms=TEST_SESSION_TIMEOUT_MS)
+    settings = Settings.from_env(consumer_lease_s=TEST_CONSUMER_LEASE_S)
     root = Path(tempfile.mkdtemp(prefix="outbox-test-"))
     root.chmod(0o755)  # the postgres system user must reach its data directory
     embedded = EmbeddedServices(settings, root, durable=False)

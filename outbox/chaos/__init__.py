@@ -18,19 +18,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import Consumer as KafkaConsumer
-from confluent_kafka import TopicPartition
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
+from consumer.partitions import stored_offsets
 from outbox import migrate
 from outbox.chaos.faults import Injector
 from outbox.chaos.handlers import GROUP, SCHEMA, TOPIC
 from outbox.chaos.ledger import Ledger, effected, judge, unfinished, write
 from outbox.chaos.load import Publishers
 from outbox.db import make_engine, make_sessionmaker
-from outbox.dev import DEV_API_TOKEN, DEV_SESSION_TIMEOUT_MS, Child, Output, Supervisor, plan
+from outbox.dev import DEV_API_TOKEN, Child, Output, Supervisor, plan
 from outbox.embedded import EmbeddedServices, free_port
-from outbox.kafka import consumer_config
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
 
@@ -53,7 +51,7 @@ def _chaos_settings(settings: Settings, root: Path) -> Settings:
         consumer_group=GROUP,
         consumer_topics=(TOPIC,),
         handler_modules=("outbox.chaos.handlers",),
-        kafka_session_timeout_ms=DEV_SESSION_TIMEOUT_MS,
+        consumer_lease_s=LEASE_S,
         relay_lease_s=LEASE_S,
         relay_delivery_timeout_ms=3000,
         lane_lease_s=LEASE_S,
@@ -152,7 +150,7 @@ def run(
                 "processes restarted": len(restarted),
                 "publisher retries": publishers.retries,
             },
-            committed=committed_offsets(s, GROUP, TOPIC),
+            committed=committed_offsets(engine, GROUP, TOPIC),
         )
         write(ledger, publishers.acked, [float(t) for t in effect_times], injector.faults, out_dir)
         return ledger
@@ -167,15 +165,10 @@ def run(
         shutil.rmtree(root, ignore_errors=True)
 
 
-def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset per partition of ``topic`` (none yet: left out)."""
-    probe = KafkaConsumer(consumer_config(settings, group))
-    try:
-        partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
-        found = probe.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-    finally:
-        probe.close()
-    return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+def committed_offsets(engine: Engine, group: str, topic: str) -> dict[int, int]:
+    """The offset per partition of ``topic`` up to which the group stored what it read."""
+    with make_sessionmaker(engine)() as session:
+        return stored_offsets(session, group, topic)
 
 
 def _keep_alive(supervisor: Supervisor, done: threading.Event, restarted: list[str]) -> None:

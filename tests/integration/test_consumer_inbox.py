@@ -7,12 +7,15 @@ import threading
 import time
 import uuid
 
+import pytest
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer, TopicPartition
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from consumer import Consumer
+from consumer.loop import Fenced
+from consumer.partitions import scope_prefix, stored_offsets
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kafka import admin_client, consumer_config, ensure_topics
 from outbox.models import Agent, InboxMessage
@@ -42,6 +45,21 @@ def _wait_rows(session: Session, group: str, count: int, timeout_s: float = 30) 
             return rows
         time.sleep(0.1)
     return rows
+
+
+def _kafka_committed(settings: Settings, group: str, topic: str, partitions: int) -> dict:
+    """The group's offsets as Kafka has them, once every partition has one (or 10 s)."""
+    probe = KafkaConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            found = probe.committed([TopicPartition(topic, p) for p in range(partitions)], 10)
+            offsets = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+            if len(offsets) == partitions or time.monotonic() > deadline:
+                return offsets
+            time.sleep(0.2)
+    finally:
+        probe.close()
 
 
 def _running(consumer: Consumer, errors: list[BaseException]) -> threading.Thread:
@@ -102,14 +120,13 @@ def test_each_message_is_recorded_once_and_offsets_follow_the_commit(
     assert str(rows[0].message_id) == first and rows[0].payload == {"n": 1}
     assert rows[1].idempotency_key == "order-2"
     assert "not JSON" in (rows[2].last_error or "")
-    # And the group's committed offset is past the last message, so nothing is re-read
-    probe = KafkaConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
-    committed = probe.committed([TopicPartition(topic, 0)], timeout=10)
-    probe.close()
-    assert committed[0].offset == 5
-    # And the consumer registered itself as an agent
+    # And the group's stored offset is past the last message, so nothing is re-read, and
+    # Kafka has it too (for tools that read a group's lag there)
+    assert stored_offsets(session, group, topic) == {0: 5}
+    assert _kafka_committed(settings, group, topic, 1) == {0: 5}
+    # And the consumer registered itself as an agent, and left when it stopped
     agent = session.scalars(select(Agent).where(Agent.role == "consumer")).one()
-    assert agent.consumer_group == group and agent.active
+    assert agent.consumer_group == group and not agent.active
 
 
 def test_a_second_consumer_of_the_same_group_records_nothing_twice(
@@ -131,11 +148,10 @@ def test_a_second_consumer_of_the_same_group_records_nothing_twice(
     _wait_rows(session, group, 20)
     first.stop()
     first_thread.join(30)
-    # When the group's offsets go back to 0, as after a crash before they were committed
+    # When the group's offsets go back to 0, as if upstream sent everything again
     replay = Consumer(settings, group, [topic], sessions=sessions)
-    replay_kafka = KafkaConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
-    replay_kafka.commit(offsets=[TopicPartition(topic, p, 0) for p in (0, 1)], asynchronous=False)
-    replay_kafka.close()
+    session.execute(text("UPDATE inbox_offsets SET next_offset = 0"))
+    session.commit()
     # Then a second member reads all 20 again and the inbox still holds each once
     thread = threading.Thread(target=replay.run)
     thread.start()
@@ -201,10 +217,7 @@ def test_records_the_inbox_cannot_store_are_dead_with_their_bytes_and_the_partit
         assert base64.b64decode(raw["value_base64"]) == value, what
         assert base64.b64decode(raw["key_base64"]) == key, what
         assert [base64.b64decode(v) for _, v in raw["headers_base64"]] == list(headers.values())
-    probe = KafkaConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
-    committed = probe.committed([TopicPartition(topic, 0)], timeout=10)
-    probe.close()
-    assert committed[0].offset == len(records)
+    assert stored_offsets(session, group, topic) == {0: len(records)}
 
 
 def test_consumers_joining_and_leaving_under_steady_traffic_neither_exit_nor_lose_anything(
@@ -257,30 +270,53 @@ def test_consumers_joining_and_leaving_under_steady_traffic_neither_exit_nor_los
     assert sorted(str(r.message_id) for r in rows) == sorted(ids)
 
 
-def test_a_partition_revoked_between_poll_and_offset_store_does_not_end_the_consumer(
+def test_a_consumer_stalled_past_its_partition_lease_stores_nothing_once_another_reads_it(
     settings: Settings, engine, session: Session, topic: str
 ):
     ensure_topics(admin_client(settings), [topic], 1)
     message_id = str(uuid.uuid4())
     _produce(settings, topic, [(b"k", b"{}", {"message_id": message_id})])
     group = f"g-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
+    sessions = make_sessionmaker(engine)
+    stalled = Consumer(settings, group, [topic], sessions=sessions)
     kafka = KafkaConsumer(consumer_config(settings, group))
-    kafka.subscribe([topic])
+    errors: list[BaseException] = []
+    other = Consumer(settings, group, [topic], sessions=sessions)
+    thread: threading.Thread | None = None
     try:
-        # Given a polled record whose partition is revoked (a rebalance) before its
-        # offset is stored
+        # Given a consumer that holds the partition and polled its record
+        stalled._refresh(kafka, force=True)
+        assert set(stalled.partitions.held) == {(topic, 0)}
         deadline = time.monotonic() + 30
         polled = []
         while not polled and time.monotonic() < deadline:
             polled = [m for m in kafka.consume(1, 0.5) if m.error() is None]
-        kafka.unassign()
-        # When the consumer records it
-        consumer._ingest(kafka, polled)
+        # When it stalls past its lease, another consumer takes the partition over and
+        # records the message ...
+        session.execute(
+            text("UPDATE leases SET expires_at = now() - interval '1 s' WHERE scope = :scope"),
+            {"scope": scope_prefix(group) + topic},
+        )
+        session.commit()
+        thread = _running(other, errors)
+        rows = _wait_rows(session, group, 1)
+        assert stored_offsets(session, group, topic) == {0: 1}
+        # ... and the stalled one wakes up and stores what it polled
+        stalled._ingest(kafka, polled)
+        with pytest.raises(Fenced):
+            stalled._store([], {(topic, 0): 99})
     finally:
         kafka.close()
-    # Then the record is in the inbox and the consumer went on
-    assert [str(r.message_id) for r in _wait_rows(session, group, 1)] == [message_id]
+        other.stop()
+        if thread is not None:
+            thread.join(30)
+    # Then it stored nothing, gave the partition up, and went on; the new holder's
+    # offset stands
+    assert stalled.received == 0 and stalled.partitions.held == {}
+    assert not errors
+    assert [str(r.message_id) for r in rows] == [message_id]
+    session.rollback()
+    assert stored_offsets(session, group, topic) == {0: 1}
 
 
 def test_a_consumer_rides_out_its_database_connections_being_cut_and_loses_nothing(

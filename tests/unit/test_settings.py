@@ -44,7 +44,7 @@ def test_values_are_parsed_by_type():
         ("OUTBOX_BUCKETS", "many", "invalid literal"),
         ("OUTBOX_BUCKETS", "0", "at least 1"),
         ("OUTBOX_PUBLISH_INTERVAL_S", "fast", "could not convert"),
-        ("OUTBOX_KAFKA_SESSION_TIMEOUT_MS", "10", "at least 1000"),
+        ("OUTBOX_CONSUMER_LEASE_S", "1", "at least 3"),
         ("OUTBOX_DATABASE_URL", "mysql://x", "postgresql"),
         ("OUTBOX_REDIS_URL", "amqp://x", "redis://"),
         ("OUTBOX_LOG_LEVEL", "LOUD", "not a log level"),
