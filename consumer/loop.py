@@ -305,6 +305,7 @@ class Consumer:
         except KafkaException as exc:
             # A paused broker: the leases are renewed all the same, with the last counts.
             log.debug("consumer %s: no metadata: %s", self.instance, exc)
+        before = dict(self.partitions.held)
         try:
             with self.sessions.begin() as session:
                 upsert_agent(
@@ -316,7 +317,8 @@ class Consumer:
                 )
                 change = self.partitions.refresh(session, self._partition_counts)
         except (OperationalError, InterfaceError) as exc:
-            # Only a missed renewal: the leases outlast a few of them.
+            # Only a missed renewal (rolled back): the leases outlast a few of them.
+            self.partitions.held = before
             log.warning("consumer %s: partition leases not renewed: %s", self.instance, exc)
             return
         if change.lost:
