@@ -9,7 +9,12 @@ from werkzeug.exceptions import BadRequest
 from api.auth import token_accepted
 from api.dashboard import dashboard
 from api.deadletters import dead_letters
-from api.errors import error_response, register_error_handlers, validation_error_response
+from api.errors import (
+    error_response,
+    join_path,
+    register_error_handlers,
+    validation_error_response,
+)
 from api.health import health
 from api.messages import messages
 from api.metrics import prometheus, stats
@@ -18,6 +23,7 @@ from api.state import ApiState
 from api.topics import topics
 from outbox.logs import setup_logging
 from outbox.settings import Settings
+from outbox.storable import MAX_JSON_DEPTH, json_problem, text_problem
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -94,6 +100,9 @@ def _guard() -> tuple[Response, int] | None:
         return response, status
     if browser:
         return None
+    refused = _refused_text()
+    if refused is not None:
+        return refused
     # A bodiless POST (e.g. a requeue) is fine; a body, or one announced as JSON, must be JSON.
     if request.method in BODY_METHODS and (
         environ.get("CONTENT_LENGTH") not in (None, "", "0")
@@ -108,9 +117,37 @@ def _guard() -> tuple[Response, int] | None:
                 {"header": "Content-Type"},
             )
         try:
-            request.get_json()  # parsed once; the schema validation reuses Flask's cache
+            body = request.get_json()  # parsed once; the schema validation reuses Flask's cache
         except BadRequest:
             return error_response(
                 400, "invalid_json", "the body is not well-formed JSON", {"field": "body"}
             )
+        except RecursionError:
+            return error_response(
+                400,
+                "invalid_json",
+                f"the body nests deeper than {MAX_JSON_DEPTH} levels",
+                {"field": "body"},
+            )
+        problem = json_problem(body)
+        if problem is not None:
+            where, reason = problem
+            field = join_path(where)
+            return error_response(422, "validation_error", f"{field}: {reason}", {"field": field})
+    return None
+
+
+def _refused_text() -> tuple[Response, int] | None:
+    """422 for a query parameter, path segment or idempotency key that PostgreSQL could
+    not store (a NUL, a lone surrogate), naming it; None when there is none."""
+    places = [
+        *request.args.items(multi=True),
+        *(request.view_args or {}).items(),
+        ("Idempotency-Key", request.headers.get("Idempotency-Key", "")),
+    ]
+    for name, value in places:
+        for text in (name, value):
+            reason = text_problem(text) if isinstance(text, str) else None
+            if reason is not None:
+                return error_response(422, "validation_error", f"{name}: {reason}", {"field": name})
     return None

@@ -23,6 +23,7 @@ from outbox.deadletters import (
     DeadLetterFilter,
     decode_cursor,
     list_dead_letters,
+    parse_id,
     requeue,
     requeue_matching,
 )
@@ -51,9 +52,18 @@ def list_all(query: DeadLetterQuery) -> tuple[Response, int]:
     return jsonify(items=items, next_cursor=next_cursor), 200
 
 
-@dead_letters.post("/dead-letters/<id>/requeue", responses={200: RequeuedOut, 404: ErrorOut})
+@dead_letters.post(
+    "/dead-letters/<id>/requeue", responses={200: RequeuedOut, 404: ErrorOut, 422: ErrorOut}
+)
 def requeue_one(path: DeadLetterPath) -> tuple[Response, int]:
     """Requeue one dead letter: same message id and headers, a fresh attempt budget."""
+    if parse_id(path.id) is None:
+        return error_response(
+            422,
+            "validation_error",
+            "id: not a dead-letter id (outbox:<row>, inbox:<row> or delivery:<row>)",
+            {"field": "id"},
+        )
     s = state()
     with s.sessions.begin() as session:
         found = requeue(session, path.id)

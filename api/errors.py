@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import kombu.exceptions
@@ -32,6 +33,11 @@ def field_path(loc: tuple[Any, ...]) -> str:
     parts = list(loc)
     if parts and parts[0] in _UNION_TAGS:
         parts = parts[1:]
+    return join_path(parts)
+
+
+def join_path(parts: Sequence[Any]) -> str:
+    """``("messages", 3, "topic")`` -> ``messages[3].topic``; empty: ``body``."""
     path = ""
     for part in parts:
         if isinstance(part, int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from flask import Blueprint, Response, jsonify
@@ -9,6 +10,7 @@ from flask import Blueprint, Response, jsonify
 from api.state import state
 from outbox.health import check_database, check_kafka, check_redis
 
+log = logging.getLogger(__name__)
 health = Blueprint("health", __name__)
 
 
@@ -20,7 +22,10 @@ def healthz() -> Response:
 
 @health.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """PostgreSQL, Redis and Kafka each answer; 503 naming the ones that do not."""
+    """PostgreSQL, Redis and Kafka each answer; 503 naming the ones that do not.
+
+    The probe is unauthenticated: it says which service is down and nothing more (the
+    reason, with hosts and names, goes to the log)."""
     s = state()
     checks: dict[str, Callable[[], None]] = {
         "postgresql": lambda: check_database(s.engine),
@@ -33,7 +38,8 @@ def readyz() -> tuple[Response, int]:
             check()
             results[name] = "ok"
         except Exception as exc:
-            results[name] = f"error: {type(exc).__name__}: {exc}"
+            log.warning("readyz: %s does not answer: %s: %s", name, type(exc).__name__, exc)
+            results[name] = "unavailable"
     ready = all(v == "ok" for v in results.values())
     return jsonify(status="ready" if ready else "unavailable", checks=results), (
         200 if ready else 503

@@ -23,6 +23,7 @@ from api.schemas import (
 )
 from api.state import state
 from outbox.errors import PublishError
+from outbox.models import BIGINT_MAX
 from outbox.publishing import Message
 from outbox.status import MessageFilter, get_message, list_messages
 from outbox.wire import INTERNAL_TOPICS
@@ -106,7 +107,7 @@ def _decode_cursor(cursor: str) -> int | None:
         value = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
-    return value if value > 0 else None
+    return value if 0 < value <= BIGINT_MAX else None
 
 
 def _encode_cursor(before_id: int) -> str:

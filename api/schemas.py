@@ -16,6 +16,12 @@ from pydantic import (
     Tag,
 )
 
+from outbox.models import INT_MAX
+
+MAX_DESCRIPTION = 2000
+# Consumer groups registered with a topic in one request.
+MAX_GROUPS = 100
+
 
 class Strict(BaseModel):
     """Unknown fields are refused, never ignored."""
@@ -110,21 +116,29 @@ class MessagePage(BaseModel):
     next_cursor: str | None
 
 
+# The longest backoff a group may ask for: its waits stay finite and fit an interval.
+MAX_BACKOFF_S = 365 * 86400.0
+
+
 class RetryIn(Strict):
-    base_s: float = Field(1.0, gt=0)
-    factor: float = Field(2.0, ge=1)
-    cap_s: float = Field(600.0, gt=0)
-    max_attempts: int = Field(10, ge=1)
+    base_s: float = Field(1.0, gt=0, le=MAX_BACKOFF_S, allow_inf_nan=False)
+    factor: float = Field(2.0, ge=1, le=100, allow_inf_nan=False)
+    cap_s: float = Field(600.0, gt=0, le=MAX_BACKOFF_S, allow_inf_nan=False)
+    max_attempts: int = Field(10, ge=1, le=INT_MAX)
 
 
 class GroupFields(Strict):
     requires_ack: bool = False
-    ack_timeout_s: int = Field(300, gt=0)
-    max_retries: int = Field(10, ge=-1, description="-1 retries forever.")
+    ack_timeout_s: int = Field(300, gt=0, le=INT_MAX)
+    max_retries: int = Field(10, ge=-1, le=INT_MAX, description="-1 retries forever.")
     ordered: bool = True
     retry: RetryIn = Field(default_factory=RetryIn)
     handler_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Longest one handler call may take; then it fails."
+        30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Longest one handler call may take; then it fails.",
     )
     active: bool = True
 
@@ -155,9 +169,9 @@ class GroupOut(BaseModel):
 
 class TopicIn(Strict):
     name: str = Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
-    description: str = ""
+    description: str = Field("", max_length=MAX_DESCRIPTION)
     active: bool = True
-    consumer_groups: list[NamedGroupIn] = Field(default_factory=list)
+    consumer_groups: list[NamedGroupIn] = Field(default_factory=list, max_length=MAX_GROUPS)
 
 
 class TopicOut(BaseModel):

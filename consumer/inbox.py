@@ -16,6 +16,7 @@ from consumer.acks import register_ack_topic, success_ack, write_acks
 from outbox import queries
 from outbox.models import InboxMessage
 from outbox.publishing import Publisher
+from outbox.storable import MAX_JSON_DEPTH
 from outbox.wire import (
     HEADER_IDEMPOTENCY_KEY,
     HEADER_MESSAGE_ID,
@@ -24,9 +25,6 @@ from outbox.wire import (
     foreign_message_id,
 )
 
-# Deeper JSON than this is refused as a record's payload (PostgreSQL's own parser, and
-# Python's, stop not far beyond).
-MAX_JSON_DEPTH = 512
 MAX_IDEMPOTENCY_KEY = 255
 
 

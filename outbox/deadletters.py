@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from outbox import queries
+from outbox.models import BIGINT_MAX
 
 SIDES = ("outbox", "inbox", "delivery")
 _REQUEUE = {
@@ -53,9 +54,11 @@ class DeadLetterFilter:
 def parse_id(dead_letter_id: str) -> tuple[str, int] | None:
     """``("outbox", 12)`` from ``"outbox:12"``; None if it is not a dead-letter id."""
     side, _, number = dead_letter_id.partition(":")
-    if side not in SIDES or not number.isdigit():
+    # ASCII digits only ("²" is a digit to str.isdigit, not to int), within a bigint
+    if side not in SIDES or not (number.isascii() and number.isdigit()):
         return None
-    return side, int(number)
+    row_id = int(number)
+    return (side, row_id) if row_id <= BIGINT_MAX else None
 
 
 def encode_cursor(at: datetime, side: str, row_id: int) -> str:
@@ -70,7 +73,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str, int] | None:
         position = (datetime.fromisoformat(at), side, int(row_id))
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         return None
-    return position if side in SIDES else None
+    return position if side in SIDES and 0 < position[2] <= BIGINT_MAX else None
 
 
 def list_dead_letters(
