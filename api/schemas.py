@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -21,6 +22,18 @@ from outbox.models import INT_MAX
 MAX_DESCRIPTION = 2000
 # Consumer groups registered with a topic in one request.
 MAX_GROUPS = 100
+
+
+def _in_utc(value: datetime) -> datetime:
+    """Any offset the ISO format allows, as PostgreSQL takes it (its offsets stop at 16 h)."""
+    try:
+        return value.astimezone(UTC) if value.tzinfo is not None else value
+    except OverflowError as exc:
+        raise ValueError("out of the range of timestamps") from exc
+
+
+# A point in time in a filter: converted to UTC before it reaches SQL.
+Timestamp = Annotated[datetime, AfterValidator(_in_utc)]
 
 
 class Strict(BaseModel):
@@ -105,8 +118,8 @@ class MessageQuery(Strict):
     status: Literal["pending", "sent", "dead"] | None = None
     topic: str | None = None
     key: str | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
+    created_after: Timestamp | None = None
+    created_before: Timestamp | None = None
     cursor: str | None = Field(None, description="next_cursor of the previous page.")
     limit: int = Field(100, ge=1, le=1000)
 
@@ -204,8 +217,8 @@ class DeadLetterQuery(Strict):
     group: str | None = Field(None, description="Inbox and delivery sides only.")
     topic: str | None = None
     error: str | None = Field(None, description="Part of the last error, case-insensitive.")
-    after: datetime | None = Field(None, description="Created (outbox) or received (inbox).")
-    before: datetime | None = None
+    after: Timestamp | None = Field(None, description="Created (outbox) or received (inbox).")
+    before: Timestamp | None = None
     cursor: str | None = Field(None, description="next_cursor of the previous page.")
     limit: int = Field(100, ge=1, le=1000)
 
@@ -238,8 +251,8 @@ class RequeueFilterIn(Strict):
     group: str | None = None
     topic: str | None = None
     error: str | None = None
-    after: datetime | None = None
-    before: datetime | None = None
+    after: Timestamp | None = None
+    before: Timestamp | None = None
     limit: int = Field(1000, ge=1, le=10000, description="Most dead letters to requeue.")
 
 
