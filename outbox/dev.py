@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 # Used only when OUTBOX_API_TOKENS is unset; the API listens on loopback in dev.
 DEV_API_TOKEN = "dev-token"
+FLOWER_PASSWORD_FILE = "flower-password"
 
 
 @dataclasses.dataclass
@@ -328,6 +330,18 @@ def _resolve_ports(settings: Settings) -> Settings:
     return settings.replace(**changes) if changes else settings
 
 
+def flower_password(root: Path) -> str:
+    """The data folder's own Flower password: made at its first start, kept in the folder
+    (readable by its owner only) and the same on every start after."""
+    path = root / FLOWER_PASSWORD_FILE
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(18))
+    return path.read_text().strip()
+
+
 def _banner(settings: Settings, elapsed_s: float, out: Output) -> None:
     api = f"http://{settings.api_host}:{settings.api_port}"
     lines = [
@@ -335,7 +349,8 @@ def _banner(settings: Settings, elapsed_s: float, out: Output) -> None:
         f"  API          {api}  (docs {api}/docs, token {settings.api_tokens[0]})",
         f"  Dashboard    {api}/dashboard  (any user name, the token as password)",
         f"  Metrics      {api}/metrics  (Prometheus, the same token)",
-        f"  Flower       http://127.0.0.1:{settings.flower_port}  (user {settings.flower_user})",
+        f"  Flower       http://127.0.0.1:{settings.flower_port}"
+        f"  (user {settings.flower_user}, password {settings.flower_password})",
         f"  PostgreSQL   {settings.database_url}",
         f"  Redis        {settings.redis_url}",
         f"  Kafka        {settings.kafka_bootstrap}",
@@ -362,10 +377,11 @@ def run(
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    root = Path(settings.dev_dir).resolve()
     settings = settings.replace(
         api_tokens=settings.api_tokens or (DEV_API_TOKEN,),
+        flower_password=settings.flower_password or flower_password(root),
     )
-    root = Path(settings.dev_dir).resolve()
     services = EmbeddedServices(settings, root)
     settings = services.start()
     supervisor: Supervisor | None = None

@@ -52,7 +52,11 @@ class Settings:
 
     flower_port: int = _setting(5555, "Flower port under `outbox dev` (0: a free port).", minimum=0)
     flower_user: str = _setting("admin", "Flower basic-auth user.")
-    flower_password: str = _setting("outbox", "Flower basic-auth password.")
+    flower_password: str = _setting(
+        "",
+        "Flower basic-auth password; Flower does not start without one (`outbox dev` makes "
+        "one per data folder).",
+    )
     flower_url: str = _setting(
         "", "Flower's address as the dashboard links to it (unset: the API's host, `flower_port`)."
     )

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from schemathesis.config import SchemathesisConfig
-from hypothesis import HealthCheck, given, settings as hypothesis_settings
 from sqlalchemy.orm import Session
 from werkzeug.serving import make_server
 

@@ -79,6 +79,8 @@ def test_every_role_waits_for_the_migration_and_workers_and_consumers_scale(
     for role in ("beat", "consumer"):
         assert f"outbox agents --role {role} --active" in services[role]["healthcheck"]["test"][1]
     assert "beat" in services["beat"]["command"]
+    # Flower's /metrics answers without credentials: its port is not published
+    assert "ports" not in services["flower"] and services["flower"]["expose"] == ["5555"]
 
 
 def test_settings_come_from_one_documented_file(compose: dict[str, Any]):
