@@ -19,11 +19,13 @@ def database_url(settings: Settings) -> str:
 
 
 def make_engine(settings: Settings, **kwargs: object) -> Engine:
-    """An engine with pre-ping on, sized from settings."""
+    """An engine with pre-ping on, sized from settings. Statement parameters (payloads,
+    headers, keys) never go into its errors or log lines."""
     options: dict[str, object] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_pool_size,
         "pool_pre_ping": True,
+        "hide_parameters": True,
     }
     options.update(kwargs)
     return create_engine(database_url(settings), **options)
