@@ -18,7 +18,7 @@ from werkzeug.serving import make_server
 
 from api import create_app
 from outbox.settings import Settings
-from tests.integration.test_api_hostile import counts
+from tests.api_helpers import counts
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

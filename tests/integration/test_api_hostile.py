@@ -6,46 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api import create_app
 from outbox.settings import Settings
+from tests.api_helpers import AUTH, JSON, api_client, counts
 
-TOKEN = "test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-JSON = {**AUTH, "Content-Type": "application/json"}
-TABLES = (
-    "topics",
-    "consumer_groups",
-    "outbox_messages",
-    "deliveries",
-    "inbox_messages",
-    "inbox_dedup",
-    "inbox_offsets",
-    "leases",
-    "health_snapshots",
-)
-GROUP = {"name": "billing", "topic": "orders"}
 BIG = 2**31
 
 
 @pytest.fixture
 def client(settings: Settings):
-    client = create_app(settings.replace(api_tokens=(TOKEN,))).test_client()
-    response = client.post(
-        "/v1/topics",
-        json={"name": "orders", "consumer_groups": [{"name": "billing"}]},
-        headers=AUTH,
-    )
-    assert response.status_code == 201, response.get_json()
-    return client
-
-
-def counts(session: Session) -> dict[str, int]:
-    """Every table's row count (agents aside: the API registers itself)."""
-    session.rollback()
-    return {t: session.scalar(text(f"SELECT count(*) FROM {t}")) or 0 for t in TABLES}
+    return api_client(settings)
 
 
 # (what, method, path, raw JSON body or None, the field the error must name)
