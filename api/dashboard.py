@@ -3,7 +3,7 @@
 The browser logs in with basic auth whose password is an API token (any user
 name). The page then reads only documented JSON endpoints with that token as a
 bearer token, and refreshes itself: ``/v1/health/summary``, ``/v1/stats``,
-``/v1/agents`` and ``/v1/dead-letters``; its buttons call
+``/v1/agents``, ``/v1/dead-letters`` and ``/v1/held-keys``; its buttons call
 ``/v1/dead-letters/<id>/requeue`` and ``/v1/tasks/<name>/run``.
 """
 

@@ -14,7 +14,10 @@ from api.schemas import (
     DeadLetterPage,
     DeadLetterPath,
     DeadLetterQuery,
+    DiscardedOut,
     ErrorOut,
+    HeldKeyList,
+    HeldKeyQuery,
     RequeuedOut,
     RequeueFilterIn,
 )
@@ -22,6 +25,8 @@ from api.state import state
 from outbox.deadletters import (
     DeadLetterFilter,
     decode_cursor,
+    discard,
+    held_keys,
     list_dead_letters,
     parse_id,
     requeue,
@@ -58,12 +63,7 @@ def list_all(query: DeadLetterQuery) -> tuple[Response, int]:
 def requeue_one(path: DeadLetterPath) -> tuple[Response, int]:
     """Requeue one dead letter: same message id and headers, a fresh attempt budget."""
     if parse_id(path.id) is None:
-        return error_response(
-            422,
-            "validation_error",
-            "id: not a dead-letter id (outbox:<row>, inbox:<row> or delivery:<row>)",
-            {"field": "id"},
-        )
+        return _not_an_id()
     s = state()
     with s.sessions.begin() as session:
         found = requeue(session, path.id)
@@ -72,6 +72,48 @@ def requeue_one(path: DeadLetterPath) -> tuple[Response, int]:
     side = path.id.partition(":")[0]
     _kick(side)
     return jsonify(requeued={side: 1}), 200
+
+
+@dead_letters.post(
+    "/dead-letters/<id>/discard", responses={200: DiscardedOut, 404: ErrorOut, 422: ErrorOut}
+)
+def discard_one(path: DeadLetterPath) -> tuple[Response, int]:
+    """Let an inbox dead letter go without running it: in a hold_key group its key moves
+    on, and a redelivery of it is not run either. It is kept as done, its last error
+    saying it was discarded."""
+    parsed = parse_id(path.id)
+    if parsed is None:
+        return _not_an_id()
+    if parsed[0] != "inbox":
+        return error_response(
+            422,
+            "validation_error",
+            "id: only inbox dead letters are discarded (they are what holds a key)",
+            {"field": "id"},
+        )
+    with state().sessions.begin() as session:
+        found = discard(session, path.id)
+    if not found:
+        return error_response(404, "not_found", "no such dead letter", {"id": path.id})
+    return jsonify(discarded=path.id), 200
+
+
+@dead_letters.get("/held-keys", responses={200: HeldKeyList, 422: ErrorOut})
+def list_held_keys(query: HeldKeyQuery) -> tuple[Response, int]:
+    """Keys parked by a dead letter in hold_key groups: the dead letter that holds each,
+    and how many later messages of the key wait for it to be requeued or discarded."""
+    with state().sessions() as session:
+        items = held_keys(session, query.group, query.limit)
+    return jsonify(items=items), 200
+
+
+def _not_an_id() -> tuple[Response, int]:
+    return error_response(
+        422,
+        "validation_error",
+        "id: not a dead-letter id (outbox:<row>, inbox:<row> or delivery:<row>)",
+        {"field": "id"},
+    )
 
 
 def _kick(*sides: str) -> None:

@@ -153,6 +153,11 @@ class GroupFields(Strict):
         allow_inf_nan=False,
         description="Longest one handler call may take; then it fails.",
     )
+    on_dead: Literal["skip", "hold_key"] = Field(
+        "skip",
+        description="In an ordered group, what a dead letter does to later messages of its "
+        "key: skip lets them run; hold_key parks them until it is requeued or discarded.",
+    )
     active: bool = True
 
 
@@ -177,6 +182,7 @@ class GroupOut(BaseModel):
     ordered: bool
     retry: RetryIn
     handler_timeout_s: float
+    on_dead: Literal["skip", "hold_key"]
     active: bool
 
 
@@ -258,6 +264,28 @@ class RequeueFilterIn(Strict):
 
 class RequeuedOut(BaseModel):
     requeued: dict[str, int]
+
+
+class DiscardedOut(BaseModel):
+    discarded: str = Field(description="The inbox dead letter let go: inbox:<row>")
+
+
+class HeldKeyQuery(Strict):
+    group: str | None = Field(None, description="Only this consumer group.")
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class HeldKeyOut(BaseModel):
+    group: str
+    topic: str
+    key: str
+    held: int = Field(description="Later messages of the key that wait.")
+    dead_letter: str = Field(description="The dead letter that holds the key: inbox:<row>")
+    error: str | None
+
+
+class HeldKeyList(BaseModel):
+    items: list[HeldKeyOut]
 
 
 class AgentQuery(Strict):

@@ -43,6 +43,7 @@ def _spec(name: str, topic: str, fields: GroupFields) -> GroupSpec:
         retry_cap_s=fields.retry.cap_s,
         max_attempts=fields.retry.max_attempts,
         handler_timeout_s=fields.handler_timeout_s,
+        on_dead=fields.on_dead,
         active=fields.active,
     )
 
@@ -62,6 +63,7 @@ def group_view(g: ConsumerGroup) -> dict[str, Any]:
             "max_attempts": g.max_attempts,
         },
         "handler_timeout_s": g.handler_timeout_s,
+        "on_dead": g.on_dead,
         "active": g.active,
     }
 

@@ -76,6 +76,8 @@ class _TopicPolicy:
     requires_ack: bool
     retry: RetryPolicy
     timeout_s: float = 30.0
+    # A dead letter parks the later rows of its key (on_dead = hold_key).
+    holds_key: bool = False
 
 
 # A topic the group has not registered: ordered, no acks, the default retry policy.
@@ -206,21 +208,25 @@ class LaneProcessor:
         leases.release(session, lane_scope(group), self.owner, lanes)
         rows = session.execute(
             queries.LANE_NEXT_DUE,
-            {"group": group, "lanes": lanes, "unordered_topics": _unordered(policies)},
+            {"group": group, "lanes": lanes, **_order_params(policies)},
         )
         return {lane: max(float(due), 0.0) for lane, due in rows}
 
     def _policies(self, session: Session, group: str) -> dict[str, _TopicPolicy]:
         return {
-            topic: _TopicPolicy(
-                ordered,
-                requires_ack,
-                RetryPolicy(base_s=base, factor=factor, cap_s=cap, max_attempts=most),
-                timeout_s,
+            row.topic: _TopicPolicy(
+                row.ordered,
+                row.requires_ack,
+                RetryPolicy(
+                    base_s=row.retry_base_s,
+                    factor=row.retry_factor,
+                    cap_s=row.retry_cap_s,
+                    max_attempts=row.max_attempts,
+                ),
+                row.handler_timeout_s,
+                holds_key=row.ordered and row.on_dead == "hold_key",
             )
-            for topic, ordered, requires_ack, base, factor, cap, most, timeout_s in session.execute(
-                queries.GROUP_POLICIES, {"group": group}
-            )
+            for row in session.execute(queries.GROUP_POLICIES, {"group": group})
         }
 
     def _batch(
@@ -257,7 +263,7 @@ class LaneProcessor:
                 {
                     "group": group,
                     "lanes": lanes,
-                    "unordered_topics": _unordered(policies),
+                    **_order_params(policies),
                     "per_lane": per_lane,
                 },
             )
@@ -318,11 +324,16 @@ class LaneProcessor:
         dead). ``counted``: their attempts were counted before (see :meth:`_count_next`)."""
         batch: list[_Row] = []
         spent = _Outcome()
+        parked: set[tuple[str, str]] = set()
         for row in rows:
             policy = policies.get(row.topic, UNREGISTERED)
+            if (row.topic, row.key) in parked:
+                continue  # an earlier row of its key just went dead: it stays held
             if not counted and policy.retry.exhausted(row.attempts):
                 # Its last attempt was counted and never finished: it does not run again.
                 spent.failures += _never_finished(row, policy).failures
+                if policy.holds_key and row.key is not None:
+                    parked.add((row.topic, row.key))
                 continue
             message = Message(
                 row.message_id,
@@ -502,6 +513,11 @@ class _Outcome:
             write_acks(session, publisher, self.acks)
 
 
-def _unordered(policies: dict[str, _TopicPolicy]) -> list[str]:
-    # A topic the group has not registered is ordered, with the default policy.
-    return [topic for topic, policy in policies.items() if not policy.ordered]
+def _order_params(policies: dict[str, _TopicPolicy]) -> dict[str, list[str]]:
+    """The lane queries' parameters for order: topics without it, topics whose dead
+    letters hold their keys. A topic the group has not registered is ordered, with the
+    default policy."""
+    return {
+        "unordered_topics": [t for t, policy in policies.items() if not policy.ordered],
+        "holding_topics": [t for t, policy in policies.items() if policy.holds_key],
+    }

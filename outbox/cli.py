@@ -73,7 +73,7 @@ def _dead_letter_filter(**options: Any) -> Any:
 
 @cli.group()
 def dlq() -> None:
-    """Dead letters of every side: list them, requeue them."""
+    """Dead letters of every side: list them, requeue them, discard them, see held keys."""
 
 
 @dlq.command("list")
@@ -144,6 +144,45 @@ def dlq_requeue(
     )
     if missing:
         raise click.ClickException(f"no such dead letter: {', '.join(missing)}")
+
+
+@dlq.command("discard")
+@click.argument("ids", nargs=-1, required=True)
+@click.pass_context
+def dlq_discard(ctx: click.Context, ids: tuple[str, ...]) -> None:
+    """Let inbox dead letters (inbox:N) go without running them: in a hold_key group
+    their keys move on. Each is kept as done, its last error saying it was discarded."""
+    from outbox.db import make_engine, make_sessionmaker
+    from outbox.deadletters import discard
+
+    engine = make_engine(_settings(ctx), pool_size=1)
+    with make_sessionmaker(engine).begin() as session:
+        missing = [i for i in ids if not discard(session, i)]
+    engine.dispose()
+    click.echo(f"discarded {len(ids) - len(missing)} inbox dead letters")
+    if missing:
+        raise click.ClickException(f"no such inbox dead letter: {', '.join(missing)}")
+
+
+@dlq.command("held")
+@option("--group", help="Only this consumer group.")
+@option("--limit", default=100, show_default=True, help="Most keys to show.")
+@click.pass_context
+def dlq_held(ctx: click.Context, group: str | None, limit: int) -> None:
+    """Keys parked by a dead letter (groups with on_dead hold_key), with the dead letter
+    that holds each and how many messages wait behind it."""
+    from outbox.db import make_engine, make_sessionmaker
+    from outbox.deadletters import held_keys
+
+    engine = make_engine(_settings(ctx), pool_size=1)
+    with make_sessionmaker(engine)() as session:
+        items = held_keys(session, group, limit)
+    engine.dispose()
+    for item in items:
+        click.echo(
+            f"{item['group']}  {item['topic']}  key={item['key']}  held={item['held']}  "
+            f"by {item['dead_letter']}  {item['error']}"
+        )
 
 
 @cli.command()

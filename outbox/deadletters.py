@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from outbox import queries
 from outbox.models import BIGINT_MAX
+from outbox.relay import MAX_ERROR_CHARS
 
 SIDES = ("outbox", "inbox", "delivery")
 _REQUEUE = {
@@ -113,6 +114,31 @@ def list_dead_letters(
     ]
     last = rows[limit - 1] if len(rows) > limit else None
     return page, (encode_cursor(last.at, last.side, last.id) if last is not None else None)
+
+
+def discard(session: Session, dead_letter_id: str) -> bool:
+    """Let an inbox dead letter go without running it (its key moves on); False when there
+    is no such inbox dead letter. The caller commits."""
+    parsed = parse_id(dead_letter_id)
+    if parsed is None or parsed[0] != "inbox":
+        return False
+    params = {"id": parsed[1], "max_error": MAX_ERROR_CHARS}
+    return session.execute(queries.DISCARD_INBOX, params).rowcount == 1  # type: ignore[attr-defined]
+
+
+def held_keys(session: Session, group: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Keys parked by a dead letter in hold_key groups, with how many messages wait."""
+    return [
+        {
+            "group": r.consumer_group,
+            "topic": r.topic,
+            "key": r.key,
+            "held": r.held,
+            "dead_letter": f"inbox:{r.id}",
+            "error": r.last_error,
+        }
+        for r in session.execute(queries.HELD_KEYS, {"group": group, "limit": limit})
+    ]
 
 
 def requeue(session: Session, dead_letter_id: str) -> bool:

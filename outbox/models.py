@@ -47,6 +47,8 @@ NAMING_CONVENTION = {
 OUTBOX_STATUSES = ("pending", "sent", "dead")
 DELIVERY_STATUSES = ("awaiting_ack", "acked", "failed", "dead")
 INBOX_STATUSES = ("received", "done", "failed", "dead")
+# What a dead letter does to later messages of its key, in an ordered group.
+ON_DEAD = ("skip", "hold_key")
 AGENT_ROLES = ("api", "worker", "beat", "consumer")
 
 
@@ -81,6 +83,7 @@ class ConsumerGroup(Base):
         CheckConstraint("max_retries >= -1", name="max_retries"),
         CheckConstraint("ack_timeout_s > 0", name="ack_timeout"),
         CheckConstraint("handler_timeout_s > 0", name="handler_timeout"),
+        CheckConstraint(_in("on_dead", ON_DEAD), name="on_dead"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -97,6 +100,9 @@ class ConsumerGroup(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("10"))
     # Longest one handler call may take; past it the call fails like any other failure.
     handler_timeout_s: Mapped[float] = mapped_column(Float, server_default=text("30.0"))
+    # In an ordered group: "skip" lets later messages of a dead letter's key go on,
+    # "hold_key" parks them until the dead letter is requeued or discarded.
+    on_dead: Mapped[str] = mapped_column(String(16), server_default="skip")
     active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _created()
@@ -233,6 +239,15 @@ class InboxMessage(Base):
             "key",
             "id",
             postgresql_where=text("status = 'failed'"),
+        ),
+        # Whether an earlier row of a key is a dead letter (a hold_key group holds it back).
+        Index(
+            "ix_inbox_messages_dead_keys",
+            "consumer_group",
+            "lane",
+            "key",
+            "id",
+            postgresql_where=text("status = 'dead'"),
         ),
     )
 

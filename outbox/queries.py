@@ -330,16 +330,25 @@ WHERE id = ANY(CAST(:ids AS bigint[]))
 
 
 # Consumer lanes. In an ordered topic a key's later rows wait while an earlier one waits
-# for its retry (earlier rows that are due come first in the same batch anyway).
+# for its retry (earlier rows that are due come first in the same batch anyway), and, in
+# a hold_key group, while an earlier one is a dead letter.
 def _lane_row_ready(lane: str) -> str:
     """The rows of the lane(s) that ``lane`` picks out which may run once due."""
     return f"""
 m.consumer_group = :group AND m.lane {lane}
 AND m.status IN ('received', 'failed')
-AND (m.key IS NULL OR m.topic = ANY(CAST(:unordered_topics AS text[])) OR NOT EXISTS (
-    SELECT 1 FROM inbox_messages e
-    WHERE e.consumer_group = m.consumer_group AND e.lane = m.lane
-      AND e.status = 'failed' AND e.key = m.key AND e.id < m.id
+AND (m.key IS NULL OR m.topic = ANY(CAST(:unordered_topics AS text[])) OR (
+    NOT EXISTS (
+        SELECT 1 FROM inbox_messages e
+        WHERE e.consumer_group = m.consumer_group AND e.lane = m.lane
+          AND e.status = 'failed' AND e.key = m.key AND e.id < m.id
+    )
+    -- on_dead = hold_key: a dead letter parks the later rows of its key
+    AND NOT (m.topic = ANY(CAST(:holding_topics AS text[])) AND EXISTS (
+        SELECT 1 FROM inbox_messages d
+        WHERE d.consumer_group = m.consumer_group AND d.lane = m.lane
+          AND d.status = 'dead' AND d.key = m.key AND d.id < m.id
+    ))
 ))
 """  # noqa: S608 (composed of constants only)
 
@@ -428,7 +437,7 @@ LIMIT :limit
 
 GROUP_POLICIES = _sql("""
 SELECT topic, ordered, requires_ack, retry_base_s, retry_factor, retry_cap_s, max_attempts,
-       handler_timeout_s
+       handler_timeout_s, on_dead
 FROM consumer_groups WHERE name = :group
 """)
 
@@ -545,6 +554,39 @@ WHERE id = ANY(CAST(:ids AS bigint[]))
   AND status = 'dead'
 """)
 
+
+# A dead inbox row let go without running: finished, so that its key moves on (a
+# hold_key group) and a redelivery of it is not run either.
+DISCARD_INBOX = _sql("""
+UPDATE inbox_messages
+SET status = 'done', processed_at = now(),
+    last_error = left('discarded by an operator; its last error: ' || coalesce(last_error, '-'),
+                      :max_error)
+WHERE id = :id
+  -- only dead rows: discarding never disturbs a message in flight
+  AND status = 'dead'
+""")
+
+# Keys parked by a dead letter (hold_key groups): the first dead letter of each, and how
+# many later rows of the key it holds.
+HELD_KEYS = _sql("""
+SELECT d.consumer_group, d.topic, d.key, d.id, d.last_error,
+       (SELECT count(*) FROM inbox_messages m
+        WHERE m.consumer_group = d.consumer_group AND m.lane = d.lane AND m.key = d.key
+          AND m.id > d.id AND m.status IN ('received', 'failed')) AS held
+FROM inbox_messages d
+JOIN consumer_groups g ON g.name = d.consumer_group AND g.topic = d.topic
+WHERE d.status = 'dead' AND d.key IS NOT NULL AND g.ordered AND g.on_dead = 'hold_key'
+  AND (CAST(:group AS text) IS NULL OR d.consumer_group = :group)
+  -- the key's first dead letter is the one that holds it
+  AND NOT EXISTS (
+      SELECT 1 FROM inbox_messages e
+      WHERE e.consumer_group = d.consumer_group AND e.lane = d.lane AND e.key = d.key
+        AND e.status = 'dead' AND e.id < d.id
+  )
+ORDER BY d.consumer_group, d.topic, d.key
+LIMIT :limit
+""")
 
 # Cleanup. Each kind of finished row, past its retention, oldest first. None of these
 # can pick a pending, claimed, awaiting-ack, failed or retrying row: each names the

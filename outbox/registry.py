@@ -32,6 +32,7 @@ class GroupSpec:
     retry_cap_s: float = 600.0
     max_attempts: int = 10
     handler_timeout_s: float = 30.0
+    on_dead: str = "skip"
     active: bool = True
 
 

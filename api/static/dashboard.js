@@ -158,11 +158,12 @@ async function guarded(action) {
 
 async function refresh() {
   await guarded(async () => {
-    const [snapshot, stats, agents, dead] = await Promise.all([
+    const [snapshot, stats, agents, dead, held] = await Promise.all([
       api("/v1/health/summary"),
       api("/v1/stats?minutes=5"),
       api("/v1/agents"),
       api("/v1/dead-letters?limit=50"),
+      api("/v1/held-keys?limit=50"),
     ]);
     text("published-total", sum(stats.published));
     const circuit = document.getElementById("circuit");
@@ -174,6 +175,8 @@ async function refresh() {
     fill("agents", agents.items.map((a) => [a.instance_id, a.role, age(a.last_seen_at),
       a.active ? "yes" : "no"]));
     renderDead(dead.items);
+    fill("held", held.items.map((h) => [h.group, h.topic, h.key, h.held, h.dead_letter,
+      h.error || ""]));
     text("updated", `updated ${new Date().toLocaleTimeString()}`);
   });
 }

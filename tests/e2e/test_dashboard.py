@@ -16,7 +16,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
-from tests.flow import TOKEN, Flow
+from tests.flow import AUTH, TOKEN, Flow
+from tests.inbox import receive
 from tests.processes import ROOT, ApiProcess
 
 ARTIFACTS = Path(os.environ.get("OUTBOX_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -47,6 +48,24 @@ def _post(url: str, body: dict) -> dict:
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
+
+
+def _park_a_key(flow: Flow) -> None:
+    """A hold_key group on the flow's topic whose key "k-parked" has a dead letter and one
+    message behind it."""
+    group = {"topic": flow.topic, "on_dead": "hold_key"}
+    response = flow.client.put("/v1/consumer-groups/parked", json=group, headers=AUTH)
+    assert response.status_code == 200, response.get_json()
+    with Session(flow.engine) as session:
+        receive(
+            session,
+            "parked",
+            flow.topic,
+            [("k-parked", {"seq": 100})],
+            status="dead",
+            last_error="ValueError: cannot parse",
+        )
+        receive(session, "parked", flow.topic, [("k-parked", {"seq": 101})])
 
 
 def _number(page: Page, selector: str) -> int:
@@ -115,6 +134,12 @@ def test_an_operator_watches_publishes_and_requeues_from_the_dashboard(flow: Flo
             page.get_by_role("button", name="heartbeat").click()
             expect(page.locator("#run-result")).to_contain_text("outbox.heartbeat queued")
             expect(page.locator("#error")).to_be_hidden()
+
+            # a key that a dead letter parks (a hold_key group) is listed with what waits
+            _park_a_key(flow)
+            held_row = page.locator("#held tbody tr", has_text="k-parked")
+            expect(held_row.locator("td").nth(3)).to_have_text("1", timeout=10_000)
+            expect(held_row).to_contain_text("cannot parse")
 
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shot = ARTIFACTS / "dashboard.png"
