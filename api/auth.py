@@ -7,6 +7,10 @@ import base64
 import binascii
 import hmac
 
+from flask_openapi3 import APIBlueprint, Tag
+
+from api.schemas import ErrorOut
+
 
 def presented_token(header: str, *, basic: bool = False) -> str:
     """The token an ``Authorization`` header presents: a bearer token, or, if ``basic``,
@@ -39,3 +43,18 @@ def token_accepted(header: str, tokens: tuple[str, ...], *, basic: bool = False)
     for token in tokens:
         matched |= hmac.compare_digest(given, token.encode())
     return matched
+
+
+def v1_blueprint(name: str, import_name: str, tag: Tag) -> APIBlueprint:
+    """A blueprint under ``/v1`` behind the bearer token. Every operation documents what
+    the guard may answer before it runs (401 without a valid token; 400, 413 and 415 for
+    a body that is not well-formed JSON, too large or not JSON) and the 422 error
+    envelope of a refused request (not the framework's own validation body)."""
+    return APIBlueprint(
+        name,
+        import_name,
+        url_prefix="/v1",
+        abp_tags=[tag],
+        abp_security=[{"bearer": []}],
+        abp_responses={400: ErrorOut, 401: ErrorOut, 413: ErrorOut, 415: ErrorOut, 422: ErrorOut},
+    )

@@ -7,8 +7,9 @@ up by its lane at the next ``consumer.sweep`` tick (``OUTBOX_LANE_SWEEP_INTERVAL
 from __future__ import annotations
 
 from flask import Response, jsonify
-from flask_openapi3 import APIBlueprint, Tag
+from flask_openapi3 import Tag
 
+from api.auth import v1_blueprint
 from api.errors import error_response
 from api.schemas import (
     DeadLetterPage,
@@ -34,9 +35,7 @@ from outbox.deadletters import (
 )
 
 TAG = Tag(name="dead letters", description="Messages that failed for good, and their requeue")
-dead_letters = APIBlueprint(
-    "dead_letters", __name__, url_prefix="/v1", abp_tags=[TAG], abp_security=[{"bearer": []}]
-)
+dead_letters = v1_blueprint("dead_letters", __name__, TAG)
 
 
 @dead_letters.get("/dead-letters", responses={200: DeadLetterPage, 422: ErrorOut})

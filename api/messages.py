@@ -7,8 +7,9 @@ import binascii
 from typing import Any
 
 from flask import Response, jsonify, request
-from flask_openapi3 import APIBlueprint, Tag
+from flask_openapi3 import Tag
 
+from api.auth import v1_blueprint
 from api.errors import error_response, publish_error_response
 from api.schemas import (
     BatchIn,
@@ -29,9 +30,7 @@ from outbox.status import MessageFilter, get_message, list_messages
 from outbox.wire import INTERNAL_TOPICS
 
 TAG = Tag(name="messages", description="Publish messages and follow their delivery")
-messages = APIBlueprint(
-    "messages", __name__, url_prefix="/v1", abp_tags=[TAG], abp_security=[{"bearer": []}]
-)
+messages = v1_blueprint("messages", __name__, TAG)
 ERRORS: dict[Any, Any] = {401: ErrorOut, 409: ErrorOut, 413: ErrorOut, 422: ErrorOut}
 
 

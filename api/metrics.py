@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
-from flask_openapi3 import APIBlueprint
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -33,6 +32,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from api.auth import v1_blueprint
 from api.operations import TAG
 from api.schemas import ErrorOut, StatsOut, StatsQuery, TaskPath, TaskRunOut
 from api.state import ApiState, state
@@ -54,9 +54,7 @@ TASKS = {
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 prometheus = Blueprint("prometheus", __name__)
-stats = APIBlueprint(
-    "stats", __name__, url_prefix="/v1", abp_tags=[TAG], abp_security=[{"bearer": []}]
-)
+stats = v1_blueprint("stats", __name__, TAG)
 
 
 @prometheus.get("/metrics")

@@ -4,8 +4,9 @@ system stands, and where each message is with each group that acks."""
 from __future__ import annotations
 
 from flask import Response, jsonify
-from flask_openapi3 import APIBlueprint, Tag
+from flask_openapi3 import Tag
 
+from api.auth import v1_blueprint
 from api.errors import error_response
 from api.schemas import (
     AgentList,
@@ -24,9 +25,7 @@ from outbox.heartbeat import latest_snapshot
 from outbox.status import list_deliveries
 
 TAG = Tag(name="operations", description="Agents, health snapshots and deliveries")
-operations = APIBlueprint(
-    "operations", __name__, url_prefix="/v1", abp_tags=[TAG], abp_security=[{"bearer": []}]
-)
+operations = v1_blueprint("operations", __name__, TAG)
 
 
 @operations.get("/agents", responses={200: AgentList, 422: ErrorOut})

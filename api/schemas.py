@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     AfterValidator,
@@ -34,6 +34,17 @@ def _in_utc(value: datetime) -> datetime:
 
 # A point in time in a filter: converted to UTC before it reaches SQL.
 Timestamp = Annotated[datetime, AfterValidator(_in_utc)]
+
+
+def _links(**targets: tuple[str, dict[str, str]]) -> ConfigDict:
+    """OpenAPI links from a response to the operations its values feed (by operation id):
+    clients and stateful fuzzers follow them."""
+    links = {
+        name: {"operationId": operation, "parameters": parameters}
+        for name, (operation, parameters) in targets.items()
+    }
+    # flask-openapi3 reads "openapi_extra", a key pydantic's ConfigDict does not declare.
+    return cast(ConfigDict, {"openapi_extra": {"links": links}})
 
 
 class Strict(BaseModel):
@@ -110,6 +121,13 @@ class MessageOut(BaseModel):
 
 
 class MessageDetail(MessageOut):
+    model_config = _links(
+        Deliveries=(
+            "operations_deliveries_deliveries_get",
+            {"message_id": "$response.body#/message_id"},
+        ),
+    )
+
     payload: JsonValue
     deliveries: list[DeliveryOut]
 
@@ -174,6 +192,12 @@ class GroupPath(Strict):
 
 
 class GroupOut(BaseModel):
+    model_config = _links(
+        HeldKeys=("dead_letters_list_held_keys_held_keys_get", {"group": "$response.body#/name"}),
+        Deliveries=("operations_deliveries_deliveries_get", {"group": "$response.body#/name"}),
+        DeadLetters=("dead_letters_list_all_dead_letters_get", {"group": "$response.body#/name"}),
+    )
+
     name: str
     topic: str
     requires_ack: bool
@@ -194,6 +218,11 @@ class TopicIn(Strict):
 
 
 class TopicOut(BaseModel):
+    model_config = _links(
+        Messages=("messages_list_all_messages_get", {"topic": "$response.body#/name"}),
+        DeadLetters=("dead_letters_list_all_dead_letters_get", {"topic": "$response.body#/name"}),
+    )
+
     name: str
     description: str
     active: bool

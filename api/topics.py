@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Response, jsonify
-from flask_openapi3 import APIBlueprint, Tag
+from flask_openapi3 import Tag
 
+from api.auth import v1_blueprint
 from api.errors import error_response, publish_error_response
 from api.schemas import (
     ErrorOut,
@@ -25,9 +26,7 @@ from outbox.registry import GroupSpec, put_group, register_topic, topics_with_gr
 from outbox.wire import INTERNAL_TOPICS
 
 TAG = Tag(name="topics", description="Register topics and consumer groups")
-topics = APIBlueprint(
-    "topics", __name__, url_prefix="/v1", abp_tags=[TAG], abp_security=[{"bearer": []}]
-)
+topics = v1_blueprint("topics", __name__, TAG)
 
 
 def _spec(name: str, topic: str, fields: GroupFields) -> GroupSpec:

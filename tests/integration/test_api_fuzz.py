@@ -4,9 +4,13 @@ request changes no table."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -25,14 +29,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES_PER_OPERATION = 80
 # A request the document allows can still be refused for what it says (a topic nobody
 # registered, a cursor the API never gave out): 422, as the document declares.
+ACCEPTED = ["2xx", "401", "404", "409", "413", "422"]
 CONFIG = SchemathesisConfig.from_dict(
-    {
-        "checks": {
-            "positive_data_acceptance": {
-                "expected-statuses": ["2xx", "401", "404", "409", "413", "422"]
-            }
-        }
-    }
+    {"checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED}}}
 )
 LEAST_REQUESTS = 1000
 
@@ -98,3 +97,38 @@ def test_fuzzed_requests_get_no_5xx_conform_to_the_document_and_refusals_write_n
     print(f"{len(sent)} requests over {len(operations)} operations:", Counter(sent))
     assert len(sent) >= LEAST_REQUESTS
     assert not [s for s in sent if s >= 500]
+
+
+def test_fuzzed_sequences_that_follow_the_documents_links_get_no_5xx(base_url: str, tmp_path: Path):
+    """Schemathesis's own stateful runner: sequences of calls, each feeding the next its
+    ids and names through the document's links, from a fixed seed."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(
+        f"[checks.positive_data_acceptance]\nexpected-statuses = {json.dumps(ACCEPTED)}\n"
+    )
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("st")),
+            "--config-file",
+            str(config),
+            "run",
+            f"{base_url}/openapi.json",
+            "--phases",
+            "stateful",
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+            "--seed",
+            "20261204",
+            "--max-examples",
+            "150",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    print(output[-1500:])
+    assert "✅ Stateful" in output and "No issues found" in output
