@@ -80,6 +80,7 @@ class Consumer:
         self.partitions = PartitionLeases(group, self.instance, settings.consumer_lease_s)
         self._partition_counts: dict[str, int] = {}
         self._next_refresh = 0.0
+        self._next_metadata = 0.0
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish its batch, commit and close."""
@@ -297,14 +298,17 @@ class Consumer:
         if not force and now < self._next_refresh:
             return
         self._next_refresh = now + min(1.0, self.settings.consumer_lease_s / 3)
-        try:
-            metadata = kafka.list_topics(timeout=METADATA_TIMEOUT_S).topics
-            self._partition_counts = {
-                t: len(metadata[t].partitions) for t in self.topics if t in metadata
-            }
-        except KafkaException as exc:
-            # A paused broker: the leases are renewed all the same, with the last counts.
-            log.debug("consumer %s: no metadata: %s", self.instance, exc)
+        if now >= self._next_metadata:
+            # Partition counts change rarely: a look per lease is soon enough.
+            try:
+                metadata = kafka.list_topics(timeout=METADATA_TIMEOUT_S).topics
+                self._partition_counts = {
+                    t: len(metadata[t].partitions) for t in self.topics if t in metadata
+                }
+                self._next_metadata = now + self.settings.consumer_lease_s
+            except KafkaException as exc:
+                # A paused broker: the leases are renewed all the same, with the last counts.
+                log.debug("consumer %s: no metadata: %s", self.instance, exc)
         before = dict(self.partitions.held)
         try:
             with self.sessions.begin() as session:

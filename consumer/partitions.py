@@ -52,6 +52,8 @@ class PartitionLeases:
     owner: str
     lease_s: float
     held: dict[tuple[str, int], int] = dataclasses.field(default_factory=dict)
+    # Lease rows made per topic, by partition count: made again only when it changes.
+    _rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def refresh(self, session: Session, partitions: dict[str, int]) -> Change:
         """Renew, give back beyond the share, take free ones up to it; the caller commits
@@ -64,7 +66,9 @@ class PartitionLeases:
         limit = share(sum(partitions.values()), int(members or 1))
         renewed: dict[tuple[str, int], int] = {}
         for topic, count in partitions.items():
-            leases.ensure_rows(session, prefix + topic, count)
+            if self._rows.get(topic) != count:
+                leases.ensure_rows(session, prefix + topic, count)
+                self._rows[topic] = count
             mine = [p for (t, p) in self.held if t == topic]
             granted = leases.acquire(
                 session, prefix + topic, self.owner, mine, limit=len(mine), lease_s=self.lease_s
