@@ -17,7 +17,7 @@ from pydantic import (
     Tag,
 )
 
-from outbox.models import INT_MAX
+from outbox.models import INT_MAX, MAX_BACKOFF_S, MAX_HANDLER_TIMEOUT_S, MAX_RETRY_FACTOR
 
 MAX_DESCRIPTION = 2000
 # Consumer groups registered with a topic in one request.
@@ -147,13 +147,9 @@ class MessagePage(BaseModel):
     next_cursor: str | None
 
 
-# The longest backoff a group may ask for: its waits stay finite and fit an interval.
-MAX_BACKOFF_S = 365 * 86400.0
-
-
 class RetryIn(Strict):
     base_s: float = Field(1.0, gt=0, le=MAX_BACKOFF_S, allow_inf_nan=False)
-    factor: float = Field(2.0, ge=1, le=100, allow_inf_nan=False)
+    factor: float = Field(2.0, ge=1, le=MAX_RETRY_FACTOR, allow_inf_nan=False)
     cap_s: float = Field(600.0, gt=0, le=MAX_BACKOFF_S, allow_inf_nan=False)
     max_attempts: int = Field(10, ge=1, le=INT_MAX)
 
@@ -167,7 +163,7 @@ class GroupFields(Strict):
     handler_timeout_s: float = Field(
         30.0,
         gt=0,
-        le=3600,
+        le=MAX_HANDLER_TIMEOUT_S,
         allow_inf_nan=False,
         description="Longest one handler call may take; then it fails.",
     )

@@ -35,6 +35,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # The largest values PostgreSQL's integer and bigint columns hold.
 INT_MAX = 2**31 - 1
 BIGINT_MAX = 2**63 - 1
+# Bounds of a consumer group's retry settings: every backoff stays finite and fits
+# PostgreSQL's interval, so the targeted-retry sweep can always compute it.
+MAX_BACKOFF_S = 365 * 86400.0
+MAX_RETRY_FACTOR = 100.0
+MAX_HANDLER_TIMEOUT_S = 3600.0
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -82,7 +87,17 @@ class ConsumerGroup(Base):
         UniqueConstraint("name", "topic"),
         CheckConstraint("max_retries >= -1", name="max_retries"),
         CheckConstraint("ack_timeout_s > 0", name="ack_timeout"),
-        CheckConstraint("handler_timeout_s > 0", name="handler_timeout"),
+        CheckConstraint(
+            f"handler_timeout_s > 0 AND handler_timeout_s <= {MAX_HANDLER_TIMEOUT_S}",
+            name="handler_timeout",
+        ),
+        # NaN compares above every number in PostgreSQL, so an upper bound refuses it too.
+        CheckConstraint(f"retry_base_s > 0 AND retry_base_s <= {MAX_BACKOFF_S}", name="retry_base"),
+        CheckConstraint(f"retry_cap_s > 0 AND retry_cap_s <= {MAX_BACKOFF_S}", name="retry_cap"),
+        CheckConstraint(
+            f"retry_factor >= 1 AND retry_factor <= {MAX_RETRY_FACTOR}", name="retry_factor"
+        ),
+        CheckConstraint("max_attempts >= 1", name="max_attempts"),
         CheckConstraint(_in("on_dead", ON_DEAD), name="on_dead"),
     )
 

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api import create_app
@@ -19,7 +20,7 @@ from outbox import queries
 from outbox.agents import upsert_agent
 from outbox.cleanup import cleanup
 from outbox.db import make_sessionmaker
-from outbox.models import InboxMessage
+from outbox.models import ConsumerGroup, InboxMessage
 from outbox.publishing import Publisher
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
@@ -407,3 +408,28 @@ def test_no_targeted_retry_goes_out_past_the_consumers_dedup_window(
     assert (report.retried, report.dead) == (0, 2)
     errors = session.scalars(text("SELECT error FROM deliveries")).all()
     assert all("dedup window" in e for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("retry_base_s", float("inf")),
+        ("retry_cap_s", float("nan")),
+        ("retry_factor", 1e9),
+        ("max_attempts", 0),
+        ("handler_timeout_s", 1e6),
+    ],
+)
+def test_the_database_refuses_a_group_whose_backoff_could_not_be_computed(
+    session: Session, field: str, value: float
+):
+    """The library writes groups without the API's validation; the table's own bounds
+    keep a backoff that would overflow PostgreSQL's interval (and fail every sweep) out."""
+    register_topic(session, TOPIC)
+    put_group(session, GroupSpec(name="billing", topic=TOPIC, requires_ack=True))
+    session.commit()
+    with pytest.raises(IntegrityError, match=f"ck_consumer_groups_{field.removesuffix('_s')}"):
+        put_group(session, GroupSpec(name="billing", topic=TOPIC, **{field: value}))
+    session.rollback()
+    group = session.scalars(select(ConsumerGroup)).one()
+    assert (group.requires_ack, getattr(group, field)) == (True, getattr(GroupSpec, field))
