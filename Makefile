@@ -4,19 +4,30 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test install lint clean
+.PHONY: dev test chromium install lint clean
 
 dev: $(STAMP)
 	$(BIN)/outbox dev
 
-# The dashboard's browser test drives this Chromium (Playwright never downloads one).
-CHROMIUM ?= $(or $(OUTBOX_TEST_CHROMIUM),$(shell command -v chromium || command -v chromium-browser))
+# The dashboard's browser test drives Chromium (Playwright never downloads one):
+# OUTBOX_TEST_CHROMIUM, else the one on PATH, else Debian's package, installed here
+# when apt-get is there and we may use it (root, or sudo without a password).
+FIND_CHROMIUM := $${OUTBOX_TEST_CHROMIUM:-$$(command -v chromium || command -v chromium-browser)}
 
-test: $(STAMP)
-	@test -n "$(CHROMIUM)" || { echo "make test needs Chromium for the dashboard's browser" \
-		"test: apt-get install chromium (Debian, Ubuntu), or set OUTBOX_TEST_CHROMIUM to a" \
-		"Chromium or Chrome binary"; exit 1; }
-	OUTBOX_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) chromium
+	OUTBOX_TEST_CHROMIUM="$(FIND_CHROMIUM)" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+chromium:
+	@chromium="$(FIND_CHROMIUM)"; [ -n "$$chromium" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else sudo=none; fi; \
+	if ! command -v apt-get >/dev/null || [ "$$sudo" = none ]; then \
+		echo "make test needs Chromium for the dashboard's browser test: install it" \
+			"(apt-get install chromium on Debian and Ubuntu), or set OUTBOX_TEST_CHROMIUM" \
+			"to a Chromium or Chrome binary"; exit 1; fi; \
+	echo "== installing Debian's chromium for the dashboard's browser test"; \
+	$$sudo apt-get install -y --no-install-recommends chromium || \
+		{ $$sudo apt-get update && $$sudo apt-get install -y --no-install-recommends chromium; }
 
 install: $(STAMP)
 
