@@ -3,16 +3,22 @@ every layer; everything they do is a call into a module that tests call directly
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from outbox.bench.cli import bench
 from outbox.errors import OutboxError
 from outbox.logs import setup_logging
 from outbox.settings import Settings, describe, env_name
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 # Every option can also come from an OUTBOX_* variable (explicit, or OUTBOX_<COMMAND>_<OPTION>
 # by click's auto prefix), and --help shows which.
@@ -22,6 +28,26 @@ option = functools.partial(click.option, show_envvar=True)
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings = ctx.obj
     return settings
+
+
+@contextlib.contextmanager
+def _sessions(ctx: click.Context) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the settings' database; the engine goes when the command is done."""
+    from outbox.db import make_engine, make_sessionmaker
+
+    engine = make_engine(_settings(ctx), pool_size=1)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _session(ctx: click.Context, *, write: bool = False) -> Iterator[Session]:
+    """One session on the settings' database; with ``write``, one transaction committed
+    at the end (rolled back on an error)."""
+    with _sessions(ctx) as sessions, sessions.begin() if write else sessions() as session:
+        yield session
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,14 +111,10 @@ def dlq_list(ctx: click.Context, limit: int, as_json: bool, **filters: Any) -> N
     """Dead letters, newest first."""
     import json
 
-    from outbox.db import make_engine, make_sessionmaker
     from outbox.deadletters import list_dead_letters
 
-    settings = _settings(ctx)
-    engine = make_engine(settings, pool_size=1)
-    with make_sessionmaker(engine)() as session:
+    with _session(ctx) as session:
         items, more = list_dead_letters(session, _dead_letter_filter(**filters), limit=limit)
-    engine.dispose()
     for item in items:
         if as_json:
             click.echo(json.dumps(item))
@@ -119,15 +141,12 @@ def dlq_requeue(
 
     A requeued message keeps its id and headers and gets a fresh attempt budget; beat's
     next relay tick, lane sweep or targeted retry picks it up."""
-    from outbox.db import make_engine, make_sessionmaker
     from outbox.deadletters import requeue, requeue_matching
 
     if bool(ids) == matching:
         raise click.UsageError("give dead-letter ids, or --all with filters (not both)")
-    settings = _settings(ctx)
-    engine = make_engine(settings, pool_size=1)
     missing = []
-    with make_sessionmaker(engine).begin() as session:
+    with _session(ctx, write=True) as session:
         if matching:
             counts = requeue_matching(session, _dead_letter_filter(**filters), limit=limit)
         else:
@@ -137,7 +156,6 @@ def dlq_requeue(
                     counts[dead_letter_id.partition(":")[0]] += 1
                 else:
                     missing.append(dead_letter_id)
-    engine.dispose()
     click.echo(
         f"requeued {counts['outbox']} outbox, {counts['inbox']} inbox and "
         f"{counts['delivery']} delivery dead letters"
@@ -152,13 +170,10 @@ def dlq_requeue(
 def dlq_discard(ctx: click.Context, ids: tuple[str, ...]) -> None:
     """Let inbox dead letters (inbox:N) go without running them: in a hold_key group
     their keys move on. Each is kept as done, its last error saying it was discarded."""
-    from outbox.db import make_engine, make_sessionmaker
     from outbox.deadletters import discard
 
-    engine = make_engine(_settings(ctx), pool_size=1)
-    with make_sessionmaker(engine).begin() as session:
+    with _session(ctx, write=True) as session:
         missing = [i for i in ids if not discard(session, i)]
-    engine.dispose()
     click.echo(f"discarded {len(ids) - len(missing)} inbox dead letters")
     if missing:
         raise click.ClickException(f"no such inbox dead letter: {', '.join(missing)}")
@@ -171,13 +186,10 @@ def dlq_discard(ctx: click.Context, ids: tuple[str, ...]) -> None:
 def dlq_held(ctx: click.Context, group: str | None, limit: int) -> None:
     """Keys parked by a dead letter (groups with on_dead hold_key), with the dead letter
     that holds each and how many messages wait behind it."""
-    from outbox.db import make_engine, make_sessionmaker
     from outbox.deadletters import held_keys
 
-    engine = make_engine(_settings(ctx), pool_size=1)
-    with make_sessionmaker(engine)() as session:
+    with _session(ctx) as session:
         items = held_keys(session, group, limit)
-    engine.dispose()
     for item in items:
         click.echo(
             f"{item['group']}  {item['topic']}  key={item['key']}  held={item['held']}  "
@@ -232,7 +244,7 @@ def dev(
     consumers: int,
 ) -> None:
     """Run everything on this machine: services, API, workers, beat, consumers, Flower."""
-    from outbox import dev as dev_mod
+    from outbox.devstack import dev as dev_mod
 
     settings = _settings(ctx)
     changes = {
@@ -369,14 +381,9 @@ def agents_command(
     import json
 
     from outbox.agents import list_agents
-    from outbox.db import make_engine, make_sessionmaker
 
-    engine = make_engine(_settings(ctx), pool_size=1)
-    try:
-        with make_sessionmaker(engine)() as session:
-            items = list_agents(session, role=role, group=group, active=active)
-    finally:
-        engine.dispose()
+    with _session(ctx) as session:
+        items = list_agents(session, role=role, group=group, active=active)
     for a in items:
         if as_json:
             click.echo(json.dumps(a))
@@ -411,17 +418,12 @@ def deliveries_command(
     """Deliveries to the groups that ack, newest first."""
     import json
 
-    from outbox.db import make_engine, make_sessionmaker
     from outbox.status import list_deliveries
 
-    engine = make_engine(_settings(ctx), pool_size=1)
-    try:
-        with make_sessionmaker(engine)() as session:
-            items = list_deliveries(
-                session, group=group, status=status, message_id=message_id, limit=limit
-            )
-    finally:
-        engine.dispose()
+    with _session(ctx) as session:
+        items = list_deliveries(
+            session, group=group, status=status, message_id=message_id, limit=limit
+        )
     for d in items:
         if as_json:
             click.echo(json.dumps(d))
@@ -438,174 +440,14 @@ def deliveries_command(
 def cleanup_command(ctx: click.Context, dry_run: bool) -> None:
     """Delete finished rows past their retention now (beat runs this as outbox.cleanup)."""
     from outbox.cleanup import cleanup
-    from outbox.db import make_engine, make_sessionmaker
 
     settings = _settings(ctx)
     setup_logging(settings, "cleanup")
-    engine = make_engine(settings, pool_size=1)
-    try:
-        report = cleanup(settings, make_sessionmaker(engine), dry_run=dry_run)
-    finally:
-        engine.dispose()
+    with _sessions(ctx) as sessions:
+        report = cleanup(settings, sessions, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     for kind, count in report.deleted.items():
         click.echo(f"{kind:<18} {verb} {count:>10,}")
-
-
-@cli.group()
-def bench() -> None:
-    """Benchmarks: each prints a table and writes JSON and a PNG plot."""
-
-
-def _run_bench(ctx: click.Context, scenario: str, out: str, **options: Any) -> None:
-    """Run ``outbox.bench.<scenario>`` on its own services; print and write its report."""
-    import gc
-    import importlib
-
-    from outbox.bench.env import bench_environment
-
-    module = importlib.import_module(f"outbox.bench.{scenario}")
-    shown = " ".join(
-        f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-        for k, v in options.items()
-    )
-    with bench_environment(_settings(ctx)) as settings:
-        report = module.run(settings, command=f"outbox bench {scenario} {shown}", **options)
-        # Kafka clients caught in reference cycles close now, while their broker still runs.
-        gc.collect()
-    click.echo(report.table())
-    json_path, png_path = report.write(Path(out))
-    click.echo(f"wrote {json_path} and {png_path}")
-
-
-OUT = option("--out", default="bench-results", show_default=True, help="Output folder.")
-
-
-@bench.command("relay")
-@option("--rows", default=100_000, show_default=True, help="Outbox rows to relay.")
-@option("--payload-bytes", default=200, show_default=True, help="Payload size.")
-@option("--keys", default=1000, show_default=True, help="Distinct message keys.")
-@option("--rounds", default=3, show_default=True, help="Rounds of observability on and off.")
-@OUT
-@click.pass_context
-def bench_relay(
-    ctx: click.Context, rows: int, payload_bytes: int, keys: int, rounds: int, out: str
-) -> None:
-    """Relay throughput next to bare PostgreSQL claim-and-mark and bare produce rates; then
-    in a worker, with metrics and task events on and off."""
-    _run_bench(ctx, "relay", out, rows=rows, payload_bytes=payload_bytes, keys=keys, rounds=rounds)
-
-
-@bench.command("api")
-@option("--seconds", default=4.0, show_default=True, help="Load time per measurement.")
-@option("--rounds", default=5, show_default=True, help="Rounds of bare and single publish.")
-@option("--workers", default=2, show_default=True, help="gunicorn worker processes.")
-@option("--threads", default=4, show_default=True, help="Threads per gunicorn worker.")
-@option("--batch", default=100, show_default=True, help="Messages per batch request.")
-@OUT
-@click.pass_context
-def bench_api(
-    ctx: click.Context,
-    seconds: float,
-    rounds: int,
-    workers: int,
-    threads: int,
-    batch: int,
-    out: str,
-) -> None:
-    """Publish requests/s under gunicorn next to a bare Flask endpoint doing one INSERT."""
-    _run_bench(
-        ctx,
-        "api",
-        out,
-        seconds=seconds,
-        rounds=rounds,
-        workers=workers,
-        threads=threads,
-        batch=batch,
-    )
-
-
-@bench.command("latency")
-@option("--rate", default=500.0, show_default=True, help="Offered messages per second.")
-@option("--seconds", default=20.0, show_default=True, help="How long to offer them.")
-@option("--workers", default=2, show_default=True, help="Celery worker processes.")
-@OUT
-@click.pass_context
-def bench_latency(ctx: click.Context, rate: float, seconds: float, workers: int, out: str) -> None:
-    """Commit-to-Kafka latency percentiles at a fixed offered load, via a real worker."""
-    _run_bench(ctx, "latency", out, rate=rate, seconds=seconds, workers=workers)
-
-
-@bench.command("e2e")
-@option("--messages", default=50_000, show_default=True, help="Messages of the throughput phase.")
-@option("--rate", default=500.0, show_default=True, help="Offered msg/s of the latency phase.")
-@option("--seconds", default=20.0, show_default=True, help="Length of the latency phase.")
-@option("--workers", default=2, show_default=True, help="Celery worker processes.")
-@OUT
-@click.pass_context
-def bench_e2e(
-    ctx: click.Context, messages: int, rate: float, seconds: float, workers: int, out: str
-) -> None:
-    """Publish to handler effect: sustained throughput, and latency at a fixed load."""
-    _run_bench(ctx, "e2e", out, messages=messages, rate=rate, seconds=seconds, workers=workers)
-
-
-@bench.command("metrics")
-@option("--rows", default=1_000_000, show_default=True, help="Outbox rows.")
-@option("--scrapes", default=50, show_default=True, help="Timed scrapes of /metrics.")
-@OUT
-@click.pass_context
-def bench_metrics(ctx: click.Context, rows: int, scrapes: int, out: str) -> None:
-    """Time of a /metrics scrape with a large outbox, next to counting it directly."""
-    _run_bench(ctx, "metrics", out, rows=rows, scrapes=scrapes)
-
-
-@bench.command("scale")
-@option("--rows", default=50_000, show_default=True, help="Rows per relay measurement.")
-@option("--messages", default=20_000, show_default=True, help="Messages per end-to-end one.")
-@option("--rounds", default=2, show_default=True, help="Rounds of 1 and 2 workers.")
-@OUT
-@click.pass_context
-def bench_scale(ctx: click.Context, rows: int, messages: int, rounds: int, out: str) -> None:
-    """Relay and end-to-end throughput with 1 and 2 worker processes."""
-    _run_bench(ctx, "scale", out, rows=rows, messages=messages, rounds=rounds)
-
-
-@bench.command("retry")
-@option("--messages", default=2_000, show_default=True, help="Messages of each phase.")
-@option("--rate", default=200.0, show_default=True, help="Offered msg/s in each phase.")
-@option("--fail-percent", default=10, show_default=True, help="Messages failing once, in %.")
-@option("--retry-interval", default=1.0, show_default=True, help="Beat interval of the retry task.")
-@option("--rows", default=20_000, show_default=True, help="Rows per relay measurement.")
-@option("--rounds", default=5, show_default=True, help="Rounds of relay alone and with retries.")
-@option("--workers", default=2, show_default=True, help="Celery worker processes.")
-@OUT
-@click.pass_context
-def bench_retry(
-    ctx: click.Context,
-    messages: int,
-    rate: float,
-    fail_percent: int,
-    retry_interval: float,
-    rows: int,
-    rounds: int,
-    workers: int,
-    out: str,
-) -> None:
-    """Extra time and database cost of a targeted retry; the relay with and without it."""
-    _run_bench(
-        ctx,
-        "retry",
-        out,
-        messages=messages,
-        rate=rate,
-        fail_percent=fail_percent,
-        retry_interval=retry_interval,
-        rows=rows,
-        rounds=rounds,
-        workers=workers,
-    )
 
 
 @cli.group()
@@ -659,7 +501,7 @@ def services(ctx: click.Context, dev_dir: str | None) -> None:
     import signal
     import threading
 
-    from outbox.embedded import EmbeddedServices
+    from outbox.devstack.services import EmbeddedServices
 
     settings = _settings(ctx)
     root = Path(dev_dir or settings.dev_dir).resolve()
@@ -681,6 +523,9 @@ def settings_cmd() -> None:
     click.echo("| --- | --- | --- |")
     for name, default, doc in describe():
         click.echo(f"| `{name}` | `{default}` | {doc} |")
+
+
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from outbox import migrate
 from outbox.db import make_engine, make_sessionmaker
-from outbox.embedded import EmbeddedServices
+from outbox.devstack.services import EmbeddedServices
 from outbox.settings import Settings
 
 # Short partition leases: a dead consumer's partitions move after it.

@@ -15,10 +15,11 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from api import create_app
+from outbox.devstack.processes import Process
 from outbox.settings import Settings
 from outbox.wire import ACK_TOPIC
 from tests.handlers import SCHEMA, TOPIC_VARIABLE
-from tests.processes import BeatProcess, ConsumerProcess, ServiceProcess, WorkerProcess
+from tests.processes import start_beat, start_consumer, start_worker
 
 TOKEN = "e2e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -33,7 +34,7 @@ class Flow:
         self.topic = topic
         self.group = group
         self.client: FlaskClient = create_app(settings).test_client()
-        self.processes: dict[str, ServiceProcess] = {}
+        self.processes: dict[str, Process] = {}
 
     def publish(self, messages: list[dict[str, Any]]) -> list[str]:
         ids: list[str] = []
@@ -85,13 +86,13 @@ def flow(
     )
     assert response.status_code == 201, response.get_json()
     env = {TOPIC_VARIABLE: topic}
-    processes: list[ServiceProcess] = [
-        WorkerProcess(s, f"worker{n}", tmp_path, concurrency=2, env=env)
+    processes: list[Process] = [
+        start_worker(s, f"worker{n}", tmp_path, concurrency=2, env=env)
         for n in range(1, options.get("workers", 1) + 1)
     ]
-    processes.append(BeatProcess(s, tmp_path))
+    processes.append(start_beat(s, tmp_path))
     processes += [
-        ConsumerProcess(s, name, tmp_path, group=group, topics=[topic], env=env)
+        start_consumer(s, name, tmp_path, group=group, topics=[topic], env=env)
         for name in [
             "consumer",
             *(f"consumer{n}" for n in range(2, options.get("consumers", 1) + 1)),
@@ -99,7 +100,7 @@ def flow(
     ]
     if options.get("requires_ack"):
         processes.append(
-            ConsumerProcess(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC])
+            start_consumer(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC])
         )
     flow.processes = {process.name: process for process in processes}
     try:

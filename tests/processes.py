@@ -1,140 +1,71 @@
-"""Real worker, beat and consumer processes for end-to-end and fault tests."""
+"""Real API, worker, beat and consumer processes for end-to-end and fault tests, from the
+project's one launcher (:mod:`outbox.devstack.processes`), each logging to
+``<log_dir>/<name>.log``."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
+import dataclasses
 from pathlib import Path
 
-from outbox.dev import worker_argv
+from outbox.devstack import processes
+from outbox.devstack.processes import Process
+from outbox.devstack.server import free_port
 from outbox.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class ServiceProcess:
-    """A process of ours in its own session, logging to ``<log_dir>/<name>.log``."""
-
-    ready_pattern = ""
-
-    def __init__(
-        self,
-        settings: Settings,
-        name: str,
-        log_dir: Path,
-        argv: list[str],
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.name = name
-        self.log = log_dir / f"{name}.log"
-        full_env = {**os.environ, **settings.as_env(), **(env or {}), "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env=full_env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if re.search(self.ready_pattern, self.text()):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name} not ready:\n{self.text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: a worker's pool dies with its parent."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # pool processes left behind
+def _start(
+    settings: Settings, spec: processes.Spec, log_dir: Path, env: dict[str, str] | None
+) -> Process:
+    return Process(spec, settings, log=log_dir / f"{spec.name}.log", env=env, cwd=ROOT).start()
 
 
-class WorkerProcess(ServiceProcess):
+def start_worker(
+    settings: Settings,
+    name: str,
+    log_dir: Path,
+    *,
+    concurrency: int = 1,
+    env: dict[str, str] | None = None,
+) -> Process:
     """``celery -A tasks worker -n <name>@<host>``."""
-
-    ready_pattern = r"@\S+ ready\."
-
-    def __init__(
-        self,
-        settings: Settings,
-        name: str,
-        log_dir: Path,
-        *,
-        concurrency: int = 1,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        quiet = settings.log_format == "json"
-        argv = worker_argv(name, "INFO", concurrency, quiet=quiet)
-        super().__init__(settings, name, log_dir, argv, env)
+    return _start(settings, processes.worker(settings, name, concurrency=concurrency), log_dir, env)
 
 
-class BeatProcess(ServiceProcess):
+def start_beat(settings: Settings, log_dir: Path, env: dict[str, str] | None = None) -> Process:
     """``celery -A tasks beat``, its schedule file in ``log_dir``."""
-
-    ready_pattern = r"beat: Starting"
-
-    def __init__(self, settings: Settings, log_dir: Path, env: dict[str, str] | None = None):
-        argv = [sys.executable, "-m", "celery", "-A", "tasks", "beat", "--loglevel", "INFO"]
-        argv += ["-s", str(log_dir / "celerybeat-schedule")]
-        super().__init__(settings, "beat", log_dir, argv, env)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    spec = processes.beat(settings, log_dir / "celerybeat-schedule")
+    return _start(settings, spec, log_dir, env)
 
 
-class ConsumerProcess(ServiceProcess):
+def start_consumer(
+    settings: Settings,
+    name: str,
+    log_dir: Path,
+    *,
+    group: str,
+    topics: list[str],
+    env: dict[str, str] | None = None,
+) -> Process:
     """``outbox consume``; ready once it holds partitions."""
-
-    ready_pattern = r"assigned \S*\["
-
-    def __init__(
-        self,
-        settings: Settings,
-        name: str,
-        log_dir: Path,
-        *,
-        group: str,
-        topics: list[str],
-        env: dict[str, str] | None = None,
-    ) -> None:
-        argv = [sys.executable, "-m", "outbox", "consume", "--group", group]
-        argv += ["--topics", ",".join(topics)]
-        super().__init__(settings, name, log_dir, argv, env)
+    spec = processes.consumer(settings, name, group=group, topics=topics)
+    spec = dataclasses.replace(spec, ready_pattern=processes.CONSUMER_ASSIGNED)
+    return _start(settings, spec, log_dir, env)
 
 
-class ApiProcess(ServiceProcess):
+class ApiServer:
     """The API under gunicorn with several worker processes, as compose runs it."""
 
-    ready_pattern = r"Booting worker"
-
     def __init__(self, settings: Settings, log_dir: Path, *, workers: int = 2) -> None:
-        argv = [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0"]
-        argv += ["--workers", str(workers), "api:create_app()"]
-        super().__init__(settings, "api", log_dir, argv)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        spec = processes.gunicorn("api", "api:create_app()", port, workers=workers)
+        self.process = _start(settings, spec, log_dir, None)
 
-    @property
-    def url(self) -> str:
-        found = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", self.text())
-        assert found, self.text()
-        return found.group(1)
+    def wait_ready(self) -> None:
+        self.process.wait_ready()
+
+    def stop(self) -> None:
+        self.process.stop()

@@ -3,12 +3,6 @@ endpoint doing one INSERT into the same table, served the same way in the same r
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +11,8 @@ from sqlalchemy import text
 from outbox.bench.load import post_load
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
-from outbox.embedded import free_port
+from outbox.devstack import processes
+from outbox.devstack.server import free_port
 from outbox.registry import register_topic
 from outbox.settings import Settings
 
@@ -26,47 +21,19 @@ TOKEN = "bench-token"
 PAYLOAD = {"order_id": 12345, "status": "paid", "total": 99.5, "items": [1, 2, 3]}
 
 
-class Gunicorn:
-    """``gunicorn`` serving ``app`` with the given workers and threads."""
+class Server:
+    """``app`` under gunicorn with the given workers and threads, on a free port."""
 
-    def __init__(self, settings: Settings, app: str, workers: int, threads: int) -> None:
+    def __init__(self, settings: Settings, name: str, app: str, workers: int, threads: int):
         self.port = free_port()
-        env = {**os.environ, **settings.as_env(), "OUTBOX_LOG_LEVEL": "WARNING"}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--workers",
-                str(workers),
-                "--threads",
-                str(threads),
-                "--worker-class",
-                "gthread",
-                "--log-level",
-                "warning",
-                app,
-            ],
-            env=env,
-            start_new_session=True,
+        spec = processes.gunicorn(
+            name, app, self.port, workers=workers, threads=threads, log_level="warning"
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1)
-            except urllib.error.HTTPError:
-                return  # it answers (404/405): up
-            except OSError:
-                time.sleep(0.1)
-                continue
-            return
-        raise RuntimeError(f"gunicorn {app} did not start")
+        self.process = processes.Process(spec, settings).start()
+        self.process.wait_ready(30)
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(30)
+        self.process.stop()
 
 
 def _truncate(settings: Settings) -> None:
@@ -78,7 +45,7 @@ def _truncate(settings: Settings) -> None:
 
 def _rate(
     settings: Settings,
-    server: Gunicorn,
+    server: Server,
     path: str,
     body: Mapping[str, Any],
     token: str | None,
@@ -123,8 +90,9 @@ def run(
     single = {"topic": TOPIC, "key": "customer-7", "payload": PAYLOAD}
     batch_body = {"messages": [dict(single, key=f"customer-{i}") for i in range(batch)]}
 
-    bare_server = Gunicorn(s, "api.bare:create_bare_app()", workers, threads)
-    api_server = Gunicorn(s, "api:create_app()", workers, threads)
+    quiet = s.replace(log_level="WARNING")
+    bare_server = Server(quiet, "bare", "api.bare:create_bare_app()", workers, threads)
+    api_server = Server(quiet, "api", "api:create_app()", workers, threads)
     sides = {
         "bare": (bare_server, "/bare", None),
         "one": (api_server, "/v1/messages", TOKEN),

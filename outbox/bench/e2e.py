@@ -14,7 +14,6 @@ message. Two phases:
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,16 +22,10 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, text
 
 from outbox.bench.handlers import SCHEMA, TOPIC
-from outbox.bench.latency import (
-    PUBLISHERS,
-    offer_load,
-    percentile,
-    start_process,
-    start_worker,
-    stop_process,
-)
+from outbox.bench.latency import PUBLISHERS, offer_load, percentile
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
+from outbox.devstack import processes
 from outbox.kafka import admin_client, ensure_topics
 from outbox.publishing import Message, Publisher
 from outbox.registry import GroupSpec, put_group, register_topic
@@ -78,26 +71,17 @@ def prepare(settings: Settings) -> tuple[Settings, Engine]:
 @contextlib.contextmanager
 def running(settings: Settings, *, concurrency: int, instances: int = 1) -> Iterator[None]:
     """``instances`` Celery workers of ``concurrency`` pool processes, beat and a consumer."""
-    py = [sys.executable, "-m"]
-    processes = []
-    try:
-        processes += [
-            start_worker(settings, concurrency, name=f"bench{n}") for n in range(1, instances + 1)
-        ]
-        processes.append(
-            start_process([*py, "celery", "-A", "tasks", "beat"], settings, b"beat: Starting")
-        )
-        processes.append(
-            start_process(
-                [*py, "outbox", "consume", "--group", GROUP, "--topics", TOPIC],
-                settings,
-                b"assigned " + TOPIC.encode(),
-            )
-        )
+    specs = [
+        *(
+            processes.worker(settings, f"bench{n}", concurrency=concurrency)
+            for n in range(1, instances + 1)
+        ),
+        processes.beat(settings),
+        processes.consumer(settings, "consumer", group=GROUP, topics=[TOPIC]),
+    ]
+    with processes.running(settings, specs) as started:
+        started[-1].wait_for_line(processes.CONSUMER_ASSIGNED)
         yield
-    finally:
-        for proc in processes:
-            stop_process(proc)
 
 
 def throughput(

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from outbox import migrate
 from outbox.bench.report import progress
-from outbox.embedded import EmbeddedServices
+from outbox.devstack.services import EmbeddedServices
 from outbox.settings import Settings
 
 
@@ -36,7 +36,10 @@ def bench_environment(settings: Settings) -> Iterator[Settings]:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         url = make_url(live.database_url).set(database=name)
-        live = live.replace(database_url=url.render_as_string(hide_password=False))
+        # Files of its processes (beat's schedule) go to the same temporary folder.
+        live = live.replace(
+            database_url=url.render_as_string(hide_password=False), dev_dir=str(root)
+        )
         migrate.upgrade(live)
         progress(f"services ready (database {name})")
         try:

@@ -11,9 +11,6 @@ Like the CLI, a benchmark drives the whole system, so it reaches every layer.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import threading
 import time
 from datetime import datetime
@@ -23,7 +20,7 @@ from sqlalchemy import Engine, select
 
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
-from outbox.dev import worker_argv
+from outbox.devstack import processes
 from outbox.kafka import admin_client, ensure_topics
 from outbox.models import OutboxMessage
 from outbox.publishing import Publisher
@@ -43,41 +40,6 @@ PUBLISHERS = 8
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def start_process(
-    argv: list[str], settings: Settings, ready: bytes, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start one of our processes; return once a line of its output contains ``ready``."""
-    proc = subprocess.Popen(
-        argv,
-        env={**os.environ, **settings.as_env(), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    for line in proc.stdout:
-        if ready in line:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining
-            return proc
-        if time.monotonic() > deadline:
-            break
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError(f"the benchmark's {argv[2:5]} did not start")
-
-
-def start_worker(
-    settings: Settings, concurrency: int, env: dict[str, str] | None = None, name: str = "bench"
-) -> subprocess.Popen[bytes]:
-    """A real ``celery -A tasks worker`` named ``name@<host>``; returns once it is ready."""
-    return start_process(worker_argv(name, "INFO", concurrency), settings, b" ready.", env)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
 
 
 def offer_load(
@@ -117,7 +79,8 @@ def run(settings: Settings, *, rate: float, seconds: float, workers: int, comman
     with sessions.begin() as session:
         register_topic(session, TOPIC)
     ensure_topics(admin_client(settings), [TOPIC], settings.kafka_topic_partitions)
-    worker = start_worker(settings, workers)
+    worker = processes.Process(processes.worker(settings, "bench", concurrency=workers), settings)
+    worker.start().wait_ready()
     kicker = Kicker(settings)
     publisher = Publisher(settings)
     total = int(rate * seconds)
@@ -144,7 +107,7 @@ def run(settings: Settings, *, rate: float, seconds: float, workers: int, comman
                 break
             time.sleep(0.5)
     finally:
-        stop_process(worker)
+        worker.stop()
         engine.dispose()
     skip = int(rate * WARMUP_S)
     ordered = sorted(committed.items(), key=lambda kv: kv[1])[skip:]

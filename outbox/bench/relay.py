@@ -22,9 +22,9 @@ from typing import Any
 from confluent_kafka import Producer
 from sqlalchemy import Engine, text
 
-from outbox.bench.latency import start_worker, stop_process
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
+from outbox.devstack import processes
 from outbox.kafka import admin_client, ensure_topics, producer_config
 from outbox.producer import Delivery, Outgoing
 from outbox.publishing import Message, Publisher
@@ -142,12 +142,11 @@ def _any_pending(engine: Engine) -> bool:
 @contextlib.contextmanager
 def relay_workers(settings: Settings, instances: int) -> Iterator[None]:
     """``instances`` real worker processes (concurrency 1 each, as compose scales them)."""
-    procs = [start_worker(settings, 1, name=f"bench{n}") for n in range(1, instances + 1)]
-    try:
+    specs = [
+        processes.worker(settings, f"bench{n}", concurrency=1) for n in range(1, instances + 1)
+    ]
+    with processes.running(settings, specs):
         yield
-    finally:
-        for proc in procs:
-            stop_process(proc)
 
 
 def worker_relay(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -37,18 +36,12 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, TextClause, text
 
 from outbox.bench.handlers import SCHEMA
-from outbox.bench.latency import (
-    PUBLISHERS,
-    offer_load,
-    percentile,
-    start_process,
-    start_worker,
-    stop_process,
-)
+from outbox.bench.latency import PUBLISHERS, offer_load, percentile
 from outbox.bench.relay import drain, fill
 from outbox.bench.report import Report, progress
 from outbox.bench.retry_handlers import TOPIC_NONE, TOPIC_SOME
 from outbox.db import make_engine, make_sessionmaker
+from outbox.devstack import processes
 from outbox.kafka import admin_client, ensure_topics
 from outbox.publishing import Publisher
 from outbox.registry import GroupSpec, put_group, register_topic
@@ -169,21 +162,19 @@ def run(
     with engine.connect() as conn:
         # leaves autovacuum nothing to do: its transactions would count as background
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
-    py = [sys.executable, "-m"]
-    consume = [*py, "outbox", "consume", "--group"]
-    processes = [
-        start_worker(s, workers, env={"OUTBOX_BENCH_FAIL_PERCENT": str(fail_percent)}),
-        start_process([*py, "celery", "-A", "tasks", "beat"], s, b"beat: Starting"),
-        start_process(
-            [*consume, GROUP, "--topics", f"{TOPIC_NONE},{TOPIC_SOME}"], s, b"assigned bench."
+    specs = [
+        processes.worker(s, "bench", concurrency=workers).with_env(
+            OUTBOX_BENCH_FAIL_PERCENT=str(fail_percent)
         ),
-        start_process(
-            [*consume, "outbox-acks", "--topics", ACK_TOPIC], s, b"assigned " + ACK_TOPIC.encode()
-        ),
+        processes.beat(s),
+        processes.consumer(s, "consumer", group=GROUP, topics=[TOPIC_NONE, TOPIC_SOME]),
+        processes.consumer(s, "acks", group="outbox-acks", topics=[ACK_TOPIC]),
     ]
     kicker = Kicker(s)
     publisher = Publisher(s)
-    try:
+    with processes.running(s, specs) as system:
+        for consumer in system[2:]:
+            consumer.wait_for_line(processes.CONSUMER_ASSIGNED)
         _wait(engine, _ACTIVE_WORKERS, 1, 60)
         progress(f"idle system: background database activity over {IDLE_S:g} s")
         time.sleep(STATS_SETTLE_S)
@@ -202,9 +193,6 @@ def run(
             time.sleep(STATS_SETTLE_S)
             xacts, written = cost.since(background)
             phases[topic] = (committed, elapsed, xacts, written)
-    finally:
-        for proc in processes:
-            stop_process(proc)
 
     base_committed, base_elapsed, base_xacts, base_rows = phases[TOPIC_NONE]
     some_committed, some_elapsed, some_xacts, some_rows = phases[TOPIC_SOME]

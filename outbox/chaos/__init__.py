@@ -27,8 +27,10 @@ from outbox.chaos.handlers import GROUP, SCHEMA, TOPIC
 from outbox.chaos.ledger import Ledger, effected, judge, unfinished, write
 from outbox.chaos.load import Publishers
 from outbox.db import make_engine, make_sessionmaker
-from outbox.dev import DEV_API_TOKEN, Child, Output, Supervisor, plan
-from outbox.embedded import EmbeddedServices, free_port
+from outbox.devstack import processes
+from outbox.devstack.dev import DEV_API_TOKEN, Child, Output, Supervisor, plan
+from outbox.devstack.server import free_port
+from outbox.devstack.services import EmbeddedServices
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
 
@@ -92,7 +94,10 @@ def run(
             for c in plan(s, root / "celerybeat-schedule", workers=2, consumers=2)
             if c.name != "flower"
         ]
-        supervisor = Supervisor(s, children, Output(log), on_start=services.watch_group)
+        # Faults kill children on purpose: they are started again however often.
+        supervisor = Supervisor(
+            s, children, Output(log), on_start=services.watch_group, give_up_after=None
+        )
         supervisor.start()
         not_ready = supervisor.wait_ready()
         if not_ready:
@@ -104,14 +109,12 @@ def run(
         threading.Thread(
             target=_keep_alive, args=(supervisor, done, restarted), daemon=True
         ).start()
-        consumer_argv = next(c.argv for c in children if c.name.startswith("consumer"))
         extra = iter(range(1, 10_000))
 
         def add_consumer() -> Child:
-            child = Child(f"consumer-extra{next(extra)}", consumer_argv, r"consumer \S+ ready")
+            name = f"consumer-extra{next(extra)}"
             assert supervisor is not None
-            supervisor.add(child)
-            return child
+            return supervisor.add(processes.consumer(s, name, group=GROUP, topics=[TOPIC]))
 
         injector = Injector(supervisor, services, rng, s.relay_lease_s, add_consumer)
         publishers = Publishers(s, engine, s.api_port, rate, KEYS)
@@ -173,4 +176,4 @@ def committed_offsets(engine: Engine, group: str, topic: str) -> dict[int, int]:
 
 def _keep_alive(supervisor: Supervisor, done: threading.Event, restarted: list[str]) -> None:
     while not done.wait(RESTART_POLL_S):
-        restarted += supervisor.restart_dead()
+        restarted += supervisor.keep_alive()

@@ -2,7 +2,7 @@
 
 Every kind comes once in each round of all kinds (in a seeded order), so a run of as
 many faults as there are kinds has met each. What a fault kills, the supervisor
-starts again (:meth:`outbox.dev.Supervisor.restart_dead`). Which process a fault hits
+starts again (:meth:`outbox.devstack.dev.Supervisor.keep_alive`). Which process a fault hits
 and for how long is drawn from the same seed; when the faults land relative to the
 system's own timing is not, so two runs of one seed meet the same faults, not the
 same interleavings.
@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from outbox.dev import Child, Supervisor
-from outbox.embedded import EmbeddedServices
+from outbox.devstack.dev import Child, Supervisor
+from outbox.devstack.services import EmbeddedServices
 
 PAUSE_S = (2.0, 8.0)
 # Between the starts of two faults; a pause may still last when the next one begins.
@@ -127,9 +127,7 @@ class Injector:
 
     def _pick(self, rng: random.Random, role: str) -> Child:
         running = [
-            c
-            for c in list(self.supervisor.children)
-            if c.name.startswith(role) and c.proc is not None and c.proc.poll() is None
+            c for c in list(self.supervisor.children) if c.name.startswith(role) and c.alive()
         ]
         if not running:
             raise LookupError(f"no {role} is running")
@@ -137,20 +135,17 @@ class Injector:
 
     def _kill(self, rng: random.Random, role: str) -> str:
         child = self._pick(rng, role)
-        assert child.proc is not None
-        os.kill(child.proc.pid, signal.SIGKILL)
+        os.kill(child.pid, signal.SIGKILL)
         return child.name
 
     def _pause(self, rng: random.Random, role: str, seconds: float) -> str:
         child = self._pick(rng, role)
-        assert child.proc is not None
-        _stop_for(child.proc.pid, seconds, group=True)
+        _stop_for(child.pid, seconds, group=True)
         return f"{child.name} for {seconds:.1f} s"
 
     def _kill_pool_process(self, rng: random.Random) -> str:
         child = self._pick(rng, "worker")
-        assert child.proc is not None
-        pool = _children(child.proc.pid)
+        pool = _children(child.pid)
         if not pool:
             raise LookupError(f"{child.name} has no pool process yet")
         victim = rng.choice(pool)

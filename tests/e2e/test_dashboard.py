@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from outbox import Message, Publisher
 from tests.flow import AUTH, TOKEN, Flow
 from tests.inbox import receive
-from tests.processes import ROOT, ApiProcess
+from tests.processes import ROOT, ApiServer
 
 ARTIFACTS = Path(os.environ.get("OUTBOX_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 # The flags this machine's closed network needs; no profile, sync or update traffic.
@@ -88,7 +88,7 @@ def test_an_operator_watches_publishes_and_requeues_from_the_dashboard(flow: Flo
             {"id": dead_id},
         )
         session.commit()
-    api = ApiProcess(flow.settings, tmp_path)
+    api = ApiServer(flow.settings, tmp_path)
     try:
         api.wait_ready()
         with pytest.raises(urllib.error.HTTPError) as refused:

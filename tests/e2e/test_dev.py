@@ -23,7 +23,7 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from outbox.embedded import free_port, port_open
+from outbox.devstack.server import free_port, port_open
 
 READY_LINE = re.compile(r"outbox dev: all ready in ([\d.]+) s")
 EXPORT_LINE = re.compile(r"^\s*export (OUTBOX_\w+)=(\S+)$", re.M)
@@ -201,6 +201,26 @@ def test_outbox_dev_runs_everything_and_a_stop_signal_leaves_no_process(
         code, metrics = _fetch(f"{flower}/metrics")
         assert code == 200
         assert re.search(r'^flower_events_total\{.*task="outbox\.publish"', metrics, re.M)
+
+        # A child killed outright is started again after a short delay; the rest go on.
+        victim = named[0]
+        worker = next(
+            pid
+            for pid in _descendants(dev.proc.pid)
+            if f"{victim}@".encode() in _cmdline(Path(f"/proc/{pid}")) and os.getpgid(pid) == pid
+        )
+        ready_lines = len(re.findall(rf"^{victim}\s+\|.*@\S+ ready\.", dev.text, re.M))
+        os.killpg(worker, signal.SIGKILL)
+        again = re.compile(rf"^{victim}\s+\| exited \(-9\); starting it again in [\d.]+ s$", re.M)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            not again.search(dev.text)
+            or len(re.findall(rf"^{victim}\s+\|.*@\S+ ready\.", dev.text, re.M)) <= ready_lines
+        ):
+            time.sleep(0.2)
+        assert again.search(dev.text), dev.text[-3000:]
+        assert len(re.findall(rf"^{victim}\s+\|.*@\S+ ready\.", dev.text, re.M)) > ready_lines
+        assert dev.proc.poll() is None and _status(f"{api}/readyz") == 200
 
         ports = [api_port, flower_port] + [
             int(v.rsplit(":", 1)[1].split("/")[0]) for v in exports.values()

@@ -15,7 +15,7 @@ from outbox.models import OutboxMessage
 from outbox.settings import Settings
 from tasks.factory import make_celery
 from tests.kafka_helpers import consume_all
-from tests.processes import WorkerProcess
+from tests.processes import start_worker
 
 TOKEN = "e2e"
 TOTAL = 20_000
@@ -53,7 +53,7 @@ def test_twenty_thousand_messages_arrive_once_each_in_order_per_key(
     assert _unsent(session) == TOTAL
 
     # When four relay tasks run at once on a worker with four processes
-    worker = WorkerProcess(s, "relay", tmp_path, concurrency=4)
+    worker = start_worker(s, "relay", tmp_path, concurrency=4)
     try:
         worker.wait_ready()
         app = make_celery(s)

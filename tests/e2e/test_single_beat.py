@@ -8,8 +8,9 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
+from outbox.devstack.processes import Process
 from outbox.settings import Settings
-from tests.processes import BeatProcess, WorkerProcess
+from tests.processes import start_beat, start_worker
 
 
 def _snapshots(engine: Engine) -> int:
@@ -17,7 +18,7 @@ def _snapshots(engine: Engine) -> int:
         return int(conn.execute(text("SELECT count(*) FROM health_snapshots")).scalar_one())
 
 
-def _standing_by(beat: BeatProcess) -> bool:
+def _standing_by(beat: Process) -> bool:
     return "standing by" in beat.text()
 
 
@@ -28,8 +29,8 @@ def test_a_second_beat_stands_by_and_takes_over_when_the_first_dies(
     s = settings.replace(heartbeat_interval_s=1.0)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    worker = WorkerProcess(s, "ticker", tmp_path, concurrency=2)
-    beats = [BeatProcess(s, tmp_path / "a"), BeatProcess(s, tmp_path / "b")]
+    worker = start_worker(s, "ticker", tmp_path, concurrency=2)
+    beats = [start_beat(s, tmp_path / "a"), start_beat(s, tmp_path / "b")]
     try:
         worker.wait_ready()
         for beat in beats:

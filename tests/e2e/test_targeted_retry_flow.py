@@ -11,9 +11,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine, text
 
 from api import create_app
+from outbox.devstack.processes import Process
 from outbox.settings import Settings
 from outbox.wire import ACK_TOPIC
-from tests.processes import BeatProcess, ConsumerProcess, ServiceProcess, WorkerProcess
+from tests.processes import start_beat, start_consumer, start_worker
 from tests.retry_handlers import SCHEMA
 
 TOKEN = "retry-e2e"
@@ -71,14 +72,14 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
     env["OUTBOX_TEST_FAIL_WORKER"] = "w1"
     # Only W1 runs at first, so A's first attempt is W1's. (A paused W2 would not do:
     # Redis hands a task to a worker's pending BRPOP even while the worker is stopped.)
-    processes: list[ServiceProcess] = [
-        WorkerProcess(s, "w1", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w1"}, concurrency=2),
-        BeatProcess(s, tmp_path),
-        ConsumerProcess(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC]),
+    processes: list[Process] = [
+        start_worker(s, "w1", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w1"}, concurrency=2),
+        start_beat(s, tmp_path),
+        start_consumer(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC]),
     ]
     for group in (a, b):
         processes += [
-            ConsumerProcess(s, f"{group[:7]}-{n}", tmp_path, group=group, topics=[topic], env=env)
+            start_consumer(s, f"{group[:7]}-{n}", tmp_path, group=group, topics=[topic], env=env)
             for n in (1, 2)
         ]
     try:
@@ -96,9 +97,7 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
         )
         _wait(engine, failed, 1, 60, a=a)
         # W2 starts and is a healthy agent before A's retry is due.
-        w2 = WorkerProcess(
-            s, "w2", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w2"}, concurrency=2
-        )
+        w2 = start_worker(s, "w2", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w2"}, concurrency=2)
         processes.append(w2)
         w2.wait_ready(120)
         _wait(engine, "SELECT count(*) FROM agents WHERE role = 'worker' AND active", 2, 30)
@@ -167,10 +166,10 @@ def test_a_group_whose_consumers_are_down_is_retried_and_processes_the_message_o
     )
     assert created.status_code == 201, created.get_json()
     env = {"OUTBOX_TEST_HANDLER_TOPIC": topic, "OUTBOX_TEST_WORKER": "w1"}
-    processes: list[ServiceProcess] = [
-        WorkerProcess(s, "w1", tmp_path, env=env, concurrency=2),
-        BeatProcess(s, tmp_path),
-        ConsumerProcess(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC]),
+    processes: list[Process] = [
+        start_worker(s, "w1", tmp_path, env=env, concurrency=2),
+        start_beat(s, tmp_path),
+        start_consumer(s, "acks", tmp_path, group="outbox-acks", topics=[ACK_TOPIC]),
     ]
     try:
         for process in processes:
@@ -186,7 +185,7 @@ def test_a_group_whose_consumers_are_down_is_retried_and_processes_the_message_o
         )
         _wait(engine, retried, True, 60, m=message_id)
         # The group's consumer comes back: it reads the message and its retries, once.
-        consumer = ConsumerProcess(s, "group-a", tmp_path, group=a, topics=[topic], env=env)
+        consumer = start_consumer(s, "group-a", tmp_path, group=a, topics=[topic], env=env)
         processes.append(consumer)
         consumer.wait_ready(120)
         _wait(

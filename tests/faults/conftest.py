@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from outbox.embedded import EmbeddedKafka, free_port
+from outbox.devstack.broker import EmbeddedKafka
+from outbox.devstack.server import free_port
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from tests.flow import Flow
 from tests.handlers import TOPIC_VARIABLE
-from tests.processes import ConsumerProcess, WorkerProcess
+from tests.processes import start_consumer, start_worker
 
 TOTAL = 3_000
 KEYS = 50
@@ -56,7 +56,7 @@ def test_a_consumer_killed_mid_batch_and_restarted_loses_nothing_and_repeats_not
     publisher.join()
     assert 0 < recorded < TOTAL, "the kill came too late to cut the stream"
     # And a new consumer of the group takes over (re-reading what was not committed)
-    restarted = ConsumerProcess(
+    restarted = start_consumer(
         flow.settings,
         "consumer-restarted",
         tmp_path,
@@ -85,7 +85,7 @@ def test_a_worker_killed_mid_task_loses_nothing_and_repeats_no_effect(
     done = flow.scalar("SELECT count(*) FROM effects")
     assert done < TOTAL, "the kill came too late to cut a task"
     # And another worker starts; the beat sweep hands it the lanes once their leases lapse
-    survivor = WorkerProcess(
+    survivor = start_worker(
         flow.settings, "survivor", tmp_path, concurrency=2, env={TOPIC_VARIABLE: flow.topic}
     )
     try:

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
 from outbox.db import make_sessionmaker
-from outbox.embedded import EmbeddedKafka
+from outbox.devstack.broker import EmbeddedKafka
 from outbox.health import redis_client
 from outbox.metrics import read_counters
 from outbox.models import OutboxMessage

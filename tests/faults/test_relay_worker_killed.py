@@ -16,7 +16,7 @@ from outbox.registry import register_topic
 from outbox.settings import Settings
 from tasks.factory import make_celery
 from tests.kafka_helpers import consume_all
-from tests.processes import WorkerProcess
+from tests.processes import start_worker
 
 LEASE_S = 5.0
 
@@ -50,7 +50,7 @@ def test_nothing_is_lost_only_the_killed_batch_repeats_and_its_leases_move_in_ti
     marker = tmp_path / "paused.json"
 
     # Given a worker whose relay stops between produce and mark
-    first = WorkerProcess(
+    first = start_worker(
         s,
         "doomed",
         tmp_path,
@@ -83,7 +83,7 @@ def test_nothing_is_lost_only_the_killed_batch_repeats_and_its_leases_move_in_ti
         first.kill()
         killed_at = session.scalar(text("SELECT clock_timestamp()"))
         session.rollback()
-        second = WorkerProcess(s, "survivor", tmp_path)
+        second = start_worker(s, "survivor", tmp_path)
         second.wait_ready()
         deadline = time.monotonic() + 90
         while _pending(session) and time.monotonic() < deadline:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from api import create_app
-from outbox.embedded import free_port
+from outbox.devstack.server import free_port
 from outbox.settings import Settings
 
 

@@ -19,7 +19,7 @@ from outbox.db import make_engine
 from outbox.publishing import Publisher
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
-from tests.processes import ROOT, WorkerProcess
+from tests.processes import ROOT, start_worker
 
 TOPIC = "cleanup.orders"
 OLD = "now() - interval '8 days'"
@@ -143,7 +143,7 @@ def test_cleanup_deletes_old_finished_rows_in_bounded_batches_while_publishing_g
 
     publishing = threading.Thread(target=publish)
     publishing.start()
-    worker = WorkerProcess(s, "cleaner", tmp_path)
+    worker = start_worker(s, "cleaner", tmp_path)
     try:
         worker.wait_ready()
         from tasks.factory import make_celery

@@ -20,7 +20,7 @@ from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
 from outbox.targeted_retry import retry_due
 from tasks.factory import make_celery
-from tests.processes import WorkerProcess
+from tests.processes import start_worker
 
 TOKEN = "ops-token"
 BEAT = "beat@test-host:1"
@@ -64,8 +64,8 @@ def test_workers_become_agents_and_a_silent_one_goes_inactive(
         producer.produce(topic, key=f"k{n}", value=b"{}")
     assert producer.flush(10) == 0
 
-    keeper = WorkerProcess(s, "keeper", tmp_path)
-    leaver = WorkerProcess(s, "leaver", tmp_path)
+    keeper = start_worker(s, "keeper", tmp_path)
+    leaver = start_worker(s, "leaver", tmp_path)
     app = make_celery(s)
     try:
         keeper.wait_ready()

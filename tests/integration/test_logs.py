@@ -19,7 +19,7 @@ from outbox.publishing import Publisher
 from outbox.registry import register_topic
 from outbox.settings import Settings
 from tasks.factory import make_celery
-from tests.processes import WorkerProcess
+from tests.processes import start_worker
 
 
 def test_a_worker_writes_json_lines_and_a_tasks_lines_name_the_task(
@@ -29,7 +29,7 @@ def test_a_worker_writes_json_lines_and_a_tasks_lines_name_the_task(
     with make_sessionmaker(engine).begin() as session:
         register_topic(session, topic)
         Publisher(s).publish(session, topic, {"n": 1}, key="k")
-    worker = WorkerProcess(s, "json", tmp_path)
+    worker = start_worker(s, "json", tmp_path)
     try:
         worker.wait_ready()
         task_id = make_celery(s).send_task("outbox.publish").id

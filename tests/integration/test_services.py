@@ -19,7 +19,8 @@ import redis
 from confluent_kafka import Consumer, Producer
 from sqlalchemy import create_engine, text
 
-from outbox.embedded import STANDARD_PORTS, EmbeddedServices, port_open
+from outbox.devstack.server import STANDARD_PORTS, port_open
+from outbox.devstack.services import EmbeddedServices
 from outbox.settings import Settings
 
 
@@ -191,7 +192,7 @@ ORDINARY_USER_SCRIPT = textwrap.dedent(
     import psycopg2, socket
     from confluent_kafka.admin import AdminClient
     from pathlib import Path
-    from outbox.embedded import EmbeddedServices
+    from outbox.devstack.services import EmbeddedServices
     from outbox.settings import Settings
     import encodings.idna, secrets  # imported lazily later; root's stdlib is closed to nobody
 

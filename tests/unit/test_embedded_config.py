@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from outbox.embedded import STANDARD_PORTS, EmbeddedServices, free_port
+from outbox.devstack.server import STANDARD_PORTS, free_port
+from outbox.devstack.services import EmbeddedServices
 from outbox.errors import SettingsError
 from outbox.settings import Settings
 

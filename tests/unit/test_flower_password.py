@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from outbox.dev import flower_password
+from outbox.devstack.dev import flower_password
 
 
 def test_outbox_dev_makes_one_password_per_data_folder_and_keeps_it(tmp_path: Path):

@@ -1,8 +1,9 @@
 """Stops the embedded services (and the children of ``outbox dev``) when the process that
 started them dies without stopping them (SIGKILL, a crash, a lost terminal).
 
-:class:`~outbox.embedded.EmbeddedServices` starts ``python -m outbox.watchdog`` in a
-session of its own, its standard input a pipe that only the starting process holds.
+:class:`~outbox.devstack.services.EmbeddedServices` starts ``python -m
+outbox.devstack.watchdog`` in a session of its own, its standard input a pipe that only
+the starting process holds.
 The starting process writes one JSON line per service as it starts, and ``"disarm"``
 when it stops them itself. The end of input without ``"disarm"`` can only mean that
 it died: the watchdog then stops every service it was told of, newest first.
