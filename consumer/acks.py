@@ -16,6 +16,7 @@ from consumer.handlers import Message, Permanent, handler
 from outbox import queries
 from outbox.publishing import Message as OutboxMessage
 from outbox.publishing import Publisher
+from outbox.retry import RetryPolicy
 from outbox.wire import ACK_TOPIC
 
 MAX_ERROR_CHARS = 2000
@@ -75,6 +76,13 @@ def apply_ack(message: Message, session: Session) -> None:
         }
     except (KeyError, TypeError) as exc:
         raise Permanent(f"not an ack: {exc!r}") from exc
+    params["delay_s"] = 0.0
+    if not ok:
+        backoff = session.execute(queries.ACK_BACKOFF, params).first()
+        if backoff is None:
+            return  # no such group: nothing to record
+        # The group's policy after its delivery's retries so far (the first counts from 1).
+        params["delay_s"] = RetryPolicy.of_group(backoff).delay(backoff.attempts + 1)
     if session.execute(queries.APPLY_ACK, params).first() is not None:
         return
     if session.execute(queries.OPEN_DELIVERY_BY_ACK, params).first() is not None:

@@ -217,12 +217,7 @@ class LaneProcessor:
             row.topic: _TopicPolicy(
                 row.ordered,
                 row.requires_ack,
-                RetryPolicy(
-                    base_s=row.retry_base_s,
-                    factor=row.retry_factor,
-                    cap_s=row.retry_cap_s,
-                    max_attempts=row.max_attempts,
-                ),
+                RetryPolicy.of_group(row),
                 row.handler_timeout_s,
                 holds_key=row.ordered and row.on_dead == "hold_key",
             )

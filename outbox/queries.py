@@ -441,11 +441,18 @@ SELECT topic, ordered, requires_ack, retry_base_s, retry_factor, retry_cap_s, ma
 FROM consumer_groups WHERE name = :group
 """)
 
-# A failed delivery is due for its targeted retry after the group's backoff: drawn from
-# [ceiling / factor, ceiling], the ceiling growing with the retries so far.
-_ACK_RETRY_AT = """now() + make_interval(secs =>
-    LEAST(g.retry_cap_s, g.retry_base_s * power(g.retry_factor, LEAST({attempts}, 64)))
-    * (1 / g.retry_factor + random() * (1 - 1 / g.retry_factor)))"""
+# What a failure ack's backoff is drawn from (outbox.retry.RetryPolicy): the group's
+# policy and the retries its delivery has had so far (none when it does not exist yet).
+ACK_BACKOFF = _sql("""
+SELECT g.retry_base_s, g.retry_factor, g.retry_cap_s, COALESCE(d.attempts, 0) AS attempts
+FROM consumer_groups g
+LEFT JOIN deliveries d
+  ON d.consumer_group_id = g.id AND d.message_id = CAST(:message_id AS uuid)
+WHERE g.name = :group AND g.topic = :topic
+""")
+
+# A failed delivery is due for its targeted retry after that backoff (:delay_s).
+_ACK_RETRY_AT = "now() + make_interval(secs => :delay_s)"
 
 # An ack moves a delivery forward only: a success ack wins over anything but dead; a
 # failure ack counts only while the delivery still waits, so a late or repeated failure
@@ -455,7 +462,7 @@ UPDATE deliveries d
 SET status = CASE WHEN :ok THEN 'acked' ELSE 'failed' END,
     error = CASE WHEN :ok THEN NULL ELSE :error END,
     instance_id = :instance, updated_at = now(),
-    next_retry_at = CASE WHEN :ok THEN NULL ELSE {_ACK_RETRY_AT.format(attempts="d.attempts")} END
+    next_retry_at = CASE WHEN :ok THEN NULL ELSE {_ACK_RETRY_AT} END
 FROM consumer_groups g
 WHERE d.consumer_group_id = g.id AND g.name = :group AND g.topic = :topic
   AND d.message_id = CAST(:message_id AS uuid)
@@ -472,7 +479,7 @@ INSERT INTO deliveries (message_id, consumer_group_id, status, error, instance_i
                         next_retry_at)
 SELECT CAST(:message_id AS uuid), g.id, CASE WHEN :ok THEN 'acked' ELSE 'failed' END,
        CASE WHEN :ok THEN NULL ELSE :error END, :instance,
-       CASE WHEN :ok THEN NULL ELSE {_ACK_RETRY_AT.format(attempts="0")} END
+       CASE WHEN :ok THEN NULL ELSE {_ACK_RETRY_AT} END
 FROM consumer_groups g
 WHERE g.name = :group AND g.topic = :topic AND g.requires_ack
   AND EXISTS (

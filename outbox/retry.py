@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,17 @@ class RetryPolicy:
     factor: float = 2.0
     cap_s: float = 600.0
     max_attempts: int = 10
+
+    @classmethod
+    def of_group(cls, row: Any) -> RetryPolicy:
+        """The policy of a consumer group: from a row (or model) with its ``retry_base_s``,
+        ``retry_factor``, ``retry_cap_s`` and, where it has one, ``max_attempts``."""
+        return cls(
+            base_s=row.retry_base_s,
+            factor=row.retry_factor,
+            cap_s=row.retry_cap_s,
+            max_attempts=getattr(row, "max_attempts", cls.max_attempts),
+        )
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay after failed attempt number ``attempt``."""

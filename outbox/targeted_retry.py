@@ -118,7 +118,7 @@ def _batch(settings: Settings, session: Session, report: RetryReport, groups: li
                 "target_instance": target,
             }
         )
-        policy = RetryPolicy(base_s=d.retry_base_s, factor=d.retry_factor, cap_s=d.retry_cap_s)
+        policy = RetryPolicy.of_group(d)
         # Wait for this retry's ack, then back off before the next one.
         retried.append((d.id, d.ack_timeout_s + policy.delay(attempt)))
     if rows:

@@ -23,6 +23,7 @@ from outbox.db import make_sessionmaker
 from outbox.models import ConsumerGroup, InboxMessage
 from outbox.publishing import Publisher
 from outbox.registry import GroupSpec, put_group, register_topic
+from outbox.retry import RetryPolicy
 from outbox.settings import Settings
 from outbox.targeted_retry import choose_target, retry_due
 from tests.inbox import receive
@@ -217,15 +218,23 @@ def test_a_failure_ack_waits_the_groups_backoff_and_a_late_failure_never_undoes_
         "attempt": 1,
         "error": "boom",
     }
+    wait_sql = text(
+        "SELECT EXTRACT(EPOCH FROM d.next_retry_at - now()) FROM deliveries d"
+        " JOIN consumer_groups g ON g.id = d.consumer_group_id WHERE g.name = 'audit'"
+    )
+    policy = RetryPolicy(base_s=60, factor=2)
     apply_ack(Message(uuid.uuid4(), "outbox.acks", None, ack, {}, 1, 0, 0), session)
     session.commit()
-    wait = session.scalar(
-        text(
-            "SELECT EXTRACT(EPOCH FROM d.next_retry_at - now()) FROM deliveries d"
-            " JOIN consumer_groups g ON g.id = d.consumer_group_id WHERE g.name = 'audit'"
-        )
-    )
-    assert 30 - 1 <= float(wait) <= 60  # [base / factor, base]
+    wait = float(session.scalar(wait_sql))
+    assert policy.floor(1) - 1 <= wait <= policy.ceiling(1)  # [0, base]: the first band
+    # After two targeted retries, a failure waits the third band: [120, 240] s.
+    session.execute(text("UPDATE deliveries SET status = 'awaiting_ack', attempts = 2"))
+    apply_ack(Message(uuid.uuid4(), "outbox.acks", None, ack, {}, 1, 0, 0), session)
+    session.commit()
+    wait = float(session.scalar(wait_sql))
+    assert policy.floor(3) - 1 <= wait <= policy.ceiling(3)
+    session.execute(text("UPDATE deliveries SET status = 'awaiting_ack'"))
+    session.commit()
     for status in ("success", "success", "failure"):  # a duplicate, then a late failure
         apply_ack(
             Message(uuid.uuid4(), "outbox.acks", None, dict(ack, status=status), {}, 1, 0, 0),
