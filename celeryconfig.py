@@ -9,34 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from outbox import tasknames
 from outbox.agents import instance_id
 from outbox.errors import SettingsError
 from outbox.settings import Settings, env_name
-
-BEAT_TASKS = (
-    "outbox.publish",
-    "outbox.retry_targeted",
-    "outbox.heartbeat",
-    "outbox.cleanup",
-    "consumer.sweep",
-)
+from outbox.tasknames import BEAT_TASKS
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Every periodic task; each tick expires after one interval so a backlog never piles up."""
-    intervals = {
-        "outbox.publish": settings.publish_interval_s,
-        "outbox.retry_targeted": settings.retry_interval_s,
-        "outbox.heartbeat": settings.heartbeat_interval_s,
-        "outbox.cleanup": settings.cleanup_interval_s,
-        "consumer.sweep": settings.lane_sweep_interval_s,
-    }
-    schedule: dict[str, dict[str, Any]] = {
-        name: {"task": name, "schedule": interval, "options": {"expires": interval}}
-        for name, interval in intervals.items()
-    }
+    schedule: dict[str, dict[str, Any]] = {}
+    for task, setting in BEAT_TASKS.values():
+        interval = getattr(settings, setting)
+        schedule[task] = {"task": task, "schedule": interval, "options": {"expires": interval}}
     # Each heartbeat tick names the beat that sent it: beat shows among the agents.
-    schedule["outbox.heartbeat"]["kwargs"] = {"beat": instance_id("beat")}
+    schedule[tasknames.HEARTBEAT]["kwargs"] = {"beat": instance_id("beat")}
     return schedule
 
 

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, render_template, request
 
 from api.auth import presented_token
-from api.metrics import TASKS
 from api.state import state
+from outbox.tasknames import BEAT_TASKS
 
 dashboard = Blueprint(
     "dashboard",
@@ -36,7 +36,7 @@ def page() -> Response:
         "dashboard.html",
         token=presented_token(request.headers.get("Authorization", ""), basic=True),
         flower_url=flower,
-        tasks=list(TASKS),
+        tasks=list(BEAT_TASKS),
         refresh_ms=2000,
     )
     # The page carries the token: never cache it.

@@ -23,6 +23,7 @@ from api.schemas import (
     RequeueFilterIn,
 )
 from api.state import state
+from outbox import tasknames
 from outbox.deadletters import (
     DeadLetterFilter,
     decode_cursor,
@@ -121,7 +122,7 @@ def _kick(*sides: str) -> None:
     if "outbox" in sides:
         s.kicker.kick()
     if "delivery" in sides:
-        s.celery.send_task("outbox.retry_targeted", expires=max(s.settings.retry_interval_s, 1.0))
+        s.celery.send_task(tasknames.RETRY_TARGETED, expires=max(s.settings.retry_interval_s, 1.0))
 
 
 @dead_letters.post("/dead-letters/requeue", responses={200: RequeuedOut, 422: ErrorOut})

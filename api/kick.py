@@ -14,6 +14,7 @@ import time
 from celery import Celery
 
 import celeryconfig
+from outbox import tasknames
 from outbox.health import CHECK_TIMEOUT_S
 from outbox.kick import KickClaimer
 from outbox.settings import Settings
@@ -56,7 +57,7 @@ class Kicker:
             self._wanted.clear()
             try:
                 if flags.claim(int(expires_s * 1000)):
-                    app.send_task("outbox.publish", expires=expires_s, ignore_result=True)
+                    app.send_task(tasknames.PUBLISH, expires=expires_s, ignore_result=True)
             except Exception:
                 log.exception("could not kick the relay; beat will pick the rows up")
             if debounce_s:

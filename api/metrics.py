@@ -39,16 +39,9 @@ from api.state import ApiState, state
 from outbox import queries
 from outbox.heartbeat import latest_snapshot
 from outbox.metrics import CIRCUIT_STATES, circuit_summary, published_series, read_counters
+from outbox.tasknames import BEAT_TASKS
 
 log = logging.getLogger(__name__)
-
-TASKS = {
-    "publish": "outbox.publish",
-    "retry_targeted": "outbox.retry_targeted",
-    "cleanup": "outbox.cleanup",
-    "heartbeat": "outbox.heartbeat",
-    "sweep": "consumer.sweep",
-}
 
 # The text format every Prometheus server reads (generate_latest writes it).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -80,7 +73,7 @@ def get_stats(query: StatsQuery) -> tuple[Response, int]:
 def run_task(path: TaskPath) -> tuple[Response, int]:
     """Run a beat task now (publish, retry_targeted, cleanup, heartbeat or sweep) on any worker."""
     s = state()
-    name = TASKS[path.name]
+    name = BEAT_TASKS[path.name].task
     result = s.celery.send_task(name, expires=60)
     return jsonify(task=name, task_id=result.id), 202
 

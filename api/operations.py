@@ -19,7 +19,7 @@ from api.schemas import (
     RetryForcedOut,
 )
 from api.state import state
-from outbox import queries
+from outbox import queries, tasknames
 from outbox.agents import list_agents
 from outbox.heartbeat import latest_snapshot
 from outbox.status import list_deliveries
@@ -79,5 +79,5 @@ def force_retry(path: DeliveryPath) -> tuple[Response, int]:
         if found is None:
             return error_response(404, "not_found", "no such delivery", where)
         return error_response(409, "conflict", f"the delivery is {found}: nothing to retry", where)
-    s.celery.send_task("outbox.retry_targeted", expires=max(s.settings.retry_interval_s, 1.0))
+    s.celery.send_task(tasknames.RETRY_TARGETED, expires=max(s.settings.retry_interval_s, 1.0))
     return jsonify(message_id=str(path.message_id), group=path.group, status=status), 200

@@ -15,9 +15,11 @@ from pydantic import (
     JsonValue,
     RootModel,
     Tag,
+    field_validator,
 )
 
 from outbox.models import INT_MAX, MAX_BACKOFF_S, MAX_HANDLER_TIMEOUT_S, MAX_RETRY_FACTOR
+from outbox.tasknames import BEAT_TASKS
 
 MAX_DESCRIPTION = 2000
 # Consumer groups registered with a topic in one request.
@@ -376,7 +378,14 @@ class StatsOut(BaseModel):
 
 
 class TaskPath(Strict):
-    name: Literal["publish", "retry_targeted", "cleanup", "heartbeat", "sweep"]
+    name: str = Field(json_schema_extra={"enum": list(BEAT_TASKS)}, description="A beat task.")
+
+    @field_validator("name")
+    @classmethod
+    def _beat_task(cls, name: str) -> str:
+        if name not in BEAT_TASKS:
+            raise ValueError(f"not a beat task; one of {', '.join(BEAT_TASKS)}")
+        return name
 
 
 class TaskRunOut(BaseModel):

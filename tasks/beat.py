@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from outbox import tasknames
 from outbox.cleanup import cleanup as delete_finished
 from outbox.db import make_engine, make_sessionmaker
 from outbox.heartbeat import record_heartbeat
@@ -30,17 +31,17 @@ def register(app: Celery, settings: Settings) -> None:
     """Register the beat tasks on ``app``."""
     metrics = MetricsRecorder(settings)  # its Redis client is made on first use, after fork
 
-    @app.task(name="outbox.retry_targeted", shared=False)
+    @app.task(name=tasknames.RETRY_TARGETED, shared=False)
     def retry_targeted() -> dict[str, Any]:
         """Re-send what a consumer group failed or never acknowledged, aimed at that group
         and a healthy worker; past the group's retries the delivery is dead."""
         report = retry_due(settings, sessions_for_this_process(settings), metrics)
         if report.retried:
             # Relay the retries now rather than at the next tick.
-            app.send_task("outbox.publish", expires=max(settings.publish_interval_s, 1.0))
+            app.send_task(tasknames.PUBLISH, expires=max(settings.publish_interval_s, 1.0))
         return report.as_dict()
 
-    @app.task(name="outbox.heartbeat", shared=False)
+    @app.task(name=tasknames.HEARTBEAT, shared=False)
     def heartbeat(beat: str | None = None) -> dict[str, Any]:
         """Record the workers that answer over the broker (and the beat that sent this
         tick) as agents, mark the silent inactive, and store a health snapshot."""
@@ -49,7 +50,7 @@ def register(app: Celery, settings: Settings) -> None:
             settings, sessions_for_this_process(settings), stats or {}, beat=beat
         ).as_dict()
 
-    @app.task(name="outbox.cleanup", shared=False)
+    @app.task(name=tasknames.CLEANUP, shared=False)
     def cleanup() -> dict[str, Any]:
         """Delete finished rows past their retention, in bounded batches."""
         return delete_finished(settings, sessions_for_this_process(settings)).as_dict()

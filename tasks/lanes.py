@@ -16,7 +16,7 @@ from celery import Celery
 from celery.utils.nodenames import worker_direct
 
 from consumer.lanes import LaneProcessor
-from outbox import queries
+from outbox import queries, tasknames
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kick import claim_kicks, kick_started, lane_flag
 from outbox.settings import Settings
@@ -57,14 +57,14 @@ def kick_lanes(
     for group, kicked in by_group.items():
         # No expiry: the flags keep at most one kick per lane queued, and an expired
         # kick would leave its rows waiting for the sweep.
-        app.send_task("consumer.process_lane", args=(group, kicked), countdown=countdown)
+        app.send_task(tasknames.PROCESS_LANE, args=(group, kicked), countdown=countdown)
     return sum(len(kicked) for kicked in by_group.values())
 
 
 def kick_targeted(app: Celery, group: str, lane: int, worker: str) -> None:
     """Queue the lane's task on ``worker``'s own queue (Celery ``worker_direct``), so the
     targeted retry in that lane runs there."""
-    app.send_task("consumer.process_lane", args=(group, [lane]), queue=worker_direct(worker))
+    app.send_task(tasknames.PROCESS_LANE, args=(group, [lane]), queue=worker_direct(worker))
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -75,7 +75,7 @@ def register(app: Celery, settings: Settings) -> None:
     # A process stuck in a handler past every timeout is ended (and replaced by the pool);
     # its lanes' next holder counts each attempt before it runs (consumer.lanes).
     @app.task(
-        name="consumer.process_lane",
+        name=tasknames.PROCESS_LANE,
         bind=True,
         shared=False,
         time_limit=settings.lane_time_limit_s,
@@ -104,7 +104,7 @@ def register(app: Celery, settings: Settings) -> None:
             kick_lanes(app, settings, {(group, n) for n in report.busy}, countdown=IDLE_RETRY_S)
         return report.as_dict()
 
-    @app.task(name="consumer.sweep", bind=True, shared=False)
+    @app.task(name=tasknames.SWEEP, bind=True, shared=False)
     def sweep(self: Any) -> int:
         """Kick every lane that has due rows (recovers tasks lost in Redis)."""
         worker = self.request.hostname or socket.gethostname()

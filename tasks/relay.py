@@ -10,6 +10,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_process_shutdown
 
+from outbox import tasknames
 from outbox.health import redis_client
 from outbox.kick import kick_started
 from outbox.relay import Relay
@@ -44,7 +45,7 @@ def _flush(**_: Any) -> None:
 def register(app: Celery, settings: Settings) -> None:
     """Register ``outbox.publish`` on ``app``."""
 
-    @app.task(name="outbox.publish", shared=False)
+    @app.task(name=tasknames.PUBLISH, shared=False)
     def publish() -> dict[str, Any]:
         """Relay committed outbox rows to Kafka until none is left or the drain time ends."""
         relay = relay_for_this_process(settings)

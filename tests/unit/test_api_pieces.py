@@ -7,8 +7,6 @@ from pathlib import Path
 from api import create_app
 from api.auth import token_accepted
 from api.errors import field_path
-from api.metrics import TASKS
-from celeryconfig import BEAT_TASKS
 from outbox.settings import Settings
 
 DASHBOARD_JS = Path(__file__).resolve().parents[2] / "api" / "static" / "dashboard.js"
@@ -56,10 +54,6 @@ def test_the_dashboard_reads_only_endpoints_of_the_openapi_document():
     for path in used:
         concrete = re.sub(r"\$\{[^}]+\}", "x", path)
         assert any(p.match(concrete) for p in documented), path
-
-
-def test_every_run_now_task_is_a_beat_task():
-    assert set(TASKS.values()) == set(BEAT_TASKS)
 
 
 def test_field_paths_read_like_the_request_body():
