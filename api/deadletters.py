@@ -25,7 +25,6 @@ from api.schemas import (
 from api.state import state
 from outbox import tasknames
 from outbox.deadletters import (
-    DeadLetterFilter,
     decode_cursor,
     discard,
     held_keys,
@@ -49,9 +48,7 @@ def list_all(query: DeadLetterQuery) -> tuple[Response, int]:
             return error_response(
                 422, "validation_error", "cursor is not valid", {"field": "cursor"}
             )
-    where = DeadLetterFilter(
-        query.side, query.group, query.topic, query.error, query.after, query.before
-    )
+    where = query.where()
     with state().sessions() as session:
         items, next_cursor = list_dead_letters(session, where, cursor=cursor, limit=query.limit)
     return jsonify(items=items, next_cursor=next_cursor), 200
@@ -129,7 +126,7 @@ def _kick(*sides: str) -> None:
 def requeue_many(body: RequeueFilterIn) -> tuple[Response, int]:
     """Requeue the dead letters matching a filter, oldest first, up to ``limit``."""
     s = state()
-    where = DeadLetterFilter(body.side, body.group, body.topic, body.error, body.after, body.before)
+    where = body.where()
     with s.sessions.begin() as session:
         counts = requeue_matching(session, where, limit=body.limit)
     _kick(*(side for side, count in counts.items() if count))

@@ -18,8 +18,10 @@ from pydantic import (
     field_validator,
 )
 
+from outbox.deadletters import DeadLetterFilter
 from outbox.models import INT_MAX, MAX_BACKOFF_S, MAX_HANDLER_TIMEOUT_S, MAX_RETRY_FACTOR
 from outbox.tasknames import BEAT_TASKS
+from outbox.wire import MAX_TOPIC
 
 MAX_DESCRIPTION = 2000
 # Consumer groups registered with a topic in one request.
@@ -56,7 +58,9 @@ class Strict(BaseModel):
 
 
 class MessageIn(Strict):
-    topic: str = Field(min_length=1, max_length=249, description="A registered, active topic.")
+    topic: str = Field(
+        min_length=1, max_length=MAX_TOPIC, description="A registered, active topic."
+    )
     payload: JsonValue = Field(description="Any JSON value; limited by OUTBOX_MAX_PAYLOAD_BYTES.")
     key: str | None = Field(None, description="Kafka key: per-key order is kept.")
     headers: dict[str, str] | None = Field(
@@ -178,7 +182,7 @@ class GroupFields(Strict):
 
 
 class GroupIn(GroupFields):
-    topic: str = Field(min_length=1, max_length=249)
+    topic: str = Field(min_length=1, max_length=MAX_TOPIC)
 
 
 class NamedGroupIn(GroupFields):
@@ -209,7 +213,7 @@ class GroupOut(BaseModel):
 
 
 class TopicIn(Strict):
-    name: str = Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(min_length=1, max_length=MAX_TOPIC, pattern=r"^[A-Za-z0-9._-]+$")
     description: str = Field("", max_length=MAX_DESCRIPTION)
     active: bool = True
     consumer_groups: list[NamedGroupIn] = Field(default_factory=list, max_length=MAX_GROUPS)
@@ -245,13 +249,21 @@ class Published(RootModel[PublishedOne | PublishedBatch]):
     """``{"message_id"}`` for one message, ``{"message_ids"}`` for a batch."""
 
 
-class DeadLetterQuery(Strict):
+class DeadLetterFilterIn(Strict):
+    """The filters of :class:`outbox.deadletters.DeadLetterFilter`, by the same names."""
+
     side: Literal["outbox", "inbox", "delivery"] | None = None
     group: str | None = Field(None, description="Inbox and delivery sides only.")
     topic: str | None = None
     error: str | None = Field(None, description="Part of the last error, case-insensitive.")
     after: Timestamp | None = Field(None, description="Created (outbox) or received (inbox).")
     before: Timestamp | None = None
+
+    def where(self) -> DeadLetterFilter:
+        return DeadLetterFilter.of(self.model_dump())
+
+
+class DeadLetterQuery(DeadLetterFilterIn):
     cursor: str | None = Field(None, description="next_cursor of the previous page.")
     limit: int = Field(100, ge=1, le=1000)
 
@@ -279,13 +291,7 @@ class DeadLetterPath(Strict):
     id: str = Field(min_length=1, max_length=40)
 
 
-class RequeueFilterIn(Strict):
-    side: Literal["outbox", "inbox", "delivery"] | None = None
-    group: str | None = None
-    topic: str | None = None
-    error: str | None = None
-    after: Timestamp | None = None
-    before: Timestamp | None = None
+class RequeueFilterIn(DeadLetterFilterIn):
     limit: int = Field(1000, ge=1, le=10000, description="Most dead letters to requeue.")
 
 

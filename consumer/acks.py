@@ -14,12 +14,11 @@ from sqlalchemy.orm import Session
 
 from consumer.handlers import Message, Permanent, handler
 from outbox import queries
+from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Message as OutboxMessage
 from outbox.publishing import Publisher
 from outbox.retry import RetryPolicy
 from outbox.wire import ACK_TOPIC
-
-MAX_ERROR_CHARS = 2000
 
 
 def ack_payload(

@@ -19,10 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,14 +29,15 @@ from consumer.acks import ack_payload, register_ack_topic, write_acks
 from consumer.calls import call, limit_statements
 from consumer.handlers import Message, Permanent
 from outbox import leases, queries
+from outbox.agents import owner_id
 from outbox.logs import log_message
+from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Publisher
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings, env_name
 
 log = logging.getLogger(__name__)
 
-MAX_ERROR_CHARS = 2000
 DEFAULT_POLICY = RetryPolicy()
 
 
@@ -91,7 +89,7 @@ class LaneProcessor:
         self.settings = settings
         self.sessions = sessions
         self.worker = worker
-        self.owner = f"lane@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner_id("lane")
         self._scopes_ready: set[str] = set()
         self.publisher = Publisher(settings)
         self._ack_topic_ready = False

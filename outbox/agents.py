@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from typing import Any
 
 from sqlalchemy import func, select
@@ -16,6 +17,12 @@ from outbox.models import Agent
 def instance_id(role: str, name: str | None = None) -> str:
     """A process's identity: role, host and pid unless a name is given."""
     return name or f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_id(role: str) -> str:
+    """A lease owner's identity: its process's, and a random part, so that two owners in
+    one process (or a process after a fork) never pass for each other."""
+    return f"{instance_id(role)}:{uuid.uuid4().hex[:8]}"
 
 
 def upsert_agent(

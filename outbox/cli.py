@@ -87,13 +87,8 @@ def _dead_letter_filter(**options: Any) -> Any:
     def aware(at: Any) -> Any:
         return at if at is None or at.tzinfo else at.replace(tzinfo=UTC)
 
-    return DeadLetterFilter(
-        options["side"],
-        options["group"],
-        options["topic"],
-        options["error"],
-        aware(options["after"]),
-        aware(options["before"]),
+    return DeadLetterFilter.of(
+        {**options, "after": aware(options["after"]), "before": aware(options["before"])}
     )
 
 

@@ -13,14 +13,14 @@ import base64
 import binascii
 import dataclasses
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from outbox import queries
-from outbox.models import BIGINT_MAX
-from outbox.relay import MAX_ERROR_CHARS
+from outbox.models import BIGINT_MAX, MAX_ERROR_CHARS
 
 SIDES = ("outbox", "inbox", "delivery")
 _REQUEUE = {
@@ -40,6 +40,11 @@ class DeadLetterFilter:
     error: str | None = None  # a part of the last error, case-insensitive
     after: datetime | None = None  # created (outbox) or received (inbox) at or after
     before: datetime | None = None
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> DeadLetterFilter:
+        """The filter of the fields of ``values`` named as this class's (others ignored)."""
+        return cls(**{f.name: values.get(f.name) for f in dataclasses.fields(cls)})
 
     def params(self) -> dict[str, Any]:
         return {

@@ -32,9 +32,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from outbox.wire import MAX_TOPIC
+
 # The largest values PostgreSQL's integer and bigint columns hold.
 INT_MAX = 2**31 - 1
 BIGINT_MAX = 2**63 - 1
+# The longest last error kept on a row (outbox, inbox, delivery) or carried by an ack.
+MAX_ERROR_CHARS = 2000
 # Bounds of a consumer group's retry settings: every backoff stays finite and fits
 # PostgreSQL's interval, so the targeted-retry sweep can always compute it.
 MAX_BACKOFF_S = 365 * 86400.0
@@ -74,7 +78,7 @@ class Topic(Base):
     __tablename__ = "topics"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(249), unique=True)
+    name: Mapped[str] = mapped_column(String(MAX_TOPIC), unique=True)
     description: Mapped[str] = mapped_column(Text, server_default="")
     active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     created_at: Mapped[datetime] = _created()
@@ -103,7 +107,9 @@ class ConsumerGroup(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
-    topic: Mapped[str] = mapped_column(String(249), ForeignKey("topics.name", onupdate="CASCADE"))
+    topic: Mapped[str] = mapped_column(
+        String(MAX_TOPIC), ForeignKey("topics.name", onupdate="CASCADE")
+    )
     requires_ack: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     ack_timeout_s: Mapped[int] = mapped_column(Integer, server_default=text("300"))
     # -1 retries forever.
@@ -168,7 +174,7 @@ class OutboxMessage(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     message_id: Mapped[uuid.UUID] = mapped_column(unique=True)
-    topic: Mapped[str] = mapped_column(String(249))
+    topic: Mapped[str] = mapped_column(String(MAX_TOPIC))
     key: Mapped[str | None] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column()
     headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
@@ -270,7 +276,7 @@ class InboxMessage(Base):
     consumer_group: Mapped[str] = mapped_column(String(255))
     message_id: Mapped[uuid.UUID] = mapped_column()
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
-    topic: Mapped[str] = mapped_column(String(249))
+    topic: Mapped[str] = mapped_column(String(MAX_TOPIC))
     partition: Mapped[int] = mapped_column(Integer)
     offset: Mapped[int] = mapped_column(BigInteger)
     key: Mapped[str | None] = mapped_column(Text)
@@ -311,7 +317,7 @@ class InboxDedup(Base):
     consumer_group: Mapped[str] = mapped_column(String(255))
     message_id: Mapped[uuid.UUID] = mapped_column()
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
-    topic: Mapped[str] = mapped_column(String(249))
+    topic: Mapped[str] = mapped_column(String(MAX_TOPIC))
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
@@ -322,7 +328,7 @@ class InboxOffset(Base):
     __tablename__ = "inbox_offsets"
 
     consumer_group: Mapped[str] = mapped_column(String(255), primary_key=True)
-    topic: Mapped[str] = mapped_column(String(249), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(MAX_TOPIC), primary_key=True)
     partition: Mapped[int] = mapped_column(Integer, primary_key=True)
     next_offset: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = _created()

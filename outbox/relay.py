@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import socket
 import time
 import uuid
 from collections import Counter
@@ -43,9 +41,11 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import leases, queries
+from outbox.agents import owner_id
 from outbox.circuit import Circuit
 from outbox.db import make_engine, make_sessionmaker
 from outbox.metrics import MetricsRecorder
+from outbox.models import MAX_ERROR_CHARS
 from outbox.producer import Delivery, Outgoing, RelayProducer
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings, env_name
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 SCOPE = leases.RELAY_SCOPE
 # With no delivery for this long, check that a broker answers before claiming.
 IDLE_PROBE_S = 5.0
-MAX_ERROR_CHARS = 2000
 
 
 @dataclasses.dataclass
@@ -96,7 +95,7 @@ class Relay:
             )
         )
         self.producer = producer or RelayProducer(settings)
-        self.owner = f"relay@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner_id("relay")
         self.policy = RetryPolicy(
             base_s=settings.relay_retry_base_s,
             cap_s=settings.relay_retry_cap_s,
