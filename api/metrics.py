@@ -63,7 +63,7 @@ def get_stats(query: StatsQuery) -> tuple[Response, int]:
     """The relay's counters, its circuits and messages published per second (from Redis,
     where workers count them after each commit)."""
     s = state()
-    view = read_counters(s.redis, circuit_max_age_s=s.settings.agent_inactive_after)
+    view = read_counters(s.redis, circuit_max_age_s=s.settings.agent_inactive_after_s)
     view["circuit"] = circuit_summary(view["circuits"])
     view["published_per_s"] = published_series(s.redis, query.minutes)
     return jsonify(view), 200
@@ -117,7 +117,7 @@ class OutboxCollector(Collector):
 
     def _from_redis(self) -> Iterator[Metric]:
         view = read_counters(
-            self.api.redis, circuit_max_age_s=self.api.settings.agent_inactive_after
+            self.api.redis, circuit_max_age_s=self.api.settings.agent_inactive_after_s
         )
         for name, help_text, label, values in (
             (

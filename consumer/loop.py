@@ -266,7 +266,7 @@ class Consumer:
             if retries:
                 healthy = set(
                     session.scalars(
-                        queries.HEALTHY_WORKERS, {"window": self.settings.agent_inactive_after}
+                        queries.HEALTHY_WORKERS, {"window": self.settings.agent_inactive_after_s}
                     )
                 )
                 targets = absorb_retries(session, self.group, retries, self.publisher, healthy)

@@ -38,15 +38,15 @@ class CleanupReport:
 def _retentions(settings: Settings) -> dict[str, float]:
     """Each kind's retention in seconds; kinds kept for good (dead letters at 0) are left out."""
     kinds = {
-        "outbox_sent": settings.retention_sent,
-        "outbox_dead": settings.retention_dead,
-        "inbox_done": settings.retention_done,
+        "outbox_sent": settings.retention_sent_s,
+        "outbox_dead": settings.retention_dead_s,
+        "inbox_done": settings.retention_done_s,
         "inbox_dedup": settings.retention_dedup_s,
-        "inbox_dead": settings.retention_dead,
-        "health_snapshots": settings.retention_health,
-        "agents": settings.retention_health,
+        "inbox_dead": settings.retention_dead_s,
+        "health_snapshots": settings.retention_health_s,
+        "agents": settings.retention_health_s,
     }
-    if settings.retention_dead == 0:
+    if settings.retention_dead_s == 0:
         del kinds["outbox_dead"], kinds["inbox_dead"]
     return kinds
 
@@ -60,7 +60,7 @@ def cleanup(
     for kind, retention in _retentions(settings).items():
         params = {
             "retention": retention,
-            "dead_retention": settings.retention_dead,
+            "dead_retention": settings.retention_dead_s,
             "batch": settings.cleanup_batch_size,
         }
         if dry_run:

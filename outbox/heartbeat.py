@@ -138,7 +138,9 @@ def record_heartbeat(
         if beat:
             upsert_agent(session, beat, "beat")
         report.inactive = list(
-            session.scalars(queries.MARK_AGENTS_INACTIVE, {"after": settings.agent_inactive_after})
+            session.scalars(
+                queries.MARK_AGENTS_INACTIVE, {"after": settings.agent_inactive_after_s}
+            )
         )
         groups: dict[str, list[str]] = {}
         for name, topic in session.execute(queries.ACTIVE_GROUP_TOPICS):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -22,8 +23,12 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _setting(default: Any, doc: str, *, minimum: float | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "minimum": minimum})
+def _setting(
+    default: Any, doc: str, *, minimum: float | None = None, formerly: str | None = None
+) -> Any:
+    """A field of :class:`Settings`; ``formerly`` is the field's old name, whose variable
+    is still read (with a warning) for one release."""
+    return field(default=default, metadata={"doc": doc, "minimum": minimum, "formerly": formerly})
 
 
 @dataclass(frozen=True)
@@ -164,21 +169,26 @@ class Settings:
         minimum=0.05,
     )
     cleanup_interval_s: float = _setting(3600.0, "Beat interval of `outbox.cleanup`.", minimum=0.05)
-    agent_inactive_after: float = _setting(
+    agent_inactive_after_s: float = _setting(
         300.0,
         "Seconds of silence after which an agent is inactive and never a retry target.",
         minimum=1,
+        formerly="agent_inactive_after",
     )
     heartbeat_inspect_timeout_s: float = _setting(
         1.0, "How long `outbox.heartbeat` waits for workers to answer.", minimum=0.1
     )
-    retention_sent: float = _setting(
+    retention_sent_s: float = _setting(
         7 * 86400.0,
         "Seconds a sent outbox row stays once every group that needs acks acked it.",
         minimum=0,
+        formerly="retention_sent",
     )
-    retention_done: float = _setting(
-        7 * 86400.0, "Seconds a processed (done) inbox row stays.", minimum=0
+    retention_done_s: float = _setting(
+        7 * 86400.0,
+        "Seconds a processed (done) inbox row stays.",
+        minimum=0,
+        formerly="retention_done",
     )
     retention_dedup_s: float = _setting(
         90 * 86400.0,
@@ -186,11 +196,17 @@ class Settings:
         "after its inbox row is gone: the dedup window. Targeted retries stop before it ends.",
         minimum=0,
     )
-    retention_dead: float = _setting(
-        30 * 86400.0, "Seconds a dead letter (either side) stays; 0 keeps them.", minimum=0
+    retention_dead_s: float = _setting(
+        30 * 86400.0,
+        "Seconds a dead letter (either side) stays; 0 keeps them.",
+        minimum=0,
+        formerly="retention_dead",
     )
-    retention_health: float = _setting(
-        86400.0, "Seconds health snapshots and inactive agents stay.", minimum=0
+    retention_health_s: float = _setting(
+        86400.0,
+        "Seconds health snapshots and inactive agents stay.",
+        minimum=0,
+        formerly="retention_health",
     )
     cleanup_batch_size: int = _setting(
         5000, "Most rows one DELETE of `outbox.cleanup` removes.", minimum=1
@@ -248,6 +264,14 @@ class Settings:
         for f in dataclasses.fields(cls):
             name = env_name(f.name)
             raw = env.get(name, "")
+            formerly = f.metadata["formerly"]
+            if formerly is not None and env.get(env_name(formerly), "").strip():
+                old = env_name(formerly)
+                if raw.strip():
+                    _deprecated(f"{old} is ignored: {name} is set (and {old} is deprecated)")
+                else:
+                    _deprecated(f"{old} is deprecated: name it {name}")
+                    name, raw = old, env[old]
             if raw.strip() == "":
                 continue
             values[f.name] = _parse(name, raw.strip(), hints[f.name], f.metadata["minimum"])
@@ -282,10 +306,10 @@ class Settings:
                 f"{env_name('relay_lease_s')}={self.relay_lease_s:g}: must exceed "
                 f"{env_name('relay_delivery_timeout_ms')}={self.relay_delivery_timeout_ms} ms"
             )
-        if self.retention_dedup_s < self.retention_done:
+        if self.retention_dedup_s < self.retention_done_s:
             raise SettingsError(
                 f"{env_name('retention_dedup_s')}={self.retention_dedup_s:g}: must be at "
-                f"least {env_name('retention_done')}={self.retention_done:g}"
+                f"least {env_name('retention_done_s')}={self.retention_done_s:g}"
             )
         if self.lane_time_limit_s <= self.lane_budget_s:
             raise SettingsError(
@@ -316,6 +340,12 @@ class Settings:
         return out
 
 
+def _deprecated(message: str) -> None:
+    # FutureWarning, not DeprecationWarning: it is for the people who run the system,
+    # and Python shows it by default.
+    warnings.warn(message, FutureWarning, stacklevel=3)
+
+
 def env_name(field_name: str) -> str:
     """The environment variable of a settings field."""
     return ENV_PREFIX + field_name.upper()
@@ -332,7 +362,10 @@ def describe() -> list[tuple[str, str, str]]:
             shown = ",".join(default) or "(empty)"
         else:
             shown = str(default) or "(empty)"
-        rows.append((env_name(f.name), shown, f.metadata["doc"]))
+        doc = f.metadata["doc"]
+        if f.metadata["formerly"] is not None:
+            doc += f" Formerly `{env_name(f.metadata['formerly'])}`, still read (deprecated)."
+        rows.append((env_name(f.name), shown, doc))
     return rows
 
 

@@ -78,7 +78,7 @@ def _batch(settings: Settings, session: Session, report: RetryReport, groups: li
     if not due:
         return 0
     healthy = list(
-        session.scalars(queries.HEALTHY_WORKERS, {"window": settings.agent_inactive_after})
+        session.scalars(queries.HEALTHY_WORKERS, {"window": settings.agent_inactive_after_s})
     )
     rows: list[dict[str, Any]] = []
     retried: list[tuple[int, float]] = []

@@ -43,7 +43,7 @@ def _wait_for(predicate, timeout_s: float = 30.0) -> bool:
 def test_workers_become_agents_and_a_silent_one_goes_inactive(
     settings: Settings, engine: Engine, session: Session, tmp_path: Path
 ):
-    s = settings.replace(agent_inactive_after=3.0, api_tokens=(TOKEN,))
+    s = settings.replace(agent_inactive_after_s=3.0, api_tokens=(TOKEN,))
     topic = f"ops.{uuid.uuid4().hex[:8]}"
     register_topic(session, topic)
     put_group(session, GroupSpec(name="billing", topic=topic, requires_ack=True))

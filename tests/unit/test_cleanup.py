@@ -7,7 +7,7 @@ from outbox.settings import Settings
 
 def test_every_kind_of_finished_row_has_a_retention_and_dead_letters_may_be_kept():
     settings = Settings(
-        retention_sent=10, retention_done=20, retention_dead=30, retention_dedup_s=40
+        retention_sent_s=10, retention_done_s=20, retention_dead_s=30, retention_dedup_s=40
     )
     assert _retentions(settings) == {
         "outbox_sent": 10,
@@ -19,5 +19,5 @@ def test_every_kind_of_finished_row_has_a_retention_and_dead_letters_may_be_kept
         "agents": 86400.0,
     }
     assert set(_retentions(settings)) == set(queries.CLEANUP) == set(queries.CLEANUP_COUNT)
-    kept = _retentions(settings.replace(retention_dead=0))
+    kept = _retentions(settings.replace(retention_dead_s=0))
     assert "outbox_dead" not in kept and "inbox_dead" not in kept

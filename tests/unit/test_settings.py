@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -91,3 +92,27 @@ def test_the_cli_prints_the_settings_table():
     assert result.exit_code == 0
     assert "| `OUTBOX_DATABASE_URL` | `(embedded)` |" in result.output
     assert result.output.count("| `OUTBOX_") == len(describe())
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("OUTBOX_RETENTION_SENT", "OUTBOX_RETENTION_SENT_S", "retention_sent_s"),
+        ("OUTBOX_AGENT_INACTIVE_AFTER", "OUTBOX_AGENT_INACTIVE_AFTER_S", "agent_inactive_after_s"),
+    ],
+)
+def test_a_setting_renamed_for_its_unit_still_reads_its_old_name_with_a_warning(
+    old: str, new: str, field: str
+):
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated: name it {new}"):
+        assert getattr(Settings.from_env({old: "42"}), field) == 42.0
+    with pytest.warns(FutureWarning, match=f"{old} is ignored: {new} is set"):
+        assert getattr(Settings.from_env({old: "42", new: "7"}), field) == 7.0
+    with pytest.raises(SettingsError, match=old), pytest.warns(FutureWarning):
+        Settings.from_env({old: "soon"})
+
+
+def test_every_duration_setting_names_its_unit():
+    units = ("_s", "_ms", "_bytes", "_port", "_size")
+    timed = [f.name for f in dataclasses.fields(Settings) if f.type in ("float", float)]
+    assert timed and [name for name in timed if not name.endswith(units)] == []
