@@ -410,9 +410,10 @@ class LaneProcessor:
             permanent = isinstance(exc, Permanent)
             attempt = row.attempts + 1
             if permanent or policy.retry.exhausted(attempt):
-                outcome.failures.append((row.id, "dead", 0.0, error))
+                outcome.failures.append(Failure(row.id, "dead", 0.0, error))
             else:
-                outcome.failures.append((row.id, "failed", policy.retry.delay(attempt), error))
+                delay_s = policy.retry.delay(attempt)
+                outcome.failures.append(Failure(row.id, "failed", delay_s, error))
             if key is not None:
                 failed_keys.add((topic, key))
             if policy.requires_ack:
@@ -454,11 +455,21 @@ def _never_finished(row: Any, policy: _TopicPolicy) -> _Outcome:
         f"dead after {row.attempts} attempts; the last one never finished (the worker "
         "ended or hung during it)"
     )
-    return _Outcome(failures=[(row.id, "dead", 0.0, error)])
+    return _Outcome(failures=[Failure(row.id, "dead", 0.0, error)])
 
 
 def _longest_timeout_s(policies: dict[str, _TopicPolicy]) -> float:
     return max((p.timeout_s for p in policies.values()), default=UNREGISTERED.timeout_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A row that failed: ``failed`` again after ``delay_s``, or ``dead`` for good."""
+
+    row_id: int
+    status: str
+    delay_s: float
+    error: str
 
 
 @dataclasses.dataclass
@@ -466,21 +477,21 @@ class _Outcome:
     """What a batch did: rows done, rows failed or dead, and the acks to write."""
 
     done: list[int] = dataclasses.field(default_factory=list)
-    failures: list[tuple[int, str, float, str]] = dataclasses.field(default_factory=list)
+    failures: list[Failure] = dataclasses.field(default_factory=list)
     acks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def failed(self) -> int:
-        return sum(1 for f in self.failures if f[1] == "failed")
+        return sum(1 for f in self.failures if f.status == "failed")
 
     @property
     def dead(self) -> int:
-        return sum(1 for f in self.failures if f[1] == "dead")
+        return sum(1 for f in self.failures if f.status == "dead")
 
     @property
     def ended(self) -> set[int]:
         """Rows that will not run again: done or dead."""
-        return set(self.done) | {f[0] for f in self.failures if f[1] == "dead"}
+        return set(self.done) | {f.row_id for f in self.failures if f.status == "dead"}
 
     def write(self, session: Session, publisher: Publisher, worker: str, *, add: int) -> None:
         """Mark the rows and write the acks, in the batch's transaction; ``add`` is 1 to
@@ -490,14 +501,13 @@ class _Outcome:
                 queries.MARK_INBOX_DONE, {"ids": self.done, "worker": worker, "add": add}
             )
         if self.failures:
-            ids, statuses, delays, errors = zip(*self.failures, strict=True)
             session.execute(
                 queries.MARK_INBOX_FAILED,
                 {
-                    "ids": list(ids),
-                    "statuses": list(statuses),
-                    "delays": list(delays),
-                    "errors": list(errors),
+                    "ids": [f.row_id for f in self.failures],
+                    "statuses": [f.status for f in self.failures],
+                    "delays": [f.delay_s for f in self.failures],
+                    "errors": [f.error for f in self.failures],
                     "worker": worker,
                     "add": add,
                 },

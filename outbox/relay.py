@@ -57,6 +57,17 @@ SCOPE = leases.RELAY_SCOPE
 IDLE_PROBE_S = 5.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A claimed batch: its token, its rows in id order, each row's attempts so far, and
+    whether every bucket gave fewer rows than its share (so none has more to send now)."""
+
+    token: uuid.UUID
+    rows: list[Outgoing]
+    attempts: dict[int, int]
+    drained: bool
+
+
 @dataclasses.dataclass
 class RelayReport:
     """What one :meth:`Relay.run` did."""
@@ -147,29 +158,27 @@ class Relay:
                         report.buckets = max(report.buckets, len(held))
                     if not held:
                         return
-                    token, batch, attempts, drained = self._claim(session, list(held))
-                if not batch:
+                    claim = self._claim(session, list(held))
+                if not claim.rows:
                     if relet:
                         return  # the buckets with work hold nothing sendable now
                     relet_at = 0.0  # ours are drained: look for others with work
                     continue
                 report.batches += 1
-                unsettled = (token, [row.id for row in batch])
-                deliveries = self.producer.send(batch)
+                unsettled = (claim.token, [row.id for row in claim.rows])
+                deliveries = self.producer.send(claim.rows)
                 # Every held bucket came back short and every row went out: they are
                 # empty. A row committed since this task began queued a kick of its own
                 # (outbox.kick), so stop, unless the lease saw work it could not take.
                 all_sent = all(d.error is None and not d.held for d in deliveries)
-                done = drained and all_sent and not work_elsewhere
+                done = claim.drained and all_sent and not work_elsewhere
                 # A finishing pass gives its leases back in the same transaction.
-                self._mark(
-                    token, batch, attempts, deliveries, report, release=list(held) if done else []
-                )
+                self._mark(claim, deliveries, report, release=list(held) if done else [])
                 unsettled = None
                 if done:
                     held = {}
                     return
-                if drained:
+                if claim.drained:
                     relet_at = 0.0
         finally:
             if held or unsettled:
@@ -210,14 +219,8 @@ class Relay:
         leases.release(session, SCOPE, self.owner, set(held) - set(granted))
         return granted, bool(with_work - set(granted))
 
-    def _claim(
-        self, session: Session, buckets: list[int]
-    ) -> tuple[uuid.UUID, list[Outgoing], dict[int, int], bool]:
-        """Claim a batch from ``buckets``.
-
-        Returns its token, its rows in id order, each row's attempts, and whether every
-        bucket gave fewer rows than its share (so none has more to send now).
-        """
+    def _claim(self, session: Session, buckets: list[int]) -> Claim:
+        """Claim a batch from ``buckets``."""
         token = uuid.uuid4()
         share = max(1, self.settings.relay_batch_size // len(buckets))
         rows = session.execute(
@@ -231,26 +234,28 @@ class Relay:
                 "per_bucket": share,
             },
         ).all()
-        rows = sorted(rows, key=lambda r: r[0])
+        rows = sorted(rows, key=lambda r: r.id)
         outgoing = [
             Outgoing(
-                id=row_id,
-                topic=topic,
-                key=key,
-                value=payload.encode(),
-                headers=[(k, v.encode()) for k, v in json.loads(headers).items()],
+                id=row.id,
+                topic=row.topic,
+                key=row.key,
+                value=row.payload.encode(),
+                headers=[(k, v.encode()) for k, v in json.loads(row.headers).items()],
             )
-            for row_id, topic, key, payload, headers, _, _ in rows
+            for row in rows
         ]
-        per_bucket = Counter(row[6] for row in rows)
-        drained = all(n < share for n in per_bucket.values())
-        return token, outgoing, {row[0]: row[5] for row in rows}, drained
+        per_bucket = Counter(row.bucket for row in rows)
+        return Claim(
+            token,
+            outgoing,
+            {row.id: row.attempts for row in rows},
+            drained=all(n < share for n in per_bucket.values()),
+        )
 
     def _mark(
         self,
-        token: uuid.UUID,
-        batch: list[Outgoing],
-        attempts: dict[int, int],
+        claim: Claim,
         deliveries: list[Delivery],
         report: RelayReport,
         release: list[int] | None = None,
@@ -269,6 +274,7 @@ class Relay:
             for d, b in zip(deliveries, back, strict=True)
             if d.error is not None and not b and not d.topic_unavailable
         ]
+        token, attempts = claim.token, claim.attempts
         marked: Sequence[Any] = ()
         with self.sessions.begin() as session:
             if sent:
@@ -301,7 +307,7 @@ class Relay:
             self._settle(session, token, [d.id for d in released])
             if release:
                 leases.release(session, SCOPE, self.owner, release)
-        topics = {row.id: row.topic for row in batch} if failed else {}
+        topics = {row.id: row.topic for row in claim.rows} if failed else {}
         self.metrics.relay_batch(marked, (topics[d.id] for d in failed))
         if self.producer.replaced:
             self.metrics.producer_replaced(self.producer.replaced)
