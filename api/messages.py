@@ -24,9 +24,9 @@ from api.schemas import (
 )
 from api.state import state
 from outbox.errors import PublishError
+from outbox.message_reads import MessageFilter, get_message, list_messages
 from outbox.models import BIGINT_MAX
 from outbox.publishing import Message
-from outbox.status import MessageFilter, get_message, list_messages
 from outbox.wire import INTERNAL_TOPICS
 
 TAG = Tag(name="messages", description="Publish messages and follow their delivery")

@@ -22,7 +22,7 @@ from api.state import state
 from outbox import queries, tasknames
 from outbox.agents import list_agents
 from outbox.heartbeat import latest_snapshot
-from outbox.status import list_deliveries
+from outbox.message_reads import list_deliveries
 
 TAG = Tag(name="operations", description="Agents, health snapshots and deliveries")
 operations = v1_blueprint("operations", __name__, TAG)

@@ -84,6 +84,7 @@ def handler_for(topic: str) -> Handler:
 
 
 def import_handler_modules(modules: Iterable[str]) -> None:
-    """Import the modules that register handlers (``OUTBOX_HANDLER_MODULES``)."""
-    for module in modules:
+    """Import the modules that register handlers: the built-in ack handler, then
+    ``modules`` (``OUTBOX_HANDLER_MODULES``)."""
+    for module in ("consumer.acks", *modules):
         importlib.import_module(module)

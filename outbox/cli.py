@@ -413,7 +413,7 @@ def deliveries_command(
     """Deliveries to the groups that ack, newest first."""
     import json
 
-    from outbox.status import list_deliveries
+    from outbox.message_reads import list_deliveries
 
     with _session(ctx) as session:
         items = list_deliveries(

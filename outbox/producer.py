@@ -86,7 +86,7 @@ class Outgoing:
 
 
 @dataclasses.dataclass
-class Delivery:
+class DeliveryReport:
     """What Kafka said about one row: where it landed, or why not."""
 
     id: int
@@ -183,38 +183,38 @@ class RelayProducer:
             log.warning("producer: the broker refused to create topic %r: %s", topic, exc)
         return {topic: exc.args[0] for topic, exc in failed.items()}
 
-    def send(self, rows: Sequence[Outgoing]) -> list[Delivery]:
+    def send(self, rows: Sequence[Outgoing]) -> list[DeliveryReport]:
         """Produce ``rows`` in order and wait for every delivery report."""
         if self.fatal is not None:
             self._replace()
-        reports: dict[int, Delivery] = {}
+        reports: dict[int, DeliveryReport] = {}
         try:
             refused_topics = self.prepare_topics({r.topic for r in rows})
         except KafkaException as exc:
             # No broker answered the metadata or creation request: nothing was sent.
             unreachable = KafkaError(KafkaError._TRANSPORT, f"topics not ready: {exc.args[0]}")
-            return [Delivery(r.id, error=unreachable) for r in rows]
+            return [DeliveryReport(r.id, error=unreachable) for r in rows]
 
         def on_delivery(row_id: int) -> Any:
             def report(error: KafkaError | None, msg: Message) -> None:
                 if error is None:
-                    reports[row_id] = Delivery(row_id, msg.partition(), msg.offset())
+                    reports[row_id] = DeliveryReport(row_id, msg.partition(), msg.offset())
                 else:
-                    reports[row_id] = Delivery(row_id, error=error)
+                    reports[row_id] = DeliveryReport(row_id, error=error)
 
             return report
 
         refused_keys: set[str] = set()
         for row in rows:
             if self.fatal is not None:
-                reports[row.id] = Delivery(row.id, error=self.fatal)
+                reports[row.id] = DeliveryReport(row.id, error=self.fatal)
                 continue
             if row.key is not None and row.key in refused_keys:
-                reports[row.id] = Delivery(row.id, held=True)
+                reports[row.id] = DeliveryReport(row.id, held=True)
                 continue
             refusal = refused_topics.get(row.topic) or self._too_large(row)
             if refusal is not None:
-                reports[row.id] = Delivery(row.id, error=refusal)
+                reports[row.id] = DeliveryReport(row.id, error=refusal)
                 if row.key is not None:
                     refused_keys.add(row.key)
                 continue
@@ -232,7 +232,7 @@ class RelayProducer:
                     self.producer.poll(0.01)
                 except KafkaException as exc:
                     error = exc.args[0]
-                    reports[row.id] = Delivery(row.id, error=error)
+                    reports[row.id] = DeliveryReport(row.id, error=error)
                     if _unusable(error):
                         self.fatal = error
                     elif row.key is not None:
@@ -254,7 +254,7 @@ class RelayProducer:
                     else KafkaError(KafkaError._FATAL, str(exc), fatal=True)
                 )
         missing = self.fatal or KafkaError(KafkaError._TIMED_OUT, "no delivery report")
-        deliveries = [reports.get(r.id) or Delivery(r.id, error=missing) for r in rows]
+        deliveries = [reports.get(r.id) or DeliveryReport(r.id, error=missing) for r in rows]
         unusable = next((d.error for d in deliveries if d.producer_unusable), None)
         if unusable is not None and self.fatal is None:
             self.fatal = unusable

@@ -46,7 +46,7 @@ from outbox.circuit import Circuit
 from outbox.db import make_engine, make_sessionmaker
 from outbox.metrics import MetricsRecorder
 from outbox.models import MAX_ERROR_CHARS
-from outbox.producer import Delivery, Outgoing, RelayProducer
+from outbox.producer import DeliveryReport, Outgoing, RelayProducer
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings, env_name
 
@@ -256,7 +256,7 @@ class Relay:
     def _mark(
         self,
         claim: Claim,
-        deliveries: list[Delivery],
+        deliveries: list[DeliveryReport],
         report: RelayReport,
         release: list[int] | None = None,
     ) -> None:

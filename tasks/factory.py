@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any
 
@@ -11,6 +10,7 @@ from celery.signals import beat_init
 from celery.signals import setup_logging as setup_logging_signal
 
 import celeryconfig
+from consumer.handlers import import_handler_modules
 from outbox.logs import set_task_context, setup_logging
 from outbox.settings import Settings
 from tasks.single_beat import hold_beat_lock
@@ -49,8 +49,5 @@ def make_celery(settings: Settings) -> Celery:
     relay.register(app, settings)
     lanes.register(app, settings)
     beat.register(app, settings)
-    # The built-in ack handler, then the handler modules, register on import.
-    importlib.import_module("consumer.acks")
-    for module in settings.handler_modules:
-        importlib.import_module(module)
+    import_handler_modules(settings.handler_modules)
     return app

@@ -26,7 +26,7 @@ from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
 from outbox.devstack import processes
 from outbox.kafka import admin_client, ensure_topics, producer_config
-from outbox.producer import Delivery, Outgoing
+from outbox.producer import DeliveryReport, Outgoing
 from outbox.publishing import Message, Publisher
 from outbox.registry import register_topic
 from outbox.relay import Relay
@@ -48,8 +48,8 @@ class NullProducer:
     def ping(self) -> bool:
         return True
 
-    def send(self, rows: Sequence[Outgoing]) -> list[Delivery]:
-        out = [Delivery(r.id, 0, self.offset + i) for i, r in enumerate(rows)]
+    def send(self, rows: Sequence[Outgoing]) -> list[DeliveryReport]:
+        out = [DeliveryReport(r.id, 0, self.offset + i) for i, r in enumerate(rows)]
         self.offset += len(rows)
         return out
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from outbox import Message, Publisher
 from outbox.db import make_sessionmaker
 from outbox.models import OutboxMessage
-from outbox.producer import Delivery, Outgoing
+from outbox.producer import DeliveryReport, Outgoing
 from outbox.registry import register_topic
 from outbox.relay import Relay
 from outbox.settings import Settings
@@ -54,7 +54,7 @@ def test_a_relay_stalled_after_its_third_claim_never_lets_later_rows_of_the_key_
     in_stall = threading.Event()
     resume = threading.Event()
 
-    def slow_send(rows: Sequence[Outgoing]) -> list[Delivery]:
+    def slow_send(rows: Sequence[Outgoing]) -> list[DeliveryReport]:
         nonlocal calls
         calls += 1
         if calls < 3:

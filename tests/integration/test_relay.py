@@ -17,7 +17,7 @@ from outbox.db import make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
-from outbox.producer import Delivery
+from outbox.producer import DeliveryReport
 from outbox.registry import register_topic
 from outbox.relay import Relay
 from outbox.settings import Settings
@@ -245,7 +245,7 @@ def test_a_partition_without_a_leader_backs_off_its_topic_only_and_ends_dead_aft
     def leaderless(rows):
         healthy = send([r for r in rows if r.topic != sick])
         no_leader = KafkaError(KafkaError.LEADER_NOT_AVAILABLE, "no leader")
-        return healthy + [Delivery(r.id, error=no_leader) for r in rows if r.topic == sick]
+        return healthy + [DeliveryReport(r.id, error=no_leader) for r in rows if r.topic == sick]
 
     relay.producer.send = leaderless
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
-from outbox.devstack.server import STANDARD_PORTS, free_port
+from outbox.devstack.server import pick_port
 from outbox.devstack.services import EmbeddedServices
 from outbox.errors import SettingsError
 from outbox.settings import Settings
@@ -38,5 +39,14 @@ def test_an_embedded_service_never_takes_its_standard_port(tmp_path: Path, varia
         EmbeddedServices(settings, tmp_path).start()
 
 
-def test_free_ports_are_not_standard_ones():
-    assert not {free_port() for _ in range(20)} & set(STANDARD_PORTS.values())
+def test_an_embedded_service_takes_its_configured_port_or_else_one_nobody_holds():
+    assert pick_port("redis", 16379, "dev_redis_port") == 16379
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        held = taken.getsockname()[1]
+        chosen = {pick_port("redis", 0, "dev_redis_port") for _ in range(20)}
+        assert held not in chosen
+    for port in chosen:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))  # free: binding it works
