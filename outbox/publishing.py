@@ -61,7 +61,9 @@ class Message:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Row:
+class PreparedRow:
+    """A validated message as its outbox row will hold it (payload and headers as JSON)."""
+
     message_id: uuid.UUID
     topic: str
     key: str | None
@@ -78,7 +80,7 @@ _compact = json.JSONEncoder(
 ).encode
 
 
-def _document(rows: list[_Row]) -> str:
+def _document(rows: list[PreparedRow]) -> str:
     """The batch as one JSON array; payload and headers are already JSON, so they go in
     as they are rather than encoded a second time."""
     return (
@@ -137,7 +139,7 @@ class Publisher:
         Raises a :class:`PublishError` subclass whose ``index`` is the message at fault;
         the caller then rolls back (the API does), so nothing of the batch is kept.
         """
-        rows = [self._row(i, m) for i, m in enumerate(messages)]
+        rows = self.prepare(messages)
         if not rows:
             return []
         if not self._buckets_checked:
@@ -149,7 +151,12 @@ class Publisher:
             return [r.message_id for r in rows]
         return self._resolve_missing(session, rows, inserted)
 
-    def _insert(self, session: Session | Connection, rows: list[_Row]) -> set[uuid.UUID]:
+    def prepare(self, messages: Sequence[Message]) -> list[PreparedRow]:
+        """The rows ``messages`` become, each with a new message id and its bucket; raises
+        a :class:`PublishError` naming the first message at fault and its field."""
+        return [self._row(i, m) for i, m in enumerate(messages)]
+
+    def _insert(self, session: Session | Connection, rows: list[PreparedRow]) -> set[uuid.UUID]:
         if len(rows) == 1:
             r = rows[0]
             params = {
@@ -181,7 +188,7 @@ class Publisher:
         return {row[0] for row in result}
 
     def _resolve_missing(
-        self, session: Session | Connection, rows: list[_Row], inserted: set[uuid.UUID]
+        self, session: Session | Connection, rows: list[PreparedRow], inserted: set[uuid.UUID]
     ) -> list[uuid.UUID]:
         missing = [(i, r) for i, r in enumerate(rows) if r.message_id not in inserted]
         states = dict(
@@ -226,7 +233,7 @@ class Publisher:
             ids[i] = first_id
         return ids
 
-    def _row(self, index: int, message: Message) -> _Row:
+    def _row(self, index: int, message: Message) -> PreparedRow:
         s = self.settings
         topic = message.topic
         if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC:
@@ -275,7 +282,7 @@ class Publisher:
                 "\0".join((_compact([topic, key]), payload, _compact(caller_headers))).encode()
             ).hexdigest()
         )
-        return _Row(
+        return PreparedRow(
             message_id,
             topic,
             key,

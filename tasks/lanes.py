@@ -15,7 +15,7 @@ from typing import Any
 from celery import Celery
 from celery.utils.nodenames import worker_direct
 
-from consumer.lanes import LaneProcessor
+from consumer.lanes import LaneProcessor, LaneReport
 from outbox import queries, tasknames
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kick import claim_kicks, kick_started, lane_flag
@@ -61,6 +61,20 @@ def kick_lanes(
     return sum(len(kicked) for kicked in by_group.values())
 
 
+def rekick_countdown(report: LaneReport, longest_s: float) -> float | None:
+    """When a lane task comes back for its lanes' waiting rows: None when nothing waits;
+    else when the first one is due (rows waiting for a backoff, or left when the budget
+    ended), at most ``longest_s``. Rows due now that could not be had (locked elsewhere)
+    by a run that did nothing are looked at again after :data:`IDLE_RETRY_S`, not in a
+    busy loop; rows due later are simply waited for (a wait would make them late)."""
+    countdown = report.next_due_s
+    if countdown is None:
+        return None
+    if countdown <= 0 and not report.done + report.failed + report.dead:
+        countdown = IDLE_RETRY_S
+    return min(countdown, longest_s)
+
+
 def kick_targeted(app: Celery, group: str, lane: int, worker: str) -> None:
     """Queue the lane's task on ``worker``'s own queue (Celery ``worker_direct``), so the
     targeted retry in that lane runs there."""
@@ -88,16 +102,9 @@ def register(app: Celery, settings: Settings) -> None:
             flags_for_this_process(app.conf.broker_url), *(lane_flag(group, n) for n in wanted)
         )
         report = processor_for_this_process(settings, worker).run(group, wanted)
-        countdown = report.next_due_s
+        countdown = rekick_countdown(report, longest_countdown_s)
         if countdown is not None:
-            # Rows wait for a backoff (or the budget ended): come back when they are due.
-            if countdown <= 0 and not report.done + report.failed + report.dead:
-                # Rows due now that could not be had (locked elsewhere): no busy loop.
-                # (Rows due later are simply waited for: a wait here would make them late.)
-                countdown = IDLE_RETRY_S
-            process_lane.apply_async(
-                (group, sorted(report.due_s)), countdown=min(countdown, longest_countdown_s)
-            )
+            process_lane.apply_async((group, sorted(report.due_s)), countdown=countdown)
         if report.busy:
             # Their holder may be ending just as the rows this task was kicked for commit:
             # look again soon. The flags keep it to one such task per lane at a time.

@@ -1,0 +1,177 @@
+"""Pure decisions of the hot paths, each on its own: when a lane task comes back, which
+worker a targeted retry goes to, what inbox row a Kafka record becomes, and what a
+publish refuses."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from confluent_kafka import Message as KafkaMessage
+
+from consumer.inbox import inbox_row
+from consumer.lanes import LaneReport
+from outbox.errors import (
+    InvalidHeaders,
+    KeyTooLong,
+    PayloadNotJSON,
+    PayloadTooLarge,
+    PublishError,
+    UnknownTopic,
+)
+from outbox.publishing import Message, Publisher
+from outbox.settings import Settings
+from outbox.targeted_retry import choose_target
+from outbox.wire import bucket_for, foreign_message_id
+from tasks.lanes import IDLE_RETRY_S, rekick_countdown
+
+# -- the lane task's re-kick ------------------------------------------------------------
+
+
+def test_a_lane_task_with_nothing_waiting_does_not_come_back():
+    assert rekick_countdown(LaneReport(done=5), longest_s=1800) is None
+
+
+def test_a_lane_task_comes_back_when_its_first_waiting_row_is_due():
+    report = LaneReport(done=3, failed=1, due_s={2: 8.5, 7: 2.5})
+    assert rekick_countdown(report, longest_s=1800) == 2.5
+
+
+def test_rows_due_now_that_a_run_could_not_have_are_looked_at_again_after_a_pause():
+    # Nothing done: the due rows are locked elsewhere; no busy loop.
+    assert rekick_countdown(LaneReport(due_s={1: 0.0}), longest_s=1800) == IDLE_RETRY_S
+    # Something done (the budget ended with rows left): straight back.
+    assert rekick_countdown(LaneReport(done=1, due_s={1: 0.0}), longest_s=1800) == 0.0
+
+
+def test_a_long_backoff_is_waited_for_in_steps_below_the_visibility_timeout():
+    assert rekick_countdown(LaneReport(failed=1, due_s={1: 86400.0}), longest_s=1800) == 1800
+
+
+# -- the targeted retry's worker --------------------------------------------------------
+
+
+def test_a_retry_avoids_the_worker_that_failed_while_another_is_healthy():
+    healthy = ["w1@a", "w2@b", "w3@c"]
+    for n in range(50):
+        assert choose_target(uuid.UUID(int=n), "w2@b", healthy) in ("w1@a", "w3@c")
+
+
+def test_a_message_keeps_its_worker_and_messages_spread_over_the_workers():
+    healthy = ["w1@a", "w2@b", "w3@c"]
+    message = uuid.uuid4()
+    assert len({choose_target(message, None, healthy) for _ in range(5)}) == 1
+    assert {choose_target(uuid.UUID(int=n), None, healthy) for n in range(60)} == set(healthy)
+
+
+def test_the_worker_that_failed_is_chosen_when_it_is_the_only_one_and_none_without_any():
+    assert choose_target(uuid.uuid4(), "w1@a", ["w1@a"]) == "w1@a"
+    assert choose_target(uuid.uuid4(), "w1@a", []) is None
+
+
+# -- the inbox row of a Kafka record ----------------------------------------------------
+
+
+def _record(value: bytes | None, key: bytes | None = b"order-7", headers=None) -> KafkaMessage:
+    return KafkaMessage(
+        topic="orders", partition=2, offset=41, key=key, value=value, headers=headers or []
+    )
+
+
+def test_a_record_of_ours_keeps_its_id_key_headers_and_lane():
+    message_id = uuid.uuid4()
+    headers = [("message_id", str(message_id).encode()), ("idempotency_key", b"pay-1")]
+    row = inbox_row("billing", _record(b'{"total": 5}', headers=headers), lanes=16)
+    assert row["message_id"] == message_id
+    assert (row["consumer_group"], row["topic"], row["partition"], row["offset"]) == (
+        "billing",
+        "orders",
+        2,
+        41,
+    )
+    assert (row["key"], row["payload"], row["idempotency_key"]) == (
+        "order-7",
+        {"total": 5},
+        "pay-1",
+    )
+    assert row["lane"] == bucket_for("order-7", message_id, 16)
+    assert "status" not in row  # received: it will run
+
+
+def test_a_foreign_record_gets_an_id_from_where_it_lies_so_a_redelivery_dedupes():
+    row = inbox_row("billing", _record(b"[1, 2]"), lanes=16)
+    assert row["message_id"] == foreign_message_id("orders", 2, 41)
+    assert row["payload"] == {"value": [1, 2]}  # a value that is not an object, wrapped
+    assert inbox_row("billing", _record(None, key=None), lanes=16)["payload"] == {"value": None}
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "says"),
+    [
+        (b"not json", b"k", "JSON"),
+        (b'{"a": "\\u0000"}', b"k", "NUL"),
+        (b'{"a": NaN}', b"k", "NaN"),
+        (b"{}", b"\xff\xfe", "UTF-8"),
+    ],
+)
+def test_a_record_the_inbox_cannot_hold_is_dead_on_arrival_with_its_raw_bytes(
+    value: bytes, key: bytes, says: str
+):
+    row = inbox_row("billing", _record(value, key=key), lanes=16)
+    assert row["status"] == "dead"
+    assert says.lower() in row["last_error"].lower()
+    raw = row["payload"]["raw"]
+    assert raw["value_base64"] is not None and raw["key_base64"] is not None
+    assert row["idempotency_key"] is None  # a raw record is never matched by its key
+    json.dumps(row["payload"])  # storable as it is
+
+
+# -- what a publish refuses -------------------------------------------------------------
+
+PUBLISHER = Publisher(Settings.from_env({"OUTBOX_MAX_PAYLOAD_BYTES": "100"}))
+
+
+def test_a_publish_prepares_rows_with_ids_buckets_and_its_own_headers():
+    rows = PUBLISHER.prepare(
+        [
+            Message("orders", {"b": 1, "a": 2}, key="k1", idempotency_key="i-1"),
+            Message("orders", []),
+        ]
+    )
+    first = rows[0]
+    assert first.payload == '{"a":2,"b":1}'  # compact, keys sorted: one form per value
+    headers = json.loads(first.headers)
+    assert headers["message_id"] == str(first.message_id)
+    assert headers["correlation_id"] == str(first.message_id)
+    assert headers["idempotency_key"] == "i-1" and first.request_hash is not None
+    assert first.bucket == bucket_for("k1", first.message_id, PUBLISHER.settings.buckets)
+    assert rows[1].request_hash is None  # without a key a message cannot be repeated
+    assert rows[0].message_id != rows[1].message_id
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "field"),
+    [
+        (Message("", {}), UnknownTopic, "topic"),
+        (Message("t" * 250, {}), UnknownTopic, "topic"),
+        (Message("orders", {"x": float("nan")}), PayloadNotJSON, "payload"),
+        (Message("orders", {"x": object()}), PayloadNotJSON, "payload"),
+        (Message("orders", "x" * 200), PayloadTooLarge, "payload"),
+        (Message("orders", {}, key="k" * 2000), KeyTooLong, "key"),
+        (Message("orders", {}, idempotency_key=""), PublishError, "idempotency_key"),
+        (Message("orders", {}, headers={"message_id": "x"}), InvalidHeaders, "headers.message_id"),
+        (
+            Message("orders", {}, headers={"traceparent": "nope"}),
+            InvalidHeaders,
+            "headers.traceparent",
+        ),
+        (Message("orders", {}, headers={"": "x"}), InvalidHeaders, "headers"),
+    ],
+)
+def test_a_publish_refuses_a_bad_message_naming_its_field_and_position(
+    message: Message, error: type[PublishError], field: str
+):
+    with pytest.raises(error) as caught:
+        PUBLISHER.prepare([Message("orders", {}), message])
+    assert (caught.value.field, caught.value.index) == (field, 1)
