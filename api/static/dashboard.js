@@ -4,8 +4,11 @@
 const token = document.body.dataset.token;
 const refreshMs = Number(document.body.dataset.refreshMs) || 2000;
 
+// Requests go to the page's origin: opened at a URL that carries credentials
+// (http://user:token@host/dashboard), a relative path would carry them too, and the
+// browser refuses to fetch such a URL.
 async function api(path, options = {}) {
-  const response = await fetch(path, {
+  const response = await fetch(new URL(path, window.location.origin), {
     ...options,
     headers: { Authorization: `Bearer ${token}`, ...(options.headers || {}) },
   });
@@ -172,8 +175,12 @@ async function refresh() {
     text("circuits", `${Object.keys(stats.circuits).length} relay(s)`);
     drawThroughput(stats.published_per_s);
     renderSnapshot(snapshot, stats);
-    fill("agents", agents.items.map((a) => [a.instance_id, a.role, age(a.last_seen_at),
-      a.active ? "yes" : "no"]));
+    // Active agents first; the inactive ones (every restart leaves one) folded, counted.
+    const row = (a) => [a.instance_id, a.role, age(a.last_seen_at)];
+    fill("agents", agents.items.filter((a) => a.active).map(row));
+    const inactive = agents.items.filter((a) => !a.active);
+    text("inactive-count", `${inactive.length} inactive`);
+    fill("inactive-agents", inactive.map(row));
     renderDead(dead.items);
     fill("held", held.items.map((h) => [h.group, h.topic, h.key, h.held, h.dead_letter,
       h.error || ""]));

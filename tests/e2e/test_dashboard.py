@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
+from outbox.agents import upsert_agent
 from tests.flow import AUTH, TOKEN, Flow
 from tests.inbox import receive
 from tests.processes import ROOT, ApiServer
@@ -88,6 +90,10 @@ def test_an_operator_watches_publishes_and_requeues_from_the_dashboard(flow: Flo
             {"id": dead_id},
         )
         session.commit()
+        # An agent that ran before and is gone: listed folded, not among the active ones.
+        upsert_agent(session, "worker-gone@old-host:1", "worker", host="old-host", pid=1)
+        session.execute(text("UPDATE agents SET active = false WHERE instance_id LIKE '%gone%'"))
+        session.commit()
     api = ApiServer(flow.settings, tmp_path)
     try:
         api.wait_ready()
@@ -123,6 +129,11 @@ def test_an_operator_watches_publishes_and_requeues_from_the_dashboard(flow: Flo
             expect(topic_row.locator("td").nth(2)).to_have_text("20", timeout=5_000)  # sent
             expect(page.locator("#circuit")).to_have_text("closed")
             expect(page.locator("#agents tbody tr", has_text="worker1@")).to_have_count(1)
+            expect(page.locator("#agents tbody tr", has_text="worker-gone@")).to_have_count(0)
+            expect(page.locator("#inactive-count")).to_have_text("1 inactive")
+            expect(
+                page.locator("#inactive-agents tbody tr", has_text="worker-gone@")
+            ).to_have_count(1)
 
             # the dead letter, its error shown; requeued with a click, it leaves the list
             dead_row = page.locator("#dead tbody tr", has_text="broker refused it")
@@ -140,6 +151,16 @@ def test_an_operator_watches_publishes_and_requeues_from_the_dashboard(flow: Flo
             held_row = page.locator("#held tbody tr", has_text="k-parked")
             expect(held_row.locator("td").nth(3)).to_have_text("1", timeout=10_000)
             expect(held_row).to_contain_text("cannot parse")
+
+            # Opened at a URL that carries the credentials, the page loads its data too.
+            bare = browser.new_context()
+            host = api.url.removeprefix("http://")
+            linked = bare.new_page()
+            linked.goto(f"http://operator:{TOKEN}@{host}/dashboard")
+            expect(linked.locator("#backlog")).to_have_text(re.compile(r"^\d+$"), timeout=20_000)
+            expect(linked.locator("#agents tbody tr", has_text="worker1@")).to_have_count(1)
+            expect(linked.locator("#error")).to_be_hidden()
+            bare.close()
 
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             shot = ARTIFACTS / "dashboard.png"
