@@ -12,21 +12,17 @@ and the inbox a tenth as many. Then, in the same run:
 
 from __future__ import annotations
 
-import os
-import re
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 from sqlalchemy import Engine, text
 
 from outbox.bench.latency import percentile
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
+from outbox.devstack import processes
+from outbox.devstack.server import free_port
 from outbox.heartbeat import record_heartbeat
 from outbox.metrics import MetricsRecorder
 from outbox.registry import GroupSpec, put_group, register_topic
@@ -81,20 +77,12 @@ def fill(settings: Settings, engine: Engine, rows: int) -> None:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
 
 
-def _gunicorn(settings: Settings, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    argv = [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0", "--workers", "2"]
-    argv += ["api:create_app()"]
-    env = {**os.environ, **settings.as_env()}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        found = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", log.read_text())
-        if found and log.read_text().count("Booting worker") >= 2:
-            return proc, found.group(1)
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"gunicorn did not start:\n{log.read_text()[-2000:]}")
+def _gunicorn(settings: Settings) -> tuple[processes.Process, str]:
+    port = free_port()
+    spec = processes.gunicorn("api", "api:create_app()", port, workers=2)
+    server = processes.Process(spec, settings).start()
+    server.wait_ready()
+    return server, f"http://127.0.0.1:{port}"
 
 
 def _scrape(url: str) -> tuple[float, int]:
@@ -137,8 +125,7 @@ def run(settings: Settings, *, rows: int, scrapes: int, command: str) -> Report:
             recorder.relay_batch([(f"bench.metrics.{n}", 0.02)] * 100, [])
         recorder.circuit("relay@bench", "closed")
 
-        log = Path(tempfile.gettempdir()) / f"outbox-bench-metrics-{os.getpid()}.log"
-        proc, url = _gunicorn(s, log)
+        server, url = _gunicorn(s)
         try:
             for _ in range(5):
                 _scrape(url)  # both gunicorn workers connected
@@ -150,9 +137,7 @@ def run(settings: Settings, *, rows: int, scrapes: int, command: str) -> Report:
                 timings.append(elapsed)
                 time.sleep(0.05)
         finally:
-            proc.terminate()
-            proc.wait(30)
-            log.unlink(missing_ok=True)
+            server.stop()
     finally:
         engine.dispose()
     report.add("outbox rows", rows, "rows")

@@ -90,8 +90,9 @@ def gunicorn(
     threads: int = 1,
     log_level: str = "info",
 ) -> Spec:
-    """``app`` under gunicorn on loopback ``port``, as compose serves the API."""
+    """``app`` under gunicorn on loopback ``port``, logging as compose serves the API."""
     argv = _python("gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers))
+    argv += ("--logger-class", "api.gunicorn_logging.Logger")
     if threads > 1:
         argv += ("--threads", str(threads), "--worker-class", "gthread")
     return Spec(

@@ -4,10 +4,6 @@ write is a JSON object naming their role, and the lines a task writes name the t
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +15,7 @@ from outbox.publishing import Publisher
 from outbox.registry import register_topic
 from outbox.settings import Settings
 from tasks.factory import make_celery
-from tests.processes import start_worker
+from tests.processes import ApiServer, start_worker
 
 
 def test_a_worker_writes_json_lines_and_a_tasks_lines_name_the_task(
@@ -57,24 +53,14 @@ def _relay_line(text: str, task_id: str) -> bool:
 
 def test_gunicorn_writes_its_own_lines_as_json_too(settings: Settings, tmp_path: Path):
     s = settings.replace(log_format="json")
-    log = tmp_path / "gunicorn.log"
-    argv = [sys.executable, "-m", "gunicorn", "--bind", "127.0.0.1:0", "--workers", "2"]
-    argv += ["--logger-class", "api.gunicorn_logging.Logger", "api:create_app()"]
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            argv, env={**os.environ, **s.as_env()}, stdout=out, stderr=subprocess.STDOUT
-        )
+    server = ApiServer(s, tmp_path)  # gunicorn, as compose runs the API
     try:
-        deadline = time.monotonic() + 30
-        while "Booting worker" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        port = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log.read_text())
-        assert port, log.read_text()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/healthz") as response:
+        server.wait_ready()
+        with urllib.request.urlopen(f"{server.url}/healthz") as response:
             assert response.status == 200
     finally:
-        server.terminate()
-        server.wait(30)
-    lines = [json.loads(line) for line in log.read_text().splitlines()]  # each one parses
+        server.stop()
+    text = server.process.text()
+    lines = [json.loads(line) for line in text.splitlines()]  # each one parses
     assert {line["role"] for line in lines} == {"api"}
     assert any(line["logger"] == "gunicorn.error" for line in lines)

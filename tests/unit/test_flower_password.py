@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
+from outbox.devstack import processes
 from outbox.devstack.dev import flower_password
+from outbox.settings import Settings
 
 
 def test_outbox_dev_makes_one_password_per_data_folder_and_keeps_it(tmp_path: Path):
@@ -22,7 +23,7 @@ def test_outbox_dev_makes_one_password_per_data_folder_and_keeps_it(tmp_path: Pa
 def test_flower_refuses_to_start_without_a_password(tmp_path: Path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OUTBOX_FLOWER_PASSWORD": ""}
     run = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tasks", "flower", "--port=0"],
+        processes.flower(Settings.from_env({"OUTBOX_FLOWER_PORT": "0"})).argv,
         env=env,
         capture_output=True,
         text=True,
