@@ -229,7 +229,13 @@ class Process:
                 if self.on_line is not None:
                     self.on_line(line)
                 pattern = self.spec.ready_pattern
-                if pattern is not None and not self.ready.is_set() and re.search(pattern, line):
+                # (Lines a replaced process still had in its pipe make nothing ready.)
+                if (
+                    pattern is not None
+                    and proc is self.proc
+                    and not self.ready.is_set()
+                    and re.search(pattern, line)
+                ):
                     self.ready.set()
         finally:
             if log is not None:
