@@ -9,19 +9,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from outbox.relay import Relay
+from outbox.relay import Claim, Relay
 
 _marker = Path(os.environ["OUTBOX_TEST_PAUSE_FILE"])
 _mark = Relay._mark
 
 
-def _paused_mark(
-    self: Relay, token: Any, batch: Any, attempts: dict[int, int], *args: Any, **kw: Any
-) -> None:
+def _paused_mark(self: Relay, claim: Claim, *args: Any, **kw: Any) -> None:
     if not _marker.exists():
-        _marker.write_text(json.dumps({"owner": self.owner, "ids": sorted(attempts)}))
+        _marker.write_text(json.dumps({"owner": self.owner, "ids": sorted(claim.attempts)}))
         time.sleep(600)
-    _mark(self, token, batch, attempts, *args, **kw)
+    _mark(self, claim, *args, **kw)
 
 
 Relay._mark = _paused_mark  # type: ignore[method-assign]
