@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,6 +39,21 @@ from outbox.settings import Settings, env_name
 log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = RetryPolicy()
+
+
+class Linger(Protocol):
+    """How a lane task stays on its lanes while they are idle (``tasks.lanes`` gives one):
+    it holds their kicks, so commits meanwhile queue no task, waits for new rows, and
+    lets the kicks go before its last look."""
+
+    def hold(self, group: str, lanes: Sequence[int]) -> None:
+        """Kicks of these lanes send nothing from now on: this task looks for their rows."""
+
+    def keep_waiting(self, idle_s: float) -> bool:
+        """Whether to go on waiting after ``idle_s`` without rows (False: give them back)."""
+
+    def let_go(self, group: str, lanes: Sequence[int]) -> None:
+        """Kicks of these lanes send tasks again (called before the task's last look)."""
 
 
 def lane_scope(group: str) -> str:
@@ -95,12 +110,18 @@ class LaneProcessor:
         self._ack_topic_ready = False
 
     def run(
-        self, group: str, lanes: int | Sequence[int], budget_s: float | None = None
+        self,
+        group: str,
+        lanes: int | Sequence[int],
+        budget_s: float | None = None,
+        linger: Linger | None = None,
     ) -> LaneReport:
         """Process the due rows of ``lanes`` until none is left or ``budget_s`` ends.
 
         The leases are taken first, in a transaction of their own, renewed in each
-        batch's and given back in the last one's.
+        batch's and given back in the last one's. With ``linger``, a task whose lanes
+        run dry waits for new rows (looking every ``OUTBOX_LANE_POLL_MS``) rather than
+        end, for as long as ``linger`` says, and within the budget.
         """
         s = self.settings
         wanted = sorted({lanes} if isinstance(lanes, int) else set(lanes))
@@ -110,6 +131,8 @@ class LaneProcessor:
         held: list[int] = []
         finished = False
         committed = False
+        # Set once the kicks are let go: the next batch is the last look.
+        letting_go = linger is None
         try:
             # The leases are taken in a transaction of their own, so that a process that
             # ends in the middle of its first batch leaves them held: whoever takes them
@@ -123,6 +146,8 @@ class LaneProcessor:
             # Lanes another task works now: it looks for late rows as it ends.
             report.busy = [n for n in wanted if n not in granted]
             held = sorted(granted)
+            if linger is not None and held:
+                linger.hold(group, held)
             careful = set(lapsed)
             if careful:
                 log.warning(
@@ -158,9 +183,17 @@ class LaneProcessor:
                     if counted is None:
                         full, unblocked = self._batch(session, group, held, policies, report)
                         more = full or unblocked
-                        if not more or time.monotonic() >= deadline:
+                        out_of_time = time.monotonic() >= deadline
+                        if out_of_time or (not more and letting_go):
                             report.due_s = self._finish(session, group, held, policies)
                             finished = True
+                if counted is None and not finished and not more:
+                    assert linger is not None
+                    if not self._await_rows(group, held, policies, deadline, linger):
+                        # Kicks send tasks again from here on; a commit before this is
+                        # seen by the last look, one after it kicks a task of its own.
+                        linger.let_go(group, held)
+                        letting_go = True
                 if counted is not None:
                     with self.sessions.begin() as session:
                         limit_statements(session, _longest_timeout_s(policies))
@@ -177,9 +210,43 @@ class LaneProcessor:
             raise
         finally:
             if held and not finished:
+                if linger is not None and not letting_go:
+                    linger.let_go(group, held)
                 with self.sessions.begin() as session:
                     self._finish(session, group, held, policies)
         return report
+
+    def _await_rows(
+        self,
+        group: str,
+        lanes: list[int],
+        policies: dict[str, _TopicPolicy],
+        deadline: float,
+        linger: Linger,
+    ) -> bool:
+        """Wait for a due row in ``lanes``: True once there is one, False when ``linger``
+        stops waiting or the budget ends. The lanes' leases are renewed meanwhile."""
+        s = self.settings
+        poll_s = s.lane_poll_ms / 1000
+        idle_since = renewed = time.monotonic()
+        params = {"group": group, "lanes": lanes, **_order_params(policies)}
+        while True:
+            now = time.monotonic()
+            if now + poll_s >= deadline or not linger.keep_waiting(now - idle_since):
+                return False
+            time.sleep(poll_s)
+            with self.sessions() as session:
+                if session.execute(queries.LANES_HAVE_DUE, params).scalar_one():
+                    return True
+            if time.monotonic() - renewed >= s.lane_lease_s / 3:
+                with self.sessions.begin() as session:
+                    scope = lane_scope(group)
+                    kept = leases.acquire(
+                        session, scope, self.owner, lanes, limit=len(lanes), lease_s=s.lane_lease_s
+                    )
+                if len(kept) < len(lanes):
+                    return True  # a lane was taken over: the next batch finds out
+                renewed = time.monotonic()
 
     def _prepare(self, session: Session, group: str, scope: str) -> dict[str, _TopicPolicy]:
         """The group's policies; the lease rows and the ack topic on first need."""

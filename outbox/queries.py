@@ -144,6 +144,23 @@ WHERE EXISTS (
 )
 """)
 
+# Whether a row is sendable now in a bucket no other relay holds: what a lingering relay
+# looks for (read only; rows of another relay's buckets are that relay's to send).
+RELAY_HAS_WORK = _sql("""
+SELECT EXISTS (
+    SELECT 1 FROM generate_series(0, :buckets - 1) AS b
+    WHERE NOT EXISTS (
+        SELECT 1 FROM leases l
+        WHERE l.scope = :scope AND l.bucket = b AND l.owner <> :owner
+          AND l.expires_at > now()
+    )
+    AND EXISTS (
+        SELECT 1 FROM outbox_messages m
+        WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+    )
+)
+""")
+
 # A process that stops cleanly leaves at once rather than when it goes silent.
 AGENT_GONE = _sql("UPDATE agents SET active = false WHERE instance_id = :instance")
 
@@ -371,6 +388,16 @@ CROSS JOIN LATERAL (
     FOR UPDATE SKIP LOCKED
 ) m
 ORDER BY m.id
+""")  # noqa: S608 (composed of constants only)
+
+# Whether any row of the lanes is due now: what a lingering lane task looks for (read
+# only, so looking often costs no commit).
+LANES_HAVE_DUE = _sql(f"""
+SELECT EXISTS (
+    SELECT 1 FROM inbox_messages m
+    WHERE {_lane_row_ready("= ANY(CAST(:lanes AS int[]))")}
+      AND m.next_attempt_at <= now()
+)
 """)  # noqa: S608 (composed of constants only)
 
 # Per lane, seconds until its next row is due (lanes where nothing waits are left out);

@@ -36,7 +36,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -85,6 +85,21 @@ class RelayReport:
         return dataclasses.asdict(self)
 
 
+class Linger(Protocol):
+    """How a relay task stays on while the outbox is empty (``tasks.relay`` gives one): it
+    holds the kick flag, so commits meanwhile queue no task, waits for new rows, and lets
+    the flag go before its last look."""
+
+    def hold(self) -> None:
+        """Kicks send nothing from now on: this task looks for new rows."""
+
+    def keep_waiting(self, idle_s: float) -> bool:
+        """Whether to go on waiting after ``idle_s`` without rows (False: end the task)."""
+
+    def let_go(self) -> None:
+        """Kicks send tasks again (called before the task's last look)."""
+
+
 class Relay:
     """Relays outbox rows; make one per process, after fork, and call :meth:`run`."""
 
@@ -117,19 +132,47 @@ class Relay:
         self._lease_rows_ready = False
         self._last_delivery = 0.0
 
-    def run(self, budget_s: float | None = None) -> RelayReport:
-        """Relay until no claimable row is left or ``budget_s`` (default ``relay_drain_s``) ends."""
+    def run(self, budget_s: float | None = None, linger: Linger | None = None) -> RelayReport:
+        """Relay until no claimable row is left or ``budget_s`` (default ``relay_drain_s``)
+        ends. With ``linger``, an empty outbox is watched for new rows (every
+        ``OUTBOX_RELAY_POLL_MS``) for as long as ``linger`` says, within the budget."""
         started = time.monotonic()
         deadline = started + (self.settings.relay_drain_s if budget_s is None else budget_s)
         report = RelayReport()
         if self._broker_available():
             self._drain(deadline, report)
+            if linger is not None:
+                linger.hold()
+                try:
+                    while self._await_rows(deadline, linger):
+                        self._drain(deadline, report)
+                finally:
+                    # A commit before this is seen by the last look; one after it kicks.
+                    linger.let_go()
+                if time.monotonic() < deadline and self.circuit.state != "open":
+                    self._drain(deadline, report)
         report.circuit = self.circuit.state
         self.metrics.circuit(self.owner, self.circuit.state)
         report.elapsed_s = round(time.monotonic() - started, 4)
         if report.sent or report.failed or report.deferred or report.released:
             log.info("relay %s: %s", self.owner, report.as_dict())
         return report
+
+    def _await_rows(self, deadline: float, linger: Linger) -> bool:
+        """Wait for a sendable row: True once there is one, False when ``linger`` stops
+        waiting, the budget ends or the circuit opens."""
+        poll_s = self.settings.relay_poll_ms / 1000
+        idle_since = time.monotonic()
+        while self.circuit.state != "open":
+            now = time.monotonic()
+            if now + poll_s >= deadline or not linger.keep_waiting(now - idle_since):
+                return False
+            time.sleep(poll_s)
+            with self.sessions() as session:
+                params = {"scope": SCOPE, "owner": self.owner, "buckets": self.settings.buckets}
+                if session.execute(queries.RELAY_HAS_WORK, params).scalar_one():
+                    return True
+        return False
 
     def _broker_available(self) -> bool:
         if not self.circuit.allows():

@@ -119,6 +119,15 @@ class Settings:
     relay_delivery_timeout_ms: int = _setting(
         10000, "Producer message timeout: an unacknowledged send fails after it.", minimum=1000
     )
+    relay_linger_ms: int = _setting(
+        0,
+        "How long a relay task that emptied the outbox waits for new rows before it ends "
+        "(0: it ends at once); it stops waiting as soon as other tasks are queued.",
+        minimum=0,
+    )
+    relay_poll_ms: int = _setting(
+        5, "How often a waiting relay task looks for new rows.", minimum=1
+    )
     relay_drain_s: float = _setting(
         10.0, "Longest one relay task keeps claiming before it yields its worker.", minimum=0.1
     )
@@ -130,6 +139,13 @@ class Settings:
     lane_batch_size: int = _setting(
         100, "Inbox rows one lane transaction takes, shared among its lanes.", minimum=1
     )
+    lane_linger_ms: int = _setting(
+        0,
+        "How long a lane task whose lanes ran dry waits for new rows before it gives them "
+        "back (0: it ends at once); it stops waiting as soon as other tasks are queued.",
+        minimum=0,
+    )
+    lane_poll_ms: int = _setting(5, "How often a waiting lane task looks for new rows.", minimum=1)
     lane_lease_s: float = _setting(
         60.0, "Lane lease: a dead worker's lane moves to another after this.", minimum=1.0
     )

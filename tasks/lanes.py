@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -20,6 +22,7 @@ from outbox import queries, tasknames
 from outbox.db import make_engine, make_sessionmaker
 from outbox.kick import claim_kicks, kick_started, lane_flag
 from outbox.settings import Settings
+from tasks.linger import Lingering
 from tasks.relay import flags_for_this_process
 
 SWEEP_LIMIT = 10_000
@@ -75,6 +78,39 @@ def rekick_countdown(report: LaneReport, longest_s: float) -> float | None:
     return min(countdown, longest_s)
 
 
+class LaneLinger(Lingering):
+    """A lane task's wait for new rows (:class:`consumer.lanes.Linger`): it holds its
+    lanes' kick flags meanwhile, so the consumer's commits queue no task for them, for up
+    to ``OUTBOX_LANE_LINGER_MS`` without rows. A held flag lapses with the lane's lease
+    (it is renewed while the task waits), so a task that dies holding it delays its lanes'
+    kicks no longer than its lease delays them anyway."""
+
+    def __init__(self, app: Celery, settings: Settings, worker: str) -> None:
+        flags = flags_for_this_process(app.conf.broker_url)
+        super().__init__(app, flags, settings.lane_linger_ms / 1000, worker)
+        self.hold_s = min(KICK_FLAG_TTL_S, settings.lane_lease_s)
+        self._held: tuple[str, list[int]] | None = None
+        self._held_at = 0.0
+
+    def hold(self, group: str, lanes: Sequence[int]) -> None:
+        pipe = self.flags.pipeline(transaction=False)
+        for lane in lanes:
+            pipe.set(lane_flag(group, lane), b"1", px=int(self.hold_s * 1000))
+        pipe.execute()
+        self._held, self._held_at = (group, list(lanes)), time.monotonic()
+
+    def keep_waiting(self, idle_s: float) -> bool:
+        if not super().keep_waiting(idle_s):
+            return False
+        if self._held is not None and time.monotonic() - self._held_at >= self.hold_s / 3:
+            self.hold(*self._held)
+        return True
+
+    def let_go(self, group: str, lanes: Sequence[int]) -> None:
+        self._held = None
+        kick_started(self.flags, *(lane_flag(group, n) for n in lanes))
+
+
 def kick_targeted(app: Celery, group: str, lane: int, worker: str) -> None:
     """Queue the lane's task on ``worker``'s own queue (Celery ``worker_direct``), so the
     targeted retry in that lane runs there."""
@@ -101,7 +137,8 @@ def register(app: Celery, settings: Settings) -> None:
         kick_started(
             flags_for_this_process(app.conf.broker_url), *(lane_flag(group, n) for n in wanted)
         )
-        report = processor_for_this_process(settings, worker).run(group, wanted)
+        linger = LaneLinger(app, settings, worker) if settings.lane_linger_ms else None
+        report = processor_for_this_process(settings, worker).run(group, wanted, linger=linger)
         countdown = rekick_countdown(report, longest_countdown_s)
         if countdown is not None:
             process_lane.apply_async((group, sorted(report.due_s)), countdown=countdown)

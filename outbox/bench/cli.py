@@ -61,12 +61,12 @@ WORKERS = option("--workers", default=2, help="Celery worker processes.")
 
 _scenario(
     "relay",
-    "Relay throughput next to bare PostgreSQL claim-and-mark and bare produce rates; then "
-    "in a worker, with metrics and task events on and off.",
+    "Relay and publish_batch next to the bare relay and the bare publish, in alternating "
+    "rounds; then the relay in a worker, with metrics and task events on and off.",
     option("--rows", default=100_000, help="Outbox rows to relay."),
     option("--payload-bytes", default=200, help="Payload size."),
     option("--keys", default=1000, help="Distinct message keys."),
-    option("--rounds", default=3, help="Rounds of observability on and off."),
+    option("--rounds", default=3, help="Alternating rounds of each comparison."),
 )
 _scenario(
     "api",
@@ -86,10 +86,13 @@ _scenario(
 )
 _scenario(
     "e2e",
-    "Publish to handler effect: sustained throughput, and latency at a fixed load.",
-    option("--messages", default=50_000, help="Messages of the throughput phase."),
-    option("--rate", default=500.0, help="Offered msg/s of the latency phase."),
-    option("--seconds", default=20.0, help="Length of the latency phase."),
+    "Publish to handler effect next to the bare pipeline: sustained throughput, latency "
+    "at two fixed loads, CPU per message by process.",
+    option("--messages", default=50_000, help="Messages of each throughput phase."),
+    option("--rate", default=500.0, help="Offered msg/s of the first latency phase."),
+    option("--high-rate", default=2000.0, help="Offered msg/s of the second latency phase."),
+    option("--seconds", default=20.0, help="Length of each latency phase."),
+    option("--rounds", default=3, help="Alternating rounds of the system and the bare pipeline."),
     WORKERS,
 )
 _scenario(

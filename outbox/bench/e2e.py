@@ -1,27 +1,36 @@
-"""``outbox bench e2e``: from publish to the handler's effect, every process on this machine.
+"""``outbox bench e2e``: from publish to the handler's effect, every process on this
+machine, next to the bare pipeline (:mod:`outbox.bench.bare`) in the same run.
 
-A real Celery worker (relay and lane tasks), Celery beat and a consumer process
-run the handler of :mod:`outbox.bench.handlers`, which writes one effect row per
-message. Two phases:
+The system: real Celery workers (relay and lane tasks), Celery beat, a consumer process
+(and the ack consumer), running the handler of :mod:`outbox.bench.handlers`, which
+writes one effect row per message. The bare pipeline: the bare relay, consumer and
+processor loops, whose handler writes the same row. Both get the same messages (JSON
+payloads of 200 bytes over 1,000 keys) on the same services, in alternating rounds:
 
 1. throughput: ``messages`` published in batches of 1,000 as fast as they commit;
-   the rate is messages over the time from the first commit to the last effect;
-2. latency: messages published one per transaction at ``rate`` per second; each
-   latency is the effect's time (the database clock, in the handler's transaction)
-   minus the publisher's clock right after its commit.
+   the rate is messages over the time from the first commit to the last effect (the
+   system twice: for a group that needs no acks, and for one that does);
+2. latency: messages published one per transaction at ``rate`` per second, then at
+   ``high_rate``; each latency is the effect's time (the database clock, in the
+   handler's transaction) minus the publisher's clock right after its commit. During
+   the first, the CPU time of every process is read from ``/proc``.
+
+Figures are medians over the rounds; ratios are medians of the rounds' ratios.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Iterator
-from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
-from outbox.bench.handlers import SCHEMA, TOPIC
+from outbox.bench import bare
+from outbox.bench.cpu import CpuMeter, find_pids, postmaster_pid
+from outbox.bench.handlers import SCHEMA, TOPIC, TOPIC_ACKED
 from outbox.bench.latency import PUBLISHERS, offer_load, percentile
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
@@ -30,149 +39,250 @@ from outbox.kafka import admin_client, ensure_topics
 from outbox.publishing import Message, Publisher
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
+from outbox.wire import ACK_TOPIC
 
 if TYPE_CHECKING:
     from api.kick import Kicker
 
 GROUP = "bench-e2e"
+BARE_TOPIC = "bench.bare"
 BATCH = 1_000
+KEYS = 1_000
 WARMUP_S = 2.0
+PAYLOAD_BYTES = 200
 
 
-def _effects(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(text("SELECT count(*) FROM bench_effects")).scalar_one())
+def payload(i: int) -> dict[str, Any]:
+    """A JSON payload of about 200 bytes."""
+    return {"n": i, "pad": "x" * (PAYLOAD_BYTES - 20)}
 
 
-def _wait_effects(engine: Engine, count: int, timeout_s: float) -> float:
-    """Wait until ``count`` effects exist; return the monotonic time it happened."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if _effects(engine) >= count:
-            return time.monotonic()
-        time.sleep(0.05)
-    raise RuntimeError(f"only {_effects(engine):,} of {count:,} effects after {timeout_s:g} s")
+def key(i: int) -> str:
+    return f"k{i % KEYS}"
+
+
+class Side:
+    """One pipeline under test: how to start it, publish to it and count its effects."""
+
+    name: str
+    effects_table: str
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+
+    def effects(self) -> int:
+        with self.engine.connect() as conn:
+            sql = f"SELECT count(*) FROM {self.effects_table}"  # noqa: S608 (a constant)
+            return int(conn.execute(text(sql)).scalar_one())
+
+    def effect_times(self) -> dict[str, float]:
+        with self.engine.connect() as conn:
+            sql = f"SELECT message_id, at FROM {self.effects_table}"  # noqa: S608
+            return {str(m): at.timestamp() for m, at in conn.execute(text(sql))}
+
+    def wait_effects(self, count: int, timeout_s: float) -> float:
+        """Wait until ``count`` effects exist; return the monotonic time it happened."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.effects() >= count:
+                return time.monotonic()
+            time.sleep(0.02)
+        raise RuntimeError(
+            f"{self.name}: only {self.effects():,} of {count:,} effects after {timeout_s:g} s"
+        )
+
+    def running(self) -> contextlib.AbstractContextManager[dict[str, list[int]]]:
+        raise NotImplementedError
+
+    def publish_batch(self, conn: Connection, start: int, stop: int, acked: bool) -> None:
+        raise NotImplementedError
+
+    def publish_one(self, conn: Connection, i: int) -> str:
+        raise NotImplementedError
+
+    def after_commit(self) -> None:
+        """What a service does after its commit (the system kicks the relay)."""
+
+    def throughput(self, messages: int, *, acked: bool = False) -> float:
+        """Publish ``messages`` in batches of 1,000 and wait for their effects; msg/s from
+        the first commit to the last effect."""
+        already = self.effects()
+        started = time.monotonic()
+        for start in range(0, messages, BATCH):
+            with self.engine.begin() as conn:
+                self.publish_batch(conn, start, min(start + BATCH, messages), acked)
+            self.after_commit()
+        finished = self.wait_effects(already + messages, timeout_s=120 + messages / 100)
+        return messages / (finished - started)
+
+    def latency(self, rate: float, seconds: float) -> dict[str, float]:
+        """Offer ``rate`` msg/s for ``seconds``, one per transaction; each measured
+        message's commit -> effect latency, ms (after a warm-up), by message id."""
+        total = int(rate * seconds)
+        already = self.effects()
+        committed = offer_load(self.engine, self.publish_one, self.after_commit, rate, total)
+        self.wait_effects(already + total, timeout_s=120 + total / 100)
+        done = self.effect_times()
+        skip = int(rate * WARMUP_S)
+        ordered = sorted(committed.items(), key=lambda kv: kv[1])[skip:]
+        return {m: (done[m] - at) * 1000 for m, at in ordered if m in done}
+
+
+class System(Side):
+    """The project: workers, beat, consumers; the API's own kick after each commit."""
+
+    name = "system"
+    effects_table = "bench_effects"
+
+    def __init__(
+        self, settings: Settings, engine: Engine, concurrency: int, instances: int = 1
+    ) -> None:
+        super().__init__(settings, engine)
+        from api.kick import Kicker  # the API's own kick: a benchmark drives every layer
+
+        self.concurrency, self.instances = concurrency, instances
+        self.kicker: Kicker = Kicker(settings)
+        self.publisher = Publisher(settings)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[dict[str, list[int]]]:
+        s = self.settings
+        specs = [
+            *(
+                processes.worker(s, f"bench{n}", concurrency=self.concurrency)
+                for n in range(1, self.instances + 1)
+            ),
+            processes.beat(s),
+            processes.consumer(s, "consumer", group=GROUP, topics=[TOPIC, TOPIC_ACKED]),
+            processes.consumer(s, "acks", group="outbox-acks", topics=[ACK_TOPIC]),
+        ]
+        with processes.running(s, specs) as started:
+            for consumer in started[-2:]:
+                consumer.wait_for_line(processes.CONSUMER_ASSIGNED)
+            n = self.instances
+            yield {
+                "worker": [p.pid for p in started[:n]],
+                "beat": [started[n].pid],
+                "consumer": [p.pid for p in started[n + 1 :]],
+            }
+
+    def publish_batch(self, conn: Connection, start: int, stop: int, acked: bool) -> None:
+        topic = TOPIC_ACKED if acked else TOPIC
+        self.publisher.publish_batch(
+            conn, [Message(topic, payload(i), key=key(i)) for i in range(start, stop)]
+        )
+
+    def publish_one(self, conn: Connection, i: int) -> str:
+        return str(self.publisher.publish(conn, TOPIC, payload(i), key=key(i)))
+
+    def after_commit(self) -> None:
+        self.kicker.kick()
+
+
+class Bare(Side):
+    """The bare pipeline: relay, consumer and processor loops; nothing after a commit."""
+
+    name = "bare"
+    effects_table = "bare_effects"
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[dict[str, list[int]]]:
+        s = self.settings
+        specs = [processes.bare_loop(s, role, BARE_TOPIC) for role in bare.ROLES]
+        with processes.running(s, specs) as started:
+            yield {role: [p.pid] for role, p in zip(bare.ROLES, started, strict=True)}
+
+    def publish_batch(self, conn: Connection, start: int, stop: int, acked: bool) -> None:
+        bare.publish_many(conn, [(BARE_TOPIC, key(i), payload(i)) for i in range(start, stop)])
+
+    def publish_one(self, conn: Connection, i: int) -> str:
+        return bare.publish_one(conn, BARE_TOPIC, key(i), payload(i))
 
 
 def prepare(settings: Settings) -> tuple[Settings, Engine]:
     """Settings with the benchmark's handler, and an engine; creates the effects table,
-    the topic and the group."""
+    the topics and the groups (one needs no acks, the other does)."""
     s = settings.replace(handler_modules=("outbox.bench.handlers",))
     engine = make_engine(s, pool_size=PUBLISHERS)
     with engine.begin() as conn:
         conn.execute(text(SCHEMA))
+    bare.create_schema(engine)
     with make_sessionmaker(engine).begin() as session:
-        register_topic(session, TOPIC)
+        for topic in (TOPIC, TOPIC_ACKED):
+            register_topic(session, topic)
         put_group(session, GroupSpec(name=GROUP, topic=TOPIC))
-    ensure_topics(admin_client(s), [TOPIC], s.kafka_topic_partitions)
+        put_group(session, GroupSpec(name=GROUP, topic=TOPIC_ACKED, requires_ack=True))
+    ensure_topics(admin_client(s), [TOPIC, TOPIC_ACKED, BARE_TOPIC], s.kafka_topic_partitions)
     return s, engine
 
 
-@contextlib.contextmanager
-def running(settings: Settings, *, concurrency: int, instances: int = 1) -> Iterator[None]:
-    """``instances`` Celery workers of ``concurrency`` pool processes, beat and a consumer."""
-    specs = [
-        *(
-            processes.worker(settings, f"bench{n}", concurrency=concurrency)
-            for n in range(1, instances + 1)
-        ),
-        processes.beat(settings),
-        processes.consumer(settings, "consumer", group=GROUP, topics=[TOPIC]),
-    ]
-    with processes.running(settings, specs) as started:
-        started[-1].wait_for_line(processes.CONSUMER_ASSIGNED)
-        yield
+def service_pids(settings: Settings, engine: Engine) -> dict[str, list[int]]:
+    """The shared services' processes on this machine (none for a remote one)."""
+    roles: dict[str, list[int]] = {}
+    postmaster = postmaster_pid(engine)
+    if postmaster is not None:
+        roles["postgresql"] = [postmaster]
+    if settings.kafka_bootstrap is not None:
+        port = settings.kafka_bootstrap.rsplit(":", 1)[-1]
+        roles["broker"] = find_pids(rf"tansu .*:{port}\b")
+    return roles
 
 
-def throughput(
-    engine: Engine, publisher: Publisher, kicker: Kicker, messages: int
-) -> tuple[float, float]:
-    """Publish ``messages`` in batches of ``BATCH`` (kicking the relay as the API does) and
-    wait for their effects; returns msg/s of the publishing alone and of first commit to
-    last effect."""
-    already = _effects(engine)
-    progress(f"throughput: {messages:,} messages in batches of {BATCH:,}")
-    started = time.monotonic()
-    for start in range(0, messages, BATCH):
-        batch = [
-            Message(TOPIC, {"n": i}, key=f"k{i % 1000}")
-            for i in range(start, min(start + BATCH, messages))
-        ]
-        with engine.begin() as conn:
-            publisher.publish_batch(conn, batch)
-        kicker.kick()
-    published = time.monotonic()
-    finished = _wait_effects(engine, already + messages, timeout_s=600)
-    return messages / (published - started), messages / (finished - started)
+class Rounds:
+    """A figure per side per round, and the per-round ratios of system to bare."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.values[name])
+
+    def listed(self, name: str, unit: str = "") -> str:
+        return "rounds: " + ", ".join(f"{v:,.0f}{unit}" for v in self.values[name])
 
 
-def run(
-    settings: Settings, *, messages: int, rate: float, seconds: float, workers: int, command: str
-) -> Report:
-    """The end-to-end scenario on running services; returns the report."""
-    from api.kick import Kicker  # the API's own kick; the bench drives every layer
-
-    report = Report("e2e", command)
-    s, engine = prepare(settings)
-    kicker = Kicker(s)
-    publisher = Publisher(s)
-    try:
-        with running(s, concurrency=workers):
-            publish_rate, sustained = throughput(engine, publisher, kicker, messages)
-            report.add("publish (batches of 1,000)", publish_rate, "msg/s", "alone")
-            report.add(
-                "publish -> handler effect, sustained",
-                sustained,
-                "msg/s",
-                f"{messages:,} messages, first commit to last effect",
-            )
-            latencies, measured = _latency_phase(engine, publisher, kicker, rate, seconds, messages)
-        stages = _stages(engine, measured)
-    finally:
-        engine.dispose()
-    report.add("offered load (latency phase)", rate, "msg/s")
-    report.add("messages measured", len(latencies), "messages", f"after {WARMUP_S:g} s warm-up")
-    p50 = report.add("commit -> handler effect, p50", percentile(latencies, 0.50), "ms")
-    report.add("commit -> handler effect, p90", percentile(latencies, 0.90), "ms")
-    p99 = report.add("commit -> handler effect, p99", percentile(latencies, 0.99), "ms")
-    report.add("commit -> handler effect, max", max(latencies), "ms")
-    for stage, values in stages.items():
-        report.add(
-            f"stage {stage}, p50 / p99",
-            percentile(values, 0.50),
-            "ms",
-            f"p99 {percentile(values, 0.99):,.0f} ms",
-        )
-    report.series["commit -> handler effect"] = latencies
-    report.target("at least 10,000 msg/s sustained", sustained, 10_000.0)
-    report.target("p50 under 50 ms", p50, 50.0, at_most=True)
-    report.target("p99 under 250 ms", p99, 250.0, at_most=True)
-    return report
-
-
-def _latency_phase(
-    engine: Engine,
-    publisher: Publisher,
-    kicker: Kicker,
+def _one_side(
+    side: Side,
+    rounds: Rounds,
+    cpu: dict[str, dict[str, list[float]]],
+    latencies: dict[str, list[float]],
+    *,
+    messages: int,
     rate: float,
+    high_rate: float,
     seconds: float,
-    already: int,
-) -> tuple[list[float], list[str]]:
-    """Offer ``rate`` msg/s for ``seconds``; returns each measured message's latency (ms)
-    and the measured messages' ids."""
-    total = int(rate * seconds)
-    progress(f"latency: {total:,} messages at {rate:g}/s, one per transaction")
-    committed = offer_load(engine, publisher, kicker, TOPIC, rate, total)
-    _wait_effects(engine, already + total, timeout_s=120)
-    with engine.connect() as conn:
-        done: dict[str, datetime] = {
-            str(m): at for m, at in conn.execute(text("SELECT message_id, at FROM bench_effects"))
-        }
-    skip = int(rate * WARMUP_S)
-    ordered = sorted(committed.items(), key=lambda kv: kv[1])[skip:]
-    return [(done[m].timestamp() - at) * 1000 for m, at in ordered if m in done], [
-        m for m, _ in ordered
-    ]
+    services: dict[str, list[int]],
+) -> None:
+    with side.running() as pids:
+        n = side.name
+        progress(f"{n}: throughput, {messages:,} messages in batches of {BATCH:,}")
+        rounds.add(f"{n} throughput", side.throughput(messages))
+        if isinstance(side, System):
+            progress(f"{n}: throughput, a group that needs acks")
+            rounds.add(f"{n} throughput, acks", side.throughput(messages, acked=True))
+        progress(f"{n}: latency at {rate:g} msg/s for {seconds:g} s, one per transaction")
+        meter = CpuMeter({**services, **pids})
+        meter.start()
+        latency = side.latency(rate, seconds)
+        used = meter.seconds()
+        measured = list(latency.values())
+        if isinstance(side, System):
+            for stage, values in _stages(side.engine, list(latency)).items():
+                rounds.add(f"stage {stage}", percentile(values, 0.5))
+        total = int(rate * seconds)
+        for role, seconds_used in used.items():
+            cpu.setdefault(n, {}).setdefault(role, []).append(1000 * seconds_used / total)
+        latencies.setdefault(f"{n}, {rate:g} msg/s", []).extend(measured)
+        rounds.add(f"{n} p50", percentile(measured, 0.5))
+        rounds.add(f"{n} p99", percentile(measured, 0.99))
+        progress(f"{n}: latency at {high_rate:g} msg/s for {seconds:g} s")
+        high = list(side.latency(high_rate, seconds).values())
+        rounds.add(f"{n} high p50", percentile(high, 0.5))
+        rounds.add(f"{n} high p99", percentile(high, 0.99))
 
 
 # Each measured message's time in each stage, from its rows' timestamps (database clock).
@@ -185,6 +295,7 @@ JOIN inbox_messages i ON i.message_id = o.message_id AND i.consumer_group = :gro
 JOIN bench_effects e ON e.message_id = o.message_id
 WHERE o.message_id = ANY(CAST(:ids AS uuid[]))
 """)
+STAGES = ("commit -> sent", "sent -> inbox", "inbox -> effect")
 
 
 def _stages(engine: Engine, ids: list[str]) -> dict[str, list[float]]:
@@ -192,7 +303,136 @@ def _stages(engine: Engine, ids: list[str]) -> dict[str, list[float]]:
     consumer), inbox -> effect (the lane task and the handler)."""
     with engine.connect() as conn:
         rows = conn.execute(_STAGES, {"group": GROUP, "ids": ids}).all()
-    return {
-        stage: [float(row[n]) for row in rows]
-        for n, stage in enumerate(("commit -> sent", "sent -> inbox", "inbox -> effect"))
+    return {stage: [float(row[n]) for row in rows] for n, stage in enumerate(STAGES)}
+
+
+def run(
+    settings: Settings,
+    *,
+    messages: int,
+    rate: float,
+    high_rate: float,
+    seconds: float,
+    rounds: int,
+    workers: int,
+    command: str,
+) -> Report:
+    """The end-to-end scenario on running services; returns the report."""
+    report = Report("e2e", command)
+    s, engine = prepare(settings)
+    services = service_pids(s, engine)
+    sides: list[Side] = [System(s, engine, workers), Bare(s, engine)]
+    figures = Rounds()
+    cpu: dict[str, dict[str, list[float]]] = {}
+    latencies: dict[str, list[float]] = {}
+    try:
+        for n in range(rounds):
+            for side in sides if n % 2 == 0 else sides[::-1]:
+                progress(f"round {n + 1}/{rounds}: {side.name}")
+                _one_side(
+                    side,
+                    figures,
+                    cpu,
+                    latencies,
+                    messages=messages,
+                    rate=rate,
+                    high_rate=high_rate,
+                    seconds=seconds,
+                    services=services,
+                )
+    finally:
+        engine.dispose()
+    _report(report, figures, cpu, latencies, rate=rate, high_rate=high_rate)
+    return report
+
+
+def _ratios(figures: Rounds, system: str, bare_name: str) -> list[float]:
+    return [
+        100 * a / b for a, b in zip(figures.values[system], figures.values[bare_name], strict=True)
+    ]
+
+
+def _report(
+    report: Report,
+    figures: Rounds,
+    cpu: dict[str, dict[str, list[float]]],
+    latencies: dict[str, list[float]],
+    *,
+    rate: float,
+    high_rate: float,
+) -> None:
+    add = report.add
+    bare_rate = add(
+        "bare pipeline: publish -> effect (limit)",
+        figures.median("bare throughput"),
+        "msg/s",
+        figures.listed("bare throughput"),
+    )
+    system_rate = add(
+        "publish -> handler effect, sustained",
+        figures.median("system throughput"),
+        "msg/s",
+        figures.listed("system throughput"),
+    )
+    add(
+        "publish -> handler effect, sustained, acks on",
+        figures.median("system throughput, acks"),
+        "msg/s",
+        figures.listed("system throughput, acks"),
+    )
+    ratio = statistics.median(_ratios(figures, "system throughput", "bare throughput"))
+    add("sustained / bare", ratio, "%", "median of the rounds' ratios")
+    acked = statistics.median(_ratios(figures, "system throughput, acks", "bare throughput"))
+    add("sustained, acks on / bare", acked, "%", "median of the rounds' ratios")
+    for prefix, label in (("", f"{rate:g} msg/s"), ("high ", f"{high_rate:g} msg/s")):
+        for q in ("p50", "p99"):
+            add(
+                f"bare: commit -> effect at {label}, {q}",
+                figures.median(f"bare {prefix}{q}"),
+                "ms",
+                figures.listed(f"bare {prefix}{q}", " ms"),
+            )
+            add(
+                f"commit -> handler effect at {label}, {q}",
+                figures.median(f"system {prefix}{q}"),
+                "ms",
+                figures.listed(f"system {prefix}{q}", " ms"),
+            )
+    for stage in STAGES:
+        add(
+            f"stage {stage} at {rate:g} msg/s, p50",
+            figures.median(f"stage {stage}"),
+            "ms",
+            figures.listed(f"stage {stage}", " ms"),
+        )
+    per_message = {
+        side: {role: statistics.median(v) for role, v in roles.items()}
+        for side, roles in cpu.items()
     }
+    for side in ("bare", "system"):
+        for role, value in sorted(per_message.get(side, {}).items()):
+            add(f"CPU per message at {rate:g} msg/s, {side}: {role}", value, "ms")
+    cpu_bare = sum(per_message.get("bare", {}).values())
+    cpu_system = sum(per_message.get("system", {}).values())
+    add(f"CPU per message at {rate:g} msg/s, bare, every process", cpu_bare, "ms")
+    add(f"CPU per message at {rate:g} msg/s, system, every process", cpu_system, "ms")
+    report.series.update(latencies)
+    report.breakdown = {"CPU ms per message": per_message}
+    report.target("sustained >= 80% of the bare pipeline", system_rate, 0.8 * bare_rate)
+    report.target(
+        "sustained, acks on >= 80% of the bare pipeline",
+        figures.median("system throughput, acks"),
+        0.8 * bare_rate,
+    )
+    report.target(
+        f"p50 at {rate:g} msg/s <= bare p50 + 15 ms",
+        figures.median("system p50"),
+        figures.median("bare p50") + 15,
+        at_most=True,
+    )
+    report.target(
+        f"p99 at {rate:g} msg/s <= 100 ms", figures.median("system p99"), 100, at_most=True
+    )
+    report.target(
+        "CPU per message <= 3x the bare pipeline's", cpu_system, 3 * cpu_bare, at_most=True
+    )

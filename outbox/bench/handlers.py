@@ -8,6 +8,8 @@ from sqlalchemy.orm import Session
 import consumer
 
 TOPIC = "bench.e2e"
+# The same messages, for a consumer group that requires acks.
+TOPIC_ACKED = "bench.e2e.acked"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bench_effects (
     message_id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())
@@ -15,6 +17,7 @@ CREATE TABLE IF NOT EXISTS bench_effects (
 
 
 @consumer.handler(TOPIC)
+@consumer.handler(TOPIC_ACKED)
 def record_effect(message: consumer.Message, session: Session) -> None:
     """Write the message's effect, in the transaction that marks it done."""
     session.execute(text("INSERT INTO bench_effects (message_id) VALUES (:id)"), {"id": message.id})

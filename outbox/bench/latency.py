@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
 from outbox.bench.report import Report, progress
 from outbox.db import make_engine, make_sessionmaker
@@ -29,7 +30,7 @@ from outbox.settings import Settings
 
 if TYPE_CHECKING:
     # The API's own kick: like the CLI, a benchmark drives every layer.
-    from api.kick import Kicker
+    pass
 
 TOPIC = "bench.latency"
 WARMUP_S = 2.0
@@ -43,10 +44,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def offer_load(
-    engine: Engine, publisher: Publisher, kicker: Kicker, topic: str, rate: float, total: int
+    engine: Engine,
+    publish_one: Callable[[Connection, int], str],
+    after_commit: Callable[[], None] | None,
+    rate: float,
+    total: int,
 ) -> dict[str, float]:
-    """Publish ``total`` messages at ``rate`` per second, one per transaction, kicking the
-    relay after each commit as the API does; return each message id's commit time."""
+    """Publish ``total`` messages at ``rate`` per second, one per transaction
+    (``publish_one(conn, i)`` returns the message id), calling ``after_commit`` after each
+    commit (the API's kick); return each message id's commit time."""
     committed: dict[str, float] = {}
     started = time.monotonic()
 
@@ -57,9 +63,10 @@ def offer_load(
             if delay > 0:
                 time.sleep(delay)
             with engine.begin() as conn:
-                message_id = publisher.publish(conn, topic, {"n": i}, key=f"k{i % 100}")
-            committed[str(message_id)] = time.time()
-            kicker.kick()
+                message_id = publish_one(conn, i)
+            committed[message_id] = time.time()
+            if after_commit is not None:
+                after_commit()
 
     threads = [threading.Thread(target=publish_share, args=(n,)) for n in range(PUBLISHERS)]
     for t in threads:
@@ -88,7 +95,13 @@ def run(settings: Settings, *, rate: float, seconds: float, workers: int, comman
 
     try:
         started = time.monotonic()
-        committed = offer_load(engine, publisher, kicker, TOPIC, rate, total)
+        committed = offer_load(
+            engine,
+            lambda conn, i: str(publisher.publish(conn, TOPIC, {"n": i}, key=f"k{i % 100}")),
+            kicker.kick,
+            rate,
+            total,
+        )
         offered = total / (time.monotonic() - started)
         progress("waiting for the relay to finish")
         deadline = time.monotonic() + 60

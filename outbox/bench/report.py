@@ -29,6 +29,8 @@ class Report:
     figures: list[Figure] = dataclasses.field(default_factory=list)
     targets: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     series: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    # A bar chart per title: a value per (group, bar), e.g. CPU per message by process.
+    breakdown: dict[str, dict[str, dict[str, float]]] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.time)
 
     def add(self, name: str, value: float, unit: str, note: str = "") -> float:
@@ -88,7 +90,7 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = 2 if self.series else 1
+        panels = 1 + bool(self.series) + len(self.breakdown)
         fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
         # A latency report shows its percentiles; a throughput report its rates.
         unit = "ms" if self.series else "/s"
@@ -112,6 +114,21 @@ class Report:
             ax2.set_title("latency (CDF)")
             ax2.grid(True, alpha=0.3)
             ax2.legend()
+        for n, (title, groups) in enumerate(self.breakdown.items(), start=1 + bool(self.series)):
+            ax3 = axes[0][n]
+            bars = sorted({bar for heights in groups.values() for bar in heights})
+            width = 0.8 / max(len(groups), 1)
+            for g, (group, heights) in enumerate(sorted(groups.items())):
+                ax3.bar(
+                    [i + g * width for i in range(len(bars))],
+                    [heights.get(bar, 0.0) for bar in bars],
+                    width,
+                    label=group,
+                )
+            ax3.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(bars))])
+            ax3.set_xticklabels(bars, rotation=30, ha="right", fontsize=8)
+            ax3.set_title(title)
+            ax3.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, TextClause, text
+from sqlalchemy import Connection, Engine, TextClause, text
 
 from outbox.bench.handlers import SCHEMA
 from outbox.bench.latency import PUBLISHERS, offer_load, percentile
@@ -187,7 +187,11 @@ def run(
         for topic, name in ((TOPIC_NONE, "no failures"), (TOPIC_SOME, f"{fail_percent}% fail")):
             progress(f"{name}: {messages:,} messages at {rate:g}/s")
             started = time.monotonic()
-            committed = offer_load(engine, publisher, kicker, topic, rate, messages)
+
+            def publish_one(conn: Connection, i: int, topic: str = topic) -> str:
+                return str(publisher.publish(conn, topic, {"n": i}, key=f"k{i % 100}"))
+
+            committed = offer_load(engine, publish_one, kicker.kick, rate, messages)
             _wait(engine, _ACKED, messages, 120 + messages / rate, topic=topic)
             elapsed = time.monotonic() - started
             time.sleep(STATS_SETTLE_S)

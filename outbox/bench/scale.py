@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import statistics
 
-from outbox.bench.e2e import prepare, running, throughput
+from outbox.bench.e2e import System, prepare
 from outbox.bench.relay import TOPIC as RELAY_TOPIC
 from outbox.bench.relay import worker_relay
 from outbox.bench.report import Report, progress
 from outbox.kafka import admin_client, ensure_topics
-from outbox.publishing import Publisher
 from outbox.settings import Settings
 
 INSTANCES = (1, 2)
@@ -29,14 +28,11 @@ INSTANCES = (1, 2)
 
 def run(settings: Settings, *, rows: int, messages: int, rounds: int, command: str) -> Report:
     """The scaling scenario on running services; returns the report."""
-    from api.kick import Kicker  # the API's own kick; the bench drives every layer
-
     report = Report("scale", command)
     ensure_topics(admin_client(settings), [RELAY_TOPIC], settings.kafka_topic_partitions)
     relay: dict[int, list[float]] = {n: [] for n in INSTANCES}
     e2e: dict[int, list[float]] = {n: [] for n in INSTANCES}
     s, engine = prepare(settings)
-    kicker, publisher = Kicker(s), Publisher(s)
     try:
         for r in range(1, rounds + 1):
             for n in INSTANCES:
@@ -44,8 +40,9 @@ def run(settings: Settings, *, rows: int, messages: int, rounds: int, command: s
                 relay[n].append(worker_relay(s, rows, 200, 1000, n))
             for n in INSTANCES:
                 progress(f"round {r}/{rounds}: end to end, {n} worker process(es)")
-                with running(s, concurrency=1, instances=n):
-                    e2e[n].append(throughput(engine, publisher, kicker, messages)[1])
+                system = System(s, engine, concurrency=1, instances=n)
+                with system.running():
+                    e2e[n].append(system.throughput(messages))
     finally:
         engine.dispose()
     for name, results in (("relay", relay), ("publish -> handler effect", e2e)):

@@ -149,6 +149,15 @@ def flower(settings: Settings, name: str = "flower") -> Spec:
     return Spec(name, argv, ready_url=f"http://127.0.0.1:{settings.flower_port}/", ready_status=401)
 
 
+def bare_loop(settings: Settings, role: str, topic: str) -> Spec:
+    """A loop of the benchmarks' bare pipeline (:mod:`outbox.bench.bare`)."""
+    return Spec(
+        f"bare-{role}",
+        _python("outbox.bench.bare", role, topic),
+        ready_pattern=f"bare {role} ready",
+    )
+
+
 def http_status(url: str) -> int | None:
     """The status of a GET of ``url``, or None when nothing answers."""
     try:

@@ -22,9 +22,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
             "relay",
             ["--rows", "3000", "--rounds", "1"],
             {
-                "bare produce (limit)",
-                "PostgreSQL claim-and-mark (limit)",
+                "bare relay (limit)",
                 "relay (one process)",
+                "bare publish, 1,000 rows per INSERT (limit)",
+                "publish_batch, 1,000 rows per transaction",
+                "relay / bare relay",
                 "worker relay, metrics + task events on",
                 "worker relay, metrics + task events off",
             },
@@ -41,11 +43,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
         ),
         (
             "e2e",
-            ["--messages", "500", "--rate", "100", "--seconds", "3"],
+            [
+                *("--messages", "500", "--rate", "100", "--high-rate", "200"),
+                *("--seconds", "3", "--rounds", "1"),
+            ],
             {
+                "bare pipeline: publish -> effect (limit)",
                 "publish -> handler effect, sustained",
-                "commit -> handler effect, p50",
-                "stage inbox -> effect, p50 / p99",
+                "publish -> handler effect, sustained, acks on",
+                "commit -> handler effect at 100 msg/s, p50",
+                "bare: commit -> effect at 100 msg/s, p50",
+                "CPU per message at 100 msg/s, system, every process",
+                "CPU per message at 100 msg/s, bare, every process",
             },
         ),
         (

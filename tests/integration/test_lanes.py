@@ -4,6 +4,7 @@ back off and end dead, and in an ordered group a failing key holds back only its
 from __future__ import annotations
 
 import collections
+import time
 import uuid
 from typing import Any
 
@@ -238,3 +239,80 @@ def test_a_changed_lane_count_is_refused_while_rows_spread_by_the_old_one_are_un
         text("SELECT count(*) FROM leases WHERE scope = :s"), {"s": lane_scope(GROUP)}
     )
     assert count == 4
+
+
+class _RecordingLinger:
+    """A linger that lets new rows arrive while the task waits, and records its calls."""
+
+    def __init__(self, arrive: Any, waits: int) -> None:
+        self.arrive = arrive  # called once, on the first wait: commits more rows
+        self.waits = waits
+        self.calls: list[tuple[str, Any]] = []
+
+    def hold(self, group: str, lanes: Any) -> None:
+        self.calls.append(("hold", list(lanes)))
+
+    def keep_waiting(self, idle_s: float) -> bool:
+        if self.arrive is not None:
+            self.arrive()
+            self.arrive = None
+        self.waits -= 1
+        return self.waits > 0
+
+    def let_go(self, group: str, lanes: Any) -> None:
+        self.calls.append(("let_go", list(lanes)))
+
+
+def test_a_lingering_lane_task_runs_rows_that_arrive_while_it_waits_then_lets_go(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+
+    @consumer.handler(topic)
+    def record(message: consumer.Message, tx: Session) -> None:
+        tx.execute(text("INSERT INTO effects VALUES (:id, NULL, 1)"), {"id": message.id})
+
+    first = _receive(session, topic, [("k1", {"n": 1})])
+    later: list[uuid.UUID] = []
+    linger = _RecordingLinger(
+        lambda: later.extend(_receive(Session(effects), topic, [("k1", {"n": 2})])), waits=50
+    )
+    processor = LaneProcessor(settings, make_sessionmaker(effects), "worker-a")
+
+    report = processor.run(GROUP, LANE, linger=linger)
+
+    # One task ran both: the row committed while it waited did not need a kick.
+    assert report.done == 2 and report.next_due_s is None
+    assert {r.status for r in _rows(session).values()} == {"done"}
+    assert set(session.execute(text("SELECT message_id FROM effects")).scalars()) == {
+        *first,
+        *later,
+    }
+    # It held the lane's kicks while it waited and let them go before its last look.
+    assert linger.calls == [("hold", [LANE]), ("let_go", [LANE])]
+    owner = session.execute(
+        text("SELECT owner FROM leases WHERE scope = :scope AND bucket = :lane"),
+        {"scope": lane_scope(GROUP), "lane": LANE},
+    ).scalar_one()
+    assert owner is None  # and gave the lane back
+
+
+def test_a_lane_task_stops_lingering_when_told_and_gives_its_lanes_back(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+
+    @consumer.handler(topic)
+    def record(message: consumer.Message, tx: Session) -> None:
+        tx.execute(text("INSERT INTO effects VALUES (:id, NULL, 1)"), {"id": message.id})
+
+    _receive(session, topic, [("k1", {"n": 1})])
+    linger = _RecordingLinger(None, waits=1)  # other tasks are queued: no waiting
+    started = time.monotonic()
+    report = LaneProcessor(settings, make_sessionmaker(effects), "w").run(
+        GROUP, LANE, linger=linger
+    )
+    assert report.done == 1 and time.monotonic() - started < 2
+    assert linger.calls == [("hold", [LANE]), ("let_go", [LANE])]

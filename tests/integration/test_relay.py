@@ -309,3 +309,40 @@ def test_a_changed_bucket_count_is_refused_while_rows_spread_by_the_old_one_are_
     session.commit()
     assert relay.run(budget_s=10).sent == 1
     assert session.scalar(text("SELECT count(*) FROM leases WHERE scope = 'relay'")) == 16
+
+
+def test_a_lingering_relay_sends_rows_committed_while_it_waits_in_the_same_task(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    first = publisher.publish(session, topic, {"n": 1}, key="k")
+    session.commit()
+    later = []
+    calls = []
+
+    class Linger:
+        waits = 100
+
+        def hold(self) -> None:
+            calls.append("hold")
+
+        def keep_waiting(self, idle_s: float) -> bool:
+            if not later:
+                with Session(engine) as other:
+                    later.append(publisher.publish(other, topic, {"n": 2}, key="k"))
+                    other.commit()
+            self.waits -= 1
+            return self.waits > 0
+
+        def let_go(self) -> None:
+            calls.append("let_go")
+
+    report = Relay(relay_settings, sessions=make_sessionmaker(engine)).run(
+        budget_s=30, linger=Linger()
+    )
+
+    assert report.sent == 2  # one task, no kick for the second commit
+    assert calls == ["hold", "let_go"]
+    received = consume_all(relay_settings.kafka_bootstrap, topic, 2)
+    assert [m.message_id for m in received] == [str(first), str(later[0])]  # in key order
