@@ -22,6 +22,8 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     for task, setting in BEAT_TASKS.values():
         interval = getattr(settings, setting)
         schedule[task] = {"task": task, "schedule": interval, "options": {"expires": interval}}
+    # A relay tick finds the relay busy when a kick is pending or a pass is on: it ends.
+    schedule[tasknames.PUBLISH]["kwargs"] = {"tick": True}
     # Each heartbeat tick names the beat that sent it: beat shows among the agents.
     schedule[tasknames.HEARTBEAT]["kwargs"] = {"beat": instance_id("beat")}
     return schedule

@@ -124,9 +124,9 @@ class LaneProcessor:
         end, for as long as ``linger`` says, and within the budget.
         """
         s = self.settings
+        scope = lane_scope(group)
         wanted = sorted({lanes} if isinstance(lanes, int) else set(lanes))
         deadline = time.monotonic() + (s.lane_budget_s if budget_s is None else budget_s)
-        scope = lane_scope(group)
         report = LaneReport()
         held: list[int] = []
         finished = False
@@ -189,11 +189,25 @@ class LaneProcessor:
                             finished = True
                 if counted is None and not finished and not more:
                     assert linger is not None
-                    if not self._await_rows(group, held, policies, deadline, linger):
+                    found = self._await_rows(group, held, policies, deadline, linger)
+                    if found is None:
                         # Kicks send tasks again from here on; a commit before this is
                         # seen by the last look, one after it kicks a task of its own.
                         linger.let_go(group, held)
                         letting_go = True
+                    elif extra := sorted(set(found) - set(held)):
+                        with self.sessions.begin() as session:
+                            more_lanes, lapsed = leases.take(
+                                session,
+                                scope,
+                                self.owner,
+                                extra,
+                                limit=len(extra),
+                                lease_s=s.lane_lease_s,
+                            )
+                        careful |= set(lapsed)
+                        held = sorted(set(held) | set(more_lanes))
+                        linger.hold(group, held)
                 if counted is not None:
                     with self.sessions.begin() as session:
                         limit_statements(session, _longest_timeout_s(policies))
@@ -216,6 +230,23 @@ class LaneProcessor:
                     self._finish(session, group, held, policies)
         return report
 
+    def _open_lanes(
+        self,
+        session: Session,
+        group: str,
+        scope: str,
+        policies: dict[str, _TopicPolicy] | None = None,
+    ) -> list[int]:
+        """The group's lanes with a due row that no other task holds."""
+        params = {
+            "group": group,
+            "scope": scope,
+            "owner": self.owner,
+            "lane_count": self.settings.lanes,
+            **_order_params(policies if policies is not None else self._policies(session, group)),
+        }
+        return list(session.execute(queries.LANES_OPEN_WITH_WORK, params).scalars())
+
     def _await_rows(
         self,
         group: str,
@@ -223,29 +254,33 @@ class LaneProcessor:
         policies: dict[str, _TopicPolicy],
         deadline: float,
         linger: Linger,
-    ) -> bool:
-        """Wait for a due row in ``lanes``: True once there is one, False when ``linger``
-        stops waiting or the budget ends. The lanes' leases are renewed meanwhile."""
+    ) -> list[int] | None:
+        """Wait for a due row in ``lanes``, or else in lanes nobody holds: the lanes with
+        one (``lanes``' own first: an idle task takes on open lanes, a busy one leaves them
+        to the tasks their kicks start, so that work spreads over the workers under load
+        and gathers in one task when it is light), or None when ``linger`` stops waiting
+        or the budget ends. The leases of ``lanes`` are renewed meanwhile."""
         s = self.settings
+        scope = lane_scope(group)
         poll_s = s.lane_poll_ms / 1000
         idle_since = renewed = time.monotonic()
-        params = {"group": group, "lanes": lanes, **_order_params(policies)}
         while True:
             now = time.monotonic()
             if now + poll_s >= deadline or not linger.keep_waiting(now - idle_since):
-                return False
+                return None
             time.sleep(poll_s)
             with self.sessions() as session:
-                if session.execute(queries.LANES_HAVE_DUE, params).scalar_one():
-                    return True
+                found = self._open_lanes(session, group, scope, policies)
+            if found:
+                own = [n for n in found if n in lanes]
+                return own or found
             if time.monotonic() - renewed >= s.lane_lease_s / 3:
                 with self.sessions.begin() as session:
-                    scope = lane_scope(group)
                     kept = leases.acquire(
                         session, scope, self.owner, lanes, limit=len(lanes), lease_s=s.lane_lease_s
                     )
                 if len(kept) < len(lanes):
-                    return True  # a lane was taken over: the next batch finds out
+                    return lanes  # a lane was taken over: the next batch finds out
                 renewed = time.monotonic()
 
     def _prepare(self, session: Session, group: str, scope: str) -> dict[str, _TopicPolicy]:

@@ -390,13 +390,19 @@ CROSS JOIN LATERAL (
 ORDER BY m.id
 """)  # noqa: S608 (composed of constants only)
 
-# Whether any row of the lanes is due now: what a lingering lane task looks for (read
-# only, so looking often costs no commit).
-LANES_HAVE_DUE = _sql(f"""
-SELECT EXISTS (
+# The group's lanes with a row due now that no other task holds: what a lane task takes
+# besides the lanes it was kicked for, and what it looks for while it lingers (read only,
+# so looking often costs no commit).
+LANES_OPEN_WITH_WORK = _sql(f"""
+SELECT l.lane FROM generate_series(0, :lane_count - 1) AS l(lane)
+WHERE NOT EXISTS (
+    SELECT 1 FROM leases x
+    WHERE x.scope = :scope AND x.bucket = l.lane AND x.owner IS DISTINCT FROM :owner
+      AND x.expires_at > now()
+)
+AND EXISTS (
     SELECT 1 FROM inbox_messages m
-    WHERE {_lane_row_ready("= ANY(CAST(:lanes AS int[]))")}
-      AND m.next_attempt_at <= now()
+    WHERE {_lane_row_ready("= l.lane")} AND m.next_attempt_at <= now()
 )
 """)  # noqa: S608 (composed of constants only)
 
