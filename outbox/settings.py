@@ -120,7 +120,7 @@ class Settings:
         10000, "Producer message timeout: an unacknowledged send fails after it.", minimum=1000
     )
     relay_linger_ms: int = _setting(
-        1000,
+        0,
         "How long a relay task that emptied the outbox waits for new rows before it ends "
         "(0: it ends at once); it stops waiting as soon as other tasks are queued.",
         minimum=0,
@@ -140,7 +140,7 @@ class Settings:
         100, "Inbox rows one lane transaction takes, shared among its lanes.", minimum=1
     )
     lane_linger_ms: int = _setting(
-        1000,
+        0,
         "How long a lane task whose lanes ran dry waits for new rows before it gives them "
         "back (0: it ends at once); it stops waiting as soon as other tasks are queued.",
         minimum=0,

@@ -104,6 +104,16 @@ class Side:
     def after_commit(self) -> None:
         """What a service does after its commit (the system kicks the relay)."""
 
+    def settle(self, timeout_s: float = 300.0) -> None:
+        """Wait until the pipeline has nothing left in flight (acks included), so that a
+        phase does not measure the backlog of the one before."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _in_flight(self) -> int:
+        return 0
+
     def throughput(self, messages: int, *, acked: bool = False) -> float:
         """Publish ``messages`` in batches of 1,000 and wait for their effects; msg/s from
         the first commit to the last effect."""
@@ -178,6 +188,10 @@ class System(Side):
 
     def after_commit(self) -> None:
         self.kicker.kick()
+
+    def _in_flight(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(_IN_FLIGHT).scalar_one())
 
 
 class Bare(Side):
@@ -264,6 +278,7 @@ def _one_side(
         if isinstance(side, System):
             progress(f"{n}: throughput, a group that needs acks")
             rounds.add(f"{n} throughput, acks", side.throughput(messages, acked=True))
+        side.settle()
         progress(f"{n}: latency at {rate:g} msg/s for {seconds:g} s, one per transaction")
         meter = CpuMeter({**services, **pids})
         meter.start()
@@ -280,10 +295,18 @@ def _one_side(
         rounds.add(f"{n} p50", percentile(measured, 0.5))
         rounds.add(f"{n} p99", percentile(measured, 0.99))
         progress(f"{n}: latency at {high_rate:g} msg/s for {seconds:g} s")
+        side.settle()
         high = list(side.latency(high_rate, seconds).values())
+        side.settle()
         rounds.add(f"{n} high p50", percentile(high, 0.5))
         rounds.add(f"{n} high p99", percentile(high, 0.99))
 
+
+# Rows the system still has to relay or process: acks of an earlier phase, say.
+_IN_FLIGHT = text("""
+SELECT (SELECT count(*) FROM outbox_messages WHERE status = 'pending')
+     + (SELECT count(*) FROM inbox_messages WHERE status IN ('received', 'failed'))
+""")
 
 # Each measured message's time in each stage, from its rows' timestamps (database clock).
 _STAGES = text("""

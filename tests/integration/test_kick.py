@@ -63,3 +63,17 @@ def test_a_claimer_whose_connection_broke_reconnects_on_the_next_claim(redis_url
     assert not claimer.claim(60_000)
     kick_started(client)
     assert claimer.claim(60_000)
+
+
+def test_beats_relay_tick_ends_at_once_while_a_pass_is_queued_or_on(settings: Settings):
+    from tasks.factory import make_celery
+
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    publish = make_celery(settings).tasks["outbox.publish"]
+    client.set(FLAG, b"1", px=5000)  # a kicked pass is queued (or a lingering one holds it)
+    assert publish.run(tick=True) == {"skipped": "a relay pass is queued or running"}
+    assert client.exists(FLAG)  # left to the pass that set it
+    client.delete(FLAG)
+    ran = publish.run(tick=True)  # nobody is on it: beat's tick relays
+    assert "sent" in ran and ran["circuit"] == "closed"

@@ -263,15 +263,22 @@ class _RecordingLinger:
         self.calls.append(("let_go", list(lanes)))
 
 
-def test_a_lingering_lane_task_runs_rows_that_arrive_while_it_waits_then_lets_go(
-    settings: Settings, effects: Engine, session: Session
-):
+def _topic_with_effects(session: Session) -> str:
+    """A registered topic whose handler writes one effect row per message."""
     topic = f"t.{uuid.uuid4().hex[:8]}"
     _register(session, topic)
 
     @consumer.handler(topic)
     def record(message: consumer.Message, tx: Session) -> None:
         tx.execute(text("INSERT INTO effects VALUES (:id, NULL, 1)"), {"id": message.id})
+
+    return topic
+
+
+def test_a_lingering_lane_task_runs_rows_that_arrive_while_it_waits_then_lets_go(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = _topic_with_effects(session)
 
     first = _receive(session, topic, [("k1", {"n": 1})])
     later: list[uuid.UUID] = []
@@ -301,12 +308,7 @@ def test_a_lingering_lane_task_runs_rows_that_arrive_while_it_waits_then_lets_go
 def test_a_lane_task_stops_lingering_when_told_and_gives_its_lanes_back(
     settings: Settings, effects: Engine, session: Session
 ):
-    topic = f"t.{uuid.uuid4().hex[:8]}"
-    _register(session, topic)
-
-    @consumer.handler(topic)
-    def record(message: consumer.Message, tx: Session) -> None:
-        tx.execute(text("INSERT INTO effects VALUES (:id, NULL, 1)"), {"id": message.id})
+    topic = _topic_with_effects(session)
 
     _receive(session, topic, [("k1", {"n": 1})])
     linger = _RecordingLinger(None, waits=1)  # other tasks are queued: no waiting
