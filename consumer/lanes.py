@@ -231,11 +231,7 @@ class LaneProcessor:
         return report
 
     def _open_lanes(
-        self,
-        session: Session,
-        group: str,
-        scope: str,
-        policies: dict[str, _TopicPolicy] | None = None,
+        self, session: Session, group: str, scope: str, policies: dict[str, _TopicPolicy]
     ) -> list[int]:
         """The group's lanes with a due row that no other task holds."""
         params = {
@@ -243,7 +239,7 @@ class LaneProcessor:
             "scope": scope,
             "owner": self.owner,
             "lane_count": self.settings.lanes,
-            **_order_params(policies if policies is not None else self._policies(session, group)),
+            **_order_params(policies),
         }
         return list(session.execute(queries.LANES_OPEN_WITH_WORK, params).scalars())
 
