@@ -175,12 +175,14 @@ class BareRelay:
             conn.execute(MARK_SENT, {"ids": delivered})
         return len(delivered)
 
-    def drain(self, rows: int) -> float:
+    def drain(self, rows: int, timeout_s: float = 600.0) -> float:
         """Send ``rows`` rows; return messages/s."""
         sent = 0
         started = time.perf_counter()
         while sent < rows:
             sent += self.pass_once()
+            if time.perf_counter() - started > timeout_s:
+                raise RuntimeError(f"the bare relay sent {sent:,} of {rows:,} rows")
         return sent / (time.perf_counter() - started)
 
 
@@ -193,9 +195,7 @@ def _relay_forever(settings: Settings, engine: Engine, stop: threading.Event) ->
 
 
 def _consume_forever(settings: Settings, engine: Engine, topic: str, stop: threading.Event) -> None:
-    config = consumer_config(settings, f"bare-{topic}", **{"fetch.wait.max.ms": 10})
-    config.pop("logger", None)
-    kafka = Consumer(config)
+    kafka = Consumer(consumer_config(settings, f"bare-{topic}", **{"fetch.wait.max.ms": 10}))
     metadata = admin_client(settings).list_topics(topic, timeout=10).topics[topic]
     kafka.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
     try:

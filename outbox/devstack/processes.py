@@ -198,7 +198,6 @@ class Process:
         self._cwd = cwd
         self._lines: collections.deque[str] = collections.deque(maxlen=KEPT_LINES)
         self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
 
     def start(self) -> Process:
         """Start (or start again) the process; return at once."""
@@ -212,7 +211,6 @@ class Process:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.started_at = time.monotonic()
         proc = self.proc
         threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
         if self.spec.ready_url is not None:
