@@ -240,6 +240,10 @@ def service_pids(settings: Settings, engine: Engine) -> dict[str, list[int]]:
     if settings.kafka_bootstrap is not None:
         port = settings.kafka_bootstrap.rsplit(":", 1)[-1]
         roles["broker"] = find_pids(rf"tansu .*:{port}\b")
+    if settings.redis_url is not None:
+        # Celery's broker: the system's only (the bare pipeline does not use it).
+        port = settings.redis_url.rsplit(":", 1)[-1].split("/")[0]
+        roles["redis"] = find_pids(rf"redis-server .*:{port}\b")
     return roles
 
 
