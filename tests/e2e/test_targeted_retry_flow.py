@@ -18,7 +18,7 @@ from tests.processes import start_beat, start_consumer, start_worker
 from tests.retry_handlers import SCHEMA
 
 TOKEN = "retry-e2e"
-RETRY_AFTER_S = 15.0
+RETRY_AFTER_S = 3600.0
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -55,8 +55,8 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
     settings: Settings, engine: Engine, topic: str, tmp_path: Path
 ):
     s, client = _system(settings, engine)
-    # A's lanes try once, then the message waits RETRY_AFTER_S for its targeted retry
-    # (factor 1: no jitter); B's as usual.
+    # A's lanes try once, then the message waits for its targeted retry, which the test
+    # makes due once W2 is known; B's as usual.
     retry = {"base_s": RETRY_AFTER_S, "factor": 1.0, "max_attempts": 1}
     a, b = f"group-a.{topic}", f"group-b.{topic}"  # the broker's groups outlive a test
     groups = [
@@ -96,14 +96,19 @@ def test_a_group_that_fails_on_one_worker_is_retried_on_the_other_and_only_there
             " WHERE g.name = :a AND d.status = 'failed' AND d.attempts = 0"
         )
         _wait(engine, failed, 1, 60, a=a)
-        # W2 starts and is a healthy agent before A's retry is due.
+        # W2 starts and is a healthy agent before A's retry is due (the group's backoff
+        # draws its first wait from [0, an hour]); then the test makes the retry due.
         w2 = start_worker(s, "w2", tmp_path, env={**env, "OUTBOX_TEST_WORKER": "w2"}, concurrency=2)
         processes.append(w2)
         w2.wait_ready(120)
         _wait(engine, "SELECT count(*) FROM agents WHERE role = 'worker' AND active", 2, 30)
         assert _scalar(engine, "SELECT count(*) FROM outbox_messages WHERE is_retry") == 0, (
-            f"the retry went out before W2 was known: raise RETRY_AFTER_S ({RETRY_AFTER_S})"
+            "the retry went out before W2 was known"
         )
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE deliveries SET next_retry_at = now() WHERE status = 'failed'")
+            )
 
         # A's effect happens once, on W2, after a retry aimed at A and at W2.
         _wait(engine, "SELECT count(*) FROM group_effects WHERE consumer_group = :a", 1, 90, a=a)
