@@ -20,7 +20,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +30,7 @@ from consumer.calls import call, limit_statements
 from consumer.handlers import Message, Permanent
 from outbox import leases, queries
 from outbox.agents import owner_id
+from outbox.budget import Budget
 from outbox.logs import log_message
 from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Publisher
@@ -39,6 +40,10 @@ from outbox.settings import Settings, env_name
 log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = RetryPolicy()
+# A lingering task that is busy takes on an open lane whose row has been due this long:
+# the lane's kick found no free pool process (every one holds a lingering task). It looks
+# as often.
+STARVED_AFTER_S = 0.05
 
 
 class Linger(Protocol):
@@ -115,8 +120,10 @@ class LaneProcessor:
         lanes: int | Sequence[int],
         budget_s: float | None = None,
         linger: Linger | None = None,
+        stopping: Callable[[], bool] | None = None,
     ) -> LaneReport:
-        """Process the due rows of ``lanes`` until none is left or ``budget_s`` ends.
+        """Process the due rows of ``lanes`` until none is left or ``budget_s`` ends, or
+        ``stopping()`` says the worker shuts down.
 
         The leases are taken first, in a transaction of their own, renewed in each
         batch's and given back in the last one's. With ``linger``, a task whose lanes
@@ -126,13 +133,14 @@ class LaneProcessor:
         s = self.settings
         scope = lane_scope(group)
         wanted = sorted({lanes} if isinstance(lanes, int) else set(lanes))
-        deadline = time.monotonic() + (s.lane_budget_s if budget_s is None else budget_s)
+        budget = Budget(s.lane_budget_s if budget_s is None else budget_s, stopping)
         report = LaneReport()
         held: list[int] = []
         finished = False
         committed = False
         # Set once the kicks are let go: the next batch is the last look.
         letting_go = linger is None
+        look_at = 0.0  # when a busy lingering task next looks for starved lanes
         try:
             # The leases are taken in a transaction of their own, so that a process that
             # ends in the middle of its first batch leaves them held: whoever takes them
@@ -183,36 +191,44 @@ class LaneProcessor:
                     if counted is None:
                         full, unblocked = self._batch(session, group, held, policies, report)
                         more = full or unblocked
-                        out_of_time = time.monotonic() >= deadline
-                        if out_of_time or (not more and letting_go):
+                        if budget.over() or (not more and letting_go):
                             report.due_s = self._finish(session, group, held, policies)
                             finished = True
+                found: list[int] | None = None
                 if counted is None and not finished and not more:
                     assert linger is not None
-                    found = self._await_rows(group, held, policies, deadline, linger)
+                    found = self._await_rows(group, held, policies, budget, linger)
                     if found is None:
                         # Kicks send tasks again from here on; a commit before this is
                         # seen by the last look, one after it kicks a task of its own.
                         linger.let_go(group, held)
                         letting_go = True
-                    elif extra := sorted(set(found) - set(held)):
-                        with self.sessions.begin() as session:
-                            more_lanes, lapsed = leases.take(
-                                session,
-                                scope,
-                                self.owner,
-                                extra,
-                                limit=len(extra),
-                                lease_s=s.lane_lease_s,
-                            )
-                        careful |= set(lapsed)
-                        held = sorted(set(held) | set(more_lanes))
-                        linger.hold(group, held)
+                elif not (letting_go or finished) and time.monotonic() >= look_at:
+                    # Busy: lanes whose kicks no free pool process has taken up.
+                    look_at = time.monotonic() + STARVED_AFTER_S
+                    with self.sessions() as session:
+                        found = self._open_lanes(
+                            session, group, scope, policies, waited_s=STARVED_AFTER_S
+                        )
+                if found and (extra := sorted(set(found) - set(held))):
+                    assert linger is not None
+                    with self.sessions.begin() as session:
+                        more_lanes, lapsed = leases.take(
+                            session,
+                            scope,
+                            self.owner,
+                            extra,
+                            limit=len(extra),
+                            lease_s=s.lane_lease_s,
+                        )
+                    careful |= set(lapsed)
+                    held = sorted(set(held) | set(more_lanes))
+                    linger.hold(group, held)
                 if counted is not None:
                     with self.sessions.begin() as session:
                         limit_statements(session, _longest_timeout_s(policies))
                         self._run_counted(session, group, counted, report)
-                        if time.monotonic() >= deadline:
+                        if budget.over():
                             report.due_s = self._finish(session, group, held, policies)
                             finished = True
         except BaseException:
@@ -231,14 +247,20 @@ class LaneProcessor:
         return report
 
     def _open_lanes(
-        self, session: Session, group: str, scope: str, policies: dict[str, _TopicPolicy]
+        self,
+        session: Session,
+        group: str,
+        scope: str,
+        policies: dict[str, _TopicPolicy],
+        waited_s: float = 0.0,
     ) -> list[int]:
-        """The group's lanes with a due row that no other task holds."""
+        """The group's lanes that no other task holds with a row due for ``waited_s``."""
         params = {
             "group": group,
             "scope": scope,
             "owner": self.owner,
             "lane_count": self.settings.lanes,
+            "waited_s": waited_s,
             **_order_params(policies),
         }
         return list(session.execute(queries.LANES_OPEN_WITH_WORK, params).scalars())
@@ -248,21 +270,22 @@ class LaneProcessor:
         group: str,
         lanes: list[int],
         policies: dict[str, _TopicPolicy],
-        deadline: float,
+        budget: Budget,
         linger: Linger,
     ) -> list[int] | None:
         """Wait for a due row in ``lanes``, or else in lanes nobody holds: the lanes with
         one (``lanes``' own first: an idle task takes on open lanes, a busy one leaves them
-        to the tasks their kicks start, so that work spreads over the workers under load
-        and gathers in one task when it is light), or None when ``linger`` stops waiting
-        or the budget ends. The leases of ``lanes`` are renewed meanwhile."""
+        to the tasks their kicks start unless they starve, so that work spreads over the
+        workers under load and gathers in one task when it is light), or None when
+        ``linger`` stops waiting or the budget ends. The leases of ``lanes`` are renewed
+        meanwhile."""
         s = self.settings
         scope = lane_scope(group)
         poll_s = s.lane_poll_ms / 1000
         idle_since = renewed = time.monotonic()
         while True:
-            now = time.monotonic()
-            if now + poll_s >= deadline or not linger.keep_waiting(now - idle_since):
+            idle_s = time.monotonic() - idle_since
+            if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
                 return None
             time.sleep(poll_s)
             with self.sessions() as session:

@@ -390,9 +390,10 @@ CROSS JOIN LATERAL (
 ORDER BY m.id
 """)  # noqa: S608 (composed of constants only)
 
-# The group's lanes with a row due now that no other task holds: what a lane task takes
-# besides the lanes it was kicked for, and what it looks for while it lingers (read only,
-# so looking often costs no commit).
+# The group's lanes with a row due for :waited_s seconds that no other task holds: what a
+# lane task takes besides the lanes it was kicked for, what it looks for while it lingers,
+# and (with a wait) the starved lanes a busy one takes on (read only, so looking often
+# costs no commit).
 LANES_OPEN_WITH_WORK = _sql(f"""
 SELECT l.lane FROM generate_series(0, :lane_count - 1) AS l(lane)
 WHERE NOT EXISTS (
@@ -402,7 +403,8 @@ WHERE NOT EXISTS (
 )
 AND EXISTS (
     SELECT 1 FROM inbox_messages m
-    WHERE {_lane_row_ready("= l.lane")} AND m.next_attempt_at <= now()
+    WHERE {_lane_row_ready("= l.lane")}
+      AND m.next_attempt_at <= now() - make_interval(secs => :waited_s)
 )
 """)  # noqa: S608 (composed of constants only)
 

@@ -35,13 +35,14 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import leases, queries
 from outbox.agents import owner_id
+from outbox.budget import Budget
 from outbox.circuit import Circuit
 from outbox.db import make_engine, make_sessionmaker
 from outbox.metrics import MetricsRecorder
@@ -90,8 +91,9 @@ class Linger(Protocol):
     holds the kick flag, so commits meanwhile queue no task, waits for new rows, and lets
     the flag go before its last look."""
 
-    def hold(self) -> None:
-        """Kicks send nothing from now on: this task looks for new rows."""
+    def hold(self) -> bool:
+        """Kicks send nothing from now on: this task looks for new rows. False when
+        another task does so already: this one sends the rows it finds and ends."""
 
     def keep_waiting(self, idle_s: float) -> bool:
         """Whether to go on waiting after ``idle_s`` without rows (False: end the task)."""
@@ -132,25 +134,35 @@ class Relay:
         self._lease_rows_ready = False
         self._last_delivery = 0.0
 
-    def run(self, budget_s: float | None = None, linger: Linger | None = None) -> RelayReport:
+    def run(
+        self,
+        budget_s: float | None = None,
+        linger: Linger | None = None,
+        stopping: Callable[[], bool] | None = None,
+    ) -> RelayReport:
         """Relay until no claimable row is left or ``budget_s`` (default ``relay_drain_s``)
-        ends. With ``linger``, an empty outbox is watched for new rows (every
-        ``OUTBOX_RELAY_POLL_MS``) for as long as ``linger`` says, within the budget."""
+        ends, or ``stopping()`` says the worker shuts down. With ``linger``, an empty
+        outbox is watched for new rows (every ``OUTBOX_RELAY_POLL_MS``) for as long as
+        ``linger`` says, within the budget."""
         started = time.monotonic()
-        deadline = started + (self.settings.relay_drain_s if budget_s is None else budget_s)
+        budget = Budget(self.settings.relay_drain_s if budget_s is None else budget_s, stopping)
         report = RelayReport()
         if self._broker_available():
-            self._drain(deadline, report)
-            if linger is not None:
-                linger.hold()
+            if linger is None:
+                self._drain(budget, report)
+            else:
+                lingering = linger.hold()
+                # Beside a lingering task, one sends what its buckets hold and ends: the
+                # lingering one sees the rest.
                 try:
-                    while self._await_rows(deadline, linger):
-                        self._drain(deadline, report)
+                    self._drain(budget, report, helping=lingering)
+                    while lingering and self._await_rows(budget, linger):
+                        self._drain(budget, report)
                 finally:
                     # A commit before this is seen by the last look; one after it kicks.
                     linger.let_go()
-                if time.monotonic() < deadline and self.circuit.state != "open":
-                    self._drain(deadline, report)
+                if not budget.over() and self.circuit.state != "open":
+                    self._drain(budget, report, helping=lingering)
         report.circuit = self.circuit.state
         self.metrics.circuit(self.owner, self.circuit.state)
         report.elapsed_s = round(time.monotonic() - started, 4)
@@ -158,14 +170,14 @@ class Relay:
             log.info("relay %s: %s", self.owner, report.as_dict())
         return report
 
-    def _await_rows(self, deadline: float, linger: Linger) -> bool:
+    def _await_rows(self, budget: Budget, linger: Linger) -> bool:
         """Wait for a sendable row: True once there is one, False when ``linger`` stops
         waiting, the budget ends or the circuit opens."""
         poll_s = self.settings.relay_poll_ms / 1000
         idle_since = time.monotonic()
         while self.circuit.state != "open":
-            now = time.monotonic()
-            if now + poll_s >= deadline or not linger.keep_waiting(now - idle_since):
+            idle_s = time.monotonic() - idle_since
+            if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
                 return False
             time.sleep(poll_s)
             with self.sessions() as session:
@@ -185,14 +197,16 @@ class Relay:
             self.circuit.close()
         return True
 
-    def _drain(self, deadline: float, report: RelayReport) -> None:
+    def _drain(self, budget: Budget, report: RelayReport, helping: bool = True) -> None:
+        """Claim, send and mark until the buckets run dry or the budget ends; ``helping``:
+        also while other tasks' buckets have work (rather than end once its own are dry)."""
         held: dict[int, int] = {}
         unsettled: tuple[uuid.UUID, list[int]] | None = None  # a claim not marked yet
         relet_at = 0.0  # when to renew the leases and look for buckets with new work
         work_elsewhere = True  # the last lease saw work in buckets it could not take
         s = self.settings
         try:
-            while time.monotonic() < deadline and self.circuit.state != "open":
+            while not budget.over() and self.circuit.state != "open":
                 relet = not held or time.monotonic() >= relet_at
                 with self.sessions.begin() as session:
                     if relet:
@@ -214,7 +228,7 @@ class Relay:
                 # empty. A row committed since this task began queued a kick of its own
                 # (outbox.kick), so stop, unless the lease saw work it could not take.
                 all_sent = all(d.error is None and not d.held for d in deliveries)
-                done = claim.drained and all_sent and not work_elsewhere
+                done = claim.drained and all_sent and not (helping and work_elsewhere)
                 # A finishing pass gives its leases back in the same transaction.
                 self._mark(claim, deliveries, report, release=list(held) if done else [])
                 unsettled = None

@@ -44,8 +44,9 @@ def make_celery(settings: Settings) -> Celery:
     def _one_beat(**_: Any) -> None:
         hold_beat_lock(settings)  # its watcher thread keeps the connection, and the lock
 
-    from tasks import beat, lanes, relay
+    from tasks import beat, lanes, relay, shutdown
 
+    shutdown.register(app)
     relay.register(app, settings)
     lanes.register(app, settings)
     beat.register(app, settings)

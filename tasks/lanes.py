@@ -24,6 +24,7 @@ from outbox.kick import claim_kicks, kick_started, lane_flag
 from outbox.settings import Settings
 from tasks.linger import Lingering
 from tasks.relay import flags_for_this_process
+from tasks.shutdown import Stopping
 
 SWEEP_LIMIT = 10_000
 IDLE_RETRY_S = 1.0
@@ -134,11 +135,13 @@ def register(app: Celery, settings: Settings) -> None:
         """Run the handlers of the lanes' due inbox rows, each lane in order."""
         wanted = [lanes] if isinstance(lanes, int) else list(lanes)
         worker = self.request.hostname or socket.gethostname()
-        kick_started(
-            flags_for_this_process(app.conf.broker_url), *(lane_flag(group, n) for n in wanted)
-        )
+        flags = flags_for_this_process(app.conf.broker_url)
+        kick_started(flags, *(lane_flag(group, n) for n in wanted))
         linger = LaneLinger(app, settings, worker) if settings.lane_linger_ms else None
-        report = processor_for_this_process(settings, worker).run(group, wanted, linger=linger)
+        stopping = Stopping(flags, self.request.hostname) if self.request.hostname else None
+        report = processor_for_this_process(settings, worker).run(
+            group, wanted, linger=linger, stopping=stopping
+        )
         countdown = rekick_countdown(report, longest_countdown_s)
         if countdown is not None:
             process_lane.apply_async((group, sorted(report.due_s)), countdown=countdown)

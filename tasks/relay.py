@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -17,9 +18,10 @@ from outbox.kick import FLAG, kick_started
 from outbox.relay import Relay
 from outbox.settings import Settings
 from tasks.linger import Lingering
+from tasks.shutdown import Stopping
 
 _relay: tuple[int, Relay] | None = None
-_flags: tuple[int, redis.Redis] | None = None
+_flags: tuple[int, str, redis.Redis] | None = None
 
 
 def relay_for_this_process(settings: Settings) -> Relay:
@@ -33,9 +35,9 @@ def relay_for_this_process(settings: Settings) -> Relay:
 def flags_for_this_process(url: str) -> redis.Redis:
     """This process's Redis client for the kick flag."""
     global _flags
-    if _flags is None or _flags[0] != os.getpid():
-        _flags = (os.getpid(), redis_client(url))
-    return _flags[1]
+    if _flags is None or _flags[:2] != (os.getpid(), url):
+        _flags = (os.getpid(), url, redis_client(url))
+    return _flags[2]
 
 
 @worker_process_shutdown.connect
@@ -44,31 +46,60 @@ def _flush(**_: Any) -> None:
         _relay[1].close()
 
 
+# The lingering relay task's token: one relay task at a time lingers.
+LINGERER = "outbox:relay:lingering"
+
+# Take or renew the lingerer's place and the kick flag with it: 0 when another task has it.
+_HOLD = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return 1
+"""
+# Give the place back and let commits kick again, unless another task lingers now (its
+# own let-go clears the flag).
+_LET_GO = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+
 class RelayLinger(Lingering):
     """A relay task's wait for new rows (:class:`outbox.relay.Linger`): it holds the kick
     flag meanwhile, renewed well within its life, so commits queue no relay task, for up
-    to ``OUTBOX_RELAY_LINGER_MS`` without rows."""
+    to ``OUTBOX_RELAY_LINGER_MS`` without rows. One relay task lingers at a time: a task
+    that finds another one lingering ends after its own rows (two lingering tasks, never
+    idle under steady traffic, would keep every other task out of a small pool)."""
 
     HOLD_MS = 2000
 
     def __init__(self, app: Celery, settings: Settings, worker: str | None) -> None:
         flags = flags_for_this_process(app.conf.broker_url)
         super().__init__(app, flags, settings.relay_linger_ms / 1000, worker)
+        self._token = uuid.uuid4().hex
+        self._hold = flags.register_script(_HOLD)
+        self._let_go = flags.register_script(_LET_GO)
+        self._holding = False
         self._held_at = 0.0
 
-    def hold(self) -> None:
-        self.flags.set(FLAG, b"1", px=self.HOLD_MS)
+    def hold(self) -> bool:
+        self._holding = bool(self._hold(keys=[LINGERER, FLAG], args=[self._token, self.HOLD_MS]))
         self._held_at = time.monotonic()
+        return self._holding
 
     def keep_waiting(self, idle_s: float) -> bool:
-        if not super().keep_waiting(idle_s):
+        if not self._holding or not super().keep_waiting(idle_s):
             return False
         if time.monotonic() - self._held_at >= self.HOLD_MS / 3000:
-            self.hold()
-        return True
+            self.hold()  # a stall past the hold lets another task in: then this one ends
+        return self._holding
 
     def let_go(self) -> None:
-        kick_started(self.flags)
+        self._let_go(keys=[LINGERER, FLAG], args=[self._token])
+        self._holding = False
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -84,6 +115,11 @@ def register(app: Celery, settings: Settings) -> None:
         relay = relay_for_this_process(settings)
         # Before claiming: a commit from now on queues a new kick (see outbox.kick).
         kick_started(flags)
+        if settings.relay_linger_ms and flags.exists(LINGERER):
+            # A lingering task sees every row committed before it lets go; a commit after
+            # that kicks again.
+            return {"skipped": "another relay task is lingering"}
         worker = self.request.hostname
         linger = RelayLinger(app, settings, worker) if settings.relay_linger_ms else None
-        return relay.run(linger=linger).as_dict()
+        stopping = Stopping(flags, worker) if worker else None
+        return relay.run(linger=linger, stopping=stopping).as_dict()

@@ -77,3 +77,26 @@ def test_beats_relay_tick_ends_at_once_while_a_pass_is_queued_or_on(settings: Se
     client.delete(FLAG)
     ran = publish.run(tick=True)  # nobody is on it: beat's tick relays
     assert "sent" in ran and ran["circuit"] == "closed"
+
+
+def test_one_relay_task_lingers_at_a_time_and_a_kicked_one_ends_beside_it(settings: Settings):
+    from tasks.factory import make_celery
+    from tasks.relay import LINGERER, RelayLinger
+
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    client.delete(FLAG, LINGERER)
+    lingering = settings.replace(relay_linger_ms=1000)
+    app = make_celery(lingering)
+    first, second = RelayLinger(app, lingering, None), RelayLinger(app, lingering, None)
+
+    assert first.hold() and client.exists(FLAG)  # commits kick nothing meanwhile
+    assert not second.hold()  # another lingers: this one sends its rows and ends
+    assert not second.keep_waiting(0.0)
+    second.let_go()
+    assert client.exists(FLAG) and client.exists(LINGERER)  # still the first one's
+    # A task kicked meanwhile ends at once: the lingering one sees its rows.
+    assert app.tasks["outbox.publish"].run() == {"skipped": "another relay task is lingering"}
+    assert first.keep_waiting(0.0)
+    first.let_go()
+    assert not client.exists(FLAG) and not client.exists(LINGERER)  # commits kick again

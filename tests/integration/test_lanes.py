@@ -318,3 +318,43 @@ def test_a_lane_task_stops_lingering_when_told_and_gives_its_lanes_back(
     )
     assert report.done == 1 and time.monotonic() - started < 2
     assert linger.calls == [("hold", [LANE]), ("let_go", [LANE])]
+
+
+def test_a_busy_lingering_lane_task_takes_on_a_lane_whose_row_waits_with_no_task_free(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = _topic_with_effects(session)
+    # The task's own lane keeps it busy: one row per batch, twenty rows.
+    own = _receive(session, topic, [(f"k{n}", {"n": n}) for n in range(20)])
+    # Another lane's row has been due for a second: its kick found no free pool process.
+    starved = receive(session, GROUP, topic, [("other", {})], lane=LANE + 2)
+    session.execute(
+        update(InboxMessage)
+        .where(InboxMessage.message_id == starved[0])
+        .values(next_attempt_at=text("now() - interval '1 second'"))
+    )
+    session.commit()
+    linger = _RecordingLinger(None, waits=1)
+    processor = LaneProcessor(settings.replace(lane_batch_size=1), make_sessionmaker(effects), "w")
+
+    report = processor.run(GROUP, LANE, linger=linger)
+
+    assert report.done == 21
+    assert set(session.execute(text("SELECT message_id FROM effects")).scalars()) == {
+        *own,
+        *starved,
+    }
+    # It held the other lane's kicks too once it took it, and gave both back.
+    assert linger.calls[0] == ("hold", [LANE])
+    assert ("hold", [LANE, LANE + 2]) in linger.calls
+    assert linger.calls[-1] == ("let_go", [LANE, LANE + 2])
+
+
+def test_a_lane_task_without_lingering_leaves_other_lanes_to_their_kicks(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = _topic_with_effects(session)
+    _receive(session, topic, [(f"k{n}", {"n": n}) for n in range(5)])
+    receive(session, GROUP, topic, [("other", {})], lane=LANE + 2)
+    processor = LaneProcessor(settings.replace(lane_batch_size=1), make_sessionmaker(effects), "w")
+    assert processor.run(GROUP, LANE).done == 5

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import threading
+import time
 import uuid
 
 import pytest
@@ -324,8 +326,9 @@ def test_a_lingering_relay_sends_rows_committed_while_it_waits_in_the_same_task(
     class Linger:
         waits = 100
 
-        def hold(self) -> None:
+        def hold(self) -> bool:
             calls.append("hold")
+            return True
 
         def keep_waiting(self, idle_s: float) -> bool:
             if not later:
@@ -346,3 +349,46 @@ def test_a_lingering_relay_sends_rows_committed_while_it_waits_in_the_same_task(
     assert calls == ["hold", "let_go"]
     received = consume_all(relay_settings.kafka_bootstrap, topic, 2)
     assert [m.message_id for m in received] == [str(first), str(later[0])]  # in key order
+
+
+def test_a_relay_task_beside_a_lingering_one_sends_what_it_finds_and_ends(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    stop = threading.Event()
+
+    def keep_publishing() -> None:  # steady traffic over many keys, hence many buckets
+        n = 0
+        with Session(engine) as other:
+            while not stop.is_set():
+                publisher.publish(other, topic, {"n": n}, key=f"k{n % 200}")
+                other.commit()
+                n += 1
+                time.sleep(0.002)
+
+    class Beside:  # another task lingers: this one does not
+        def hold(self) -> bool:
+            return False
+
+        def keep_waiting(self, idle_s: float) -> bool:
+            raise AssertionError("a task that does not linger does not wait")
+
+        def let_go(self) -> None:
+            pass
+
+    publishing = threading.Thread(target=keep_publishing)
+    publishing.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        report = Relay(relay_settings, sessions=make_sessionmaker(engine)).run(
+            budget_s=30, linger=Beside()
+        )
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        publishing.join()
+    assert report.sent > 0
+    # It did not stay on for the traffic, as a task alone would: the lingering one has it.
+    assert took < 3, took
