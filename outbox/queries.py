@@ -18,9 +18,9 @@ def _sql(statement: str) -> TextClause:
 
 # Publish: insert a batch in one statement from one JSON document (one parameter to
 # quote, parsed by the server in C). Rows whose topic is unknown or inactive and rows
-# whose idempotency key is taken are left out; the caller finds out which from what
-# RETURNING did not return.
-INSERT_MESSAGES = _sql("""
+# whose idempotency key is taken are left out; the caller compares the row count with the
+# batch and, when it is short, looks up which (MESSAGES_WRITTEN) and why.
+_INSERT_BATCH = """
 INSERT INTO outbox_messages
     (message_id, topic, key, payload, headers, idempotency_key, request_hash, bucket)
 SELECT u.message_id, u.topic, u.key, u.payload, u.headers, u.idempotency_key,
@@ -32,9 +32,19 @@ FROM jsonb_to_recordset(CAST(:rows AS jsonb))
 JOIN topics t ON t.name = u.topic AND t.active
 -- ids follow the batch's order, so its rows go out in that order
 ORDER BY u.n
--- a taken idempotency key (a repeat, or a concurrent twin) inserts nothing
-ON CONFLICT DO NOTHING
-RETURNING message_id
+"""
+# Fresh random ids cannot collide: a batch without idempotency keys needs no conflict
+# handling (whose checks of every unique index cost more than the insert's own work).
+INSERT_MESSAGES = _sql(_INSERT_BATCH)
+INSERT_MESSAGES_ONCE = _sql(
+    _INSERT_BATCH
+    + "-- a taken idempotency key (a repeat, or a concurrent twin) inserts nothing\n"
+    + "ON CONFLICT DO NOTHING\n"
+)
+
+# Which of a batch's new ids the transaction wrote (a fresh id exists nowhere else).
+MESSAGES_WRITTEN = _sql("""
+SELECT message_id FROM outbox_messages WHERE message_id = ANY(CAST(:ids AS uuid[]))
 """)
 
 # The same for one message, with plain parameters: far cheaper to plan than a recordset.

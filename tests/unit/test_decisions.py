@@ -5,6 +5,7 @@ publish refuses."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -20,7 +21,7 @@ from outbox.errors import (
     PublishError,
     UnknownTopic,
 )
-from outbox.publishing import Message, Publisher
+from outbox.publishing import Message, Publisher, new_message_ids
 from outbox.settings import Settings
 from outbox.targeted_retry import choose_target
 from outbox.wire import bucket_for, foreign_message_id
@@ -148,6 +149,20 @@ def test_a_publish_prepares_rows_with_ids_buckets_and_its_own_headers():
     assert first.bucket == bucket_for("k1", first.message_id, PUBLISHER.settings.buckets)
     assert rows[1].request_hash is None  # without a key a message cannot be repeated
     assert rows[0].message_id != rows[1].message_id
+
+
+def test_message_ids_are_uuid7_in_clock_order_and_distinct():
+    before = time.time_ns() // 1_000_000
+    ids = new_message_ids(1000)
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 1000
+    assert {u.version for u in ids} == {7} and {u.variant for u in ids} == {uuid.RFC_4122}
+    # The first 48 bits are the millisecond clock: new rows land at the end of the index.
+    assert all(before <= u.int >> 80 <= after for u in ids)
+    rows = PUBLISHER.prepare([Message("orders", {}) for _ in range(3)])
+    assert all(r.message_id.version == 7 and r.text_id == str(r.message_id) for r in rows)
+    headers = json.loads(rows[0].headers)
+    assert headers == {"message_id": rows[0].text_id, "correlation_id": rows[0].text_id}
 
 
 @pytest.mark.parametrize(
