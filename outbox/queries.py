@@ -259,26 +259,37 @@ WITH held AS (
     FOR UPDATE
 ),
 claimable AS (
-    SELECT c.id, h.bucket
+    SELECT c.id, h.bucket, c.full
     FROM held h
     CROSS JOIN LATERAL (
-        SELECT m.id FROM outbox_messages m
-        WHERE m.status = 'pending'
-          AND m.bucket = h.bucket
-          -- backoff after a failed delivery has elapsed
-          AND m.available_at <= now()
-          -- not claimed by a relay whose claim is still live
-          AND (m.lease_expires_at IS NULL OR m.lease_expires_at < now())
-          -- per-key order: while an earlier row of the key waits after an error (to be
-          -- retried, or for its topic), later ones wait
-          AND NOT EXISTS (
-              SELECT 1 FROM outbox_messages f
-              WHERE f.status = 'pending' AND f.last_error IS NOT NULL
-                AND f.bucket = m.bucket AND f.key = m.key AND f.id < m.id
-          )
-        ORDER BY m.id
-        LIMIT :per_bucket
-        FOR UPDATE SKIP LOCKED
+        -- the first rows of the bucket up to its share of the batch's bytes (at least
+        -- one): a claim never holds more than about OUTBOX_RELAY_BATCH_BYTES of payloads
+        SELECT w.id, w.ahead + w.size >= :bytes_per_bucket AS full
+        FROM (
+            SELECT r.id, r.size, sum(r.size) OVER (ORDER BY r.id) - r.size AS ahead
+            FROM (
+                SELECT m.id, pg_column_size(m.payload) + pg_column_size(m.headers) AS size
+                FROM outbox_messages m
+                WHERE m.status = 'pending'
+                  AND m.bucket = h.bucket
+                  -- backoff after a failed delivery has elapsed
+                  AND m.available_at <= now()
+                  -- not claimed by a relay whose claim is still live
+                  AND (m.lease_expires_at IS NULL OR m.lease_expires_at < now())
+                  -- per-key order: while an earlier row of the key waits after an error
+                  -- (to be retried, or for its topic), later ones wait
+                  AND NOT EXISTS (
+                      SELECT 1 FROM outbox_messages f
+                      WHERE f.status = 'pending' AND f.last_error IS NOT NULL
+                        AND f.bucket = m.bucket AND f.key = m.key AND f.id < m.id
+                  )
+                ORDER BY m.id
+                LIMIT :per_bucket
+                FOR UPDATE SKIP LOCKED
+            ) AS r
+        ) AS w
+        -- a prefix in id order, so later rows of a key never go without earlier ones
+        WHERE w.ahead < :bytes_per_bucket
     ) AS c
 ),
 stamped AS (
@@ -292,7 +303,7 @@ SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :leas
 FROM claimable c
 WHERE m.id = c.id
 RETURNING m.id, m.topic, m.key, CAST(m.payload AS text) AS payload,
-          CAST(m.headers AS text) AS headers, m.attempts, m.bucket
+          CAST(m.headers AS text) AS headers, m.attempts, m.bucket, c.full
 """)
 
 # A claim's rows are settled (marked or given back): its buckets take claims again.

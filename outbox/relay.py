@@ -61,7 +61,8 @@ IDLE_PROBE_S = 5.0
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """A claimed batch: its token, its rows in id order, each row's attempts so far, and
-    whether every bucket gave fewer rows than its share (so none has more to send now)."""
+    whether every bucket gave fewer rows and bytes than its share (so none has more to
+    send now)."""
 
     token: uuid.UUID
     rows: list[Outgoing]
@@ -280,6 +281,7 @@ class Relay:
         """Claim a batch from ``buckets``."""
         token = uuid.uuid4()
         share = max(1, self.settings.relay_batch_size // len(buckets))
+        bytes_share = max(1, self.settings.relay_batch_bytes // len(buckets))
         rows = session.execute(
             queries.CLAIM_BATCH,
             {
@@ -289,6 +291,7 @@ class Relay:
                 "token": token,
                 "lease_s": self.settings.relay_lease_s,
                 "per_bucket": share,
+                "bytes_per_bucket": bytes_share,
             },
         ).all()
         rows = sorted(rows, key=lambda r: r.id)
@@ -307,7 +310,7 @@ class Relay:
             token,
             outgoing,
             {row.id: row.attempts for row in rows},
-            drained=all(n < share for n in per_bucket.values()),
+            drained=all(n < share for n in per_bucket.values()) and not any(r.full for r in rows),
         )
 
     def _mark(

@@ -94,7 +94,13 @@ class Settings:
         False, "Publishing to an unknown topic registers it instead of failing."
     )
 
-    relay_batch_size: int = _setting(500, "Rows one relay claim takes.", minimum=1)
+    relay_batch_size: int = _setting(5000, "Most rows one relay claim takes.", minimum=1)
+    relay_batch_bytes: int = _setting(
+        33554432,
+        "Most payload and header bytes one relay claim takes (as stored; a row over it "
+        "goes alone).",
+        minimum=1,
+    )
     relay_lease_s: float = _setting(
         20.0, "Bucket and row lease: a dead relay's rows move after this.", minimum=0.5
     )

@@ -392,3 +392,24 @@ def test_a_relay_task_beside_a_lingering_one_sends_what_it_finds_and_ends(
     assert report.sent > 0
     # It did not stay on for the traffic, as a task alone would: the lingering one has it.
     assert took < 3, took
+
+
+def test_a_claim_takes_at_most_its_share_of_the_batch_bytes_and_one_row_over_it(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    sent: list[str] = []
+    # One key, so one bucket: rows of about 1,100 stored bytes (payload and headers).
+    for limit, claims in ((500, 10), (2500, 4)):
+        ids = publisher.publish_batch(
+            session, [Message(topic, {"n": n, "pad": "x" * 1000}, key="k") for n in range(10)]
+        )
+        session.commit()
+        sent += [str(i) for i in ids]
+        small = relay_settings.replace(relay_batch_bytes=limit)
+        report = Relay(small, sessions=make_sessionmaker(engine)).run(budget_s=30)
+        # 500 bytes: a row over it goes alone; 2,500: three rows a claim (3 + 3 + 3 + 1)
+        assert (report.sent, report.batches) == (10, claims)
+    received = consume_all(relay_settings.kafka_bootstrap, topic, 20)
+    assert [m.message_id for m in received] == sent  # in key order, none left behind
