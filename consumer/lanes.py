@@ -31,6 +31,7 @@ from consumer.handlers import Message, Permanent
 from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
+from outbox.db import int_array
 from outbox.logs import log_message
 from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Publisher
@@ -619,7 +620,7 @@ class _Outcome:
         count the attempt, 0 when it was counted before it ran."""
         if self.done:
             session.execute(
-                queries.MARK_INBOX_DONE, {"ids": self.done, "worker": worker, "add": add}
+                queries.MARK_INBOX_DONE, {"ids": int_array(self.done), "worker": worker, "add": add}
             )
         if self.failures:
             session.execute(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,3 +36,10 @@ def make_engine(settings: Settings, **kwargs: object) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded values after commit (callers read ids back)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def int_array(values: Iterable[int | None]) -> str:
+    """Integers (None as NULL) as one PostgreSQL array literal (``'{1,NULL,3}'``), for
+    ``CAST(:p AS bigint[])``: psycopg2 sends a list as ``ARRAY[1,NULL,3]``, an expression
+    per element, which costs the server far more to parse and plan when the list is long."""
+    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"

@@ -296,7 +296,8 @@ stamped AS (
     UPDATE leases l
     SET expires_at = now() + make_interval(secs => :lease_s), claim_token = :token,
         claims_until = now() + make_interval(secs => :lease_s)
-    WHERE l.scope = :scope AND l.bucket IN (SELECT bucket FROM claimable)
+    -- the buckets that gave rows, found once (not a scan of the claim per lease row)
+    WHERE l.scope = :scope AND l.bucket = ANY(ARRAY(SELECT DISTINCT bucket FROM claimable))
 )
 UPDATE outbox_messages m
 SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :lease_s)
@@ -318,12 +319,14 @@ WHERE scope = :scope AND claim_token = :token
 MARK_SENT = _sql("""
 WITH marked AS (
     UPDATE outbox_messages m
-    SET status = 'sent', sent_at = clock_timestamp(), kafka_partition = v.kafka_partition,
-        kafka_offset = v.kafka_offset, last_error = NULL, claim_token = NULL,
-        lease_expires_at = NULL
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:partitions AS int[]), CAST(:offsets AS bigint[]))
-         AS v(id, kafka_partition, kafka_offset)
-    WHERE m.id = v.id
+    SET status = 'sent', sent_at = clock_timestamp(),
+        kafka_partition = CAST(p.placed -> CAST(m.id AS text) ->> 0 AS int),
+        kafka_offset = CAST(p.placed -> CAST(m.id AS text) ->> 1 AS bigint),
+        last_error = NULL, claim_token = NULL, lease_expires_at = NULL
+    -- each row's partition and offset, looked up by its id: no join for the planner to
+    -- misjudge (it takes a claim's rows for one, and a loop over both sides for cheap)
+    FROM (SELECT CAST(:placed AS jsonb) AS placed) AS p
+    WHERE m.id = ANY(CAST(:ids AS bigint[]))
       -- fencing: a relay whose claim was taken over changes nothing
       AND m.claim_token = :token
     RETURNING m.message_id, m.topic, m.is_retry,

@@ -44,7 +44,7 @@ from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
 from outbox.circuit import Circuit
-from outbox.db import make_engine, make_sessionmaker
+from outbox.db import int_array, make_engine, make_sessionmaker
 from outbox.metrics import MetricsRecorder
 from outbox.models import MAX_ERROR_CHARS
 from outbox.producer import DeliveryReport, Outgoing, RelayProducer
@@ -101,6 +101,11 @@ class Linger(Protocol):
 
     def let_go(self) -> None:
         """Kicks send tasks again (called before the task's last look)."""
+
+
+def _placements(sent: list[DeliveryReport]) -> str:
+    """``{"<row id>": [partition, offset], ...}`` of the delivered rows, as JSON."""
+    return "{" + ",".join(f'"{d.id}":[{d.partition},{d.offset}]' for d in sent) + "}"
 
 
 class Relay:
@@ -342,9 +347,8 @@ class Relay:
                     queries.MARK_SENT,
                     {
                         "token": token,
-                        "ids": [d.id for d in sent],
-                        "partitions": [d.partition for d in sent],
-                        "offsets": [d.offset for d in sent],
+                        "ids": int_array(d.id for d in sent),
+                        "placed": _placements(sent),
                     },
                 ).all()
             if failed or deferred:
