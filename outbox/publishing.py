@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from json.encoder import encode_basestring
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, TextClause
@@ -78,34 +78,56 @@ class PreparedRow(NamedTuple):
 
 
 # One encoder for every message: json.dumps with options would build one per call.
-_compact = json.JSONEncoder(
+_ENCODER = json.JSONEncoder(
     separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True
-).encode
+)
+_compact = _ENCODER.encode
+# The same for payloads, without the per-call set-up of ``encode`` (json's C encoder, made
+# once), and without its bookkeeping of circular references: a circular payload recurses
+# to Python's limit and is refused like any other value that is not JSON.
+_PAYLOAD_ENCODER = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(
+        None, _ENCODER.default, encode_basestring, None, ":", ",", True, False, False
+    )
+)
+
+
+def _payload_json(value: Any) -> str:
+    """``value`` as compact JSON, keys sorted; TypeError or ValueError if it is not JSON."""
+    if _PAYLOAD_ENCODER is None:
+        return _compact(value)
+    try:
+        return "".join(_PAYLOAD_ENCODER(value, 0))
+    except RecursionError as exc:
+        raise ValueError("nested too deeply, or circular") from exc
+
 
 # The headers of a message whose caller gave none, around its id: the common case
 # written without building and encoding a dict.
 _OWN_HEADERS = _compact({HEADER_CORRELATION_ID: "", HEADER_MESSAGE_ID: ""}).split('""')
 
 
-def _string(value: str | None) -> str:
-    """A JSON string or null (the encoder's C function, without its per-call set-up)."""
-    return "null" if value is None else encode_basestring(value)
-
-
 def _document(rows: list[PreparedRow]) -> str:
     """The batch as one JSON array; payload and headers are already JSON, so they go in
-    as they are rather than encoded a second time."""
+    as they are rather than encoded a second time. Fields that are null are left out (the
+    server reads a missing field as null), which spares it parsing them."""
     topics = {topic: encode_basestring(topic) for topic in {r.topic for r in rows}}
+    return "[" + ",".join(_entry(n, r, topics[r.topic]) for n, r in enumerate(rows)) + "]"
+
+
+def _entry(n: int, r: PreparedRow, topic: str) -> str:
+    key = "" if r.key is None else f',"key":{encode_basestring(r.key)}'
+    once = (
+        ""
+        if r.idempotency_key is None
+        else f',"idempotency_key":{encode_basestring(r.idempotency_key)},'
+        f'"request_hash":"{r.request_hash}"'
+    )
     return (
-        "["
-        + ",".join(
-            f'{{"n":{n},"message_id":"{r.text_id}","topic":{topics[r.topic]},'
-            f'"key":{_string(r.key)},"payload":{r.payload},"headers":{r.headers},'
-            f'"idempotency_key":{_string(r.idempotency_key)},'
-            f'"request_hash":{_string(r.request_hash)},"bucket":{r.bucket}}}'
-            for n, r in enumerate(rows)
-        )
-        + "]"
+        f'{{"n":{n},"message_id":"{r.text_id}","topic":{topic}{key},"payload":{r.payload},'
+        f'"headers":{r.headers},"bucket":{r.bucket}{once}}}'
     )
 
 
@@ -279,7 +301,7 @@ class Publisher:
                 f"topic must be 1 to {MAX_TOPIC} characters", field="topic", index=index
             )
         try:
-            payload = _compact(message.payload)
+            payload = _payload_json(message.payload)
         except (TypeError, ValueError) as exc:
             raise PayloadNotJSON(
                 f"payload is not JSON: {exc}", field="payload", index=index

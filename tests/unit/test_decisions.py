@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 import pytest
 from confluent_kafka import Message as KafkaMessage
@@ -190,3 +191,19 @@ def test_a_publish_refuses_a_bad_message_naming_its_field_and_position(
     with pytest.raises(error) as caught:
         PUBLISHER.prepare([Message("orders", {}), message])
     assert (caught.value.field, caught.value.index) == (field, 1)
+
+
+def test_a_circular_or_too_deep_payload_is_refused_as_not_json():
+    circular: list[Any] = []
+    circular.append(circular)
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    for payload in (circular, deep):
+        with pytest.raises(PayloadNotJSON) as caught:
+            PUBLISHER.prepare([Message("orders", payload)])
+        assert caught.value.field == "payload"
+    # and the same encoder writes an ordinary payload compact, keys sorted
+    assert PUBLISHER.prepare([Message("orders", {"b": [1.5, None], "a": "é"})])[0].payload == (
+        '{"a":"é","b":[1.5,null]}'
+    )
