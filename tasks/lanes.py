@@ -28,6 +28,10 @@ from tasks.shutdown import Stopping
 
 SWEEP_LIMIT = 10_000
 IDLE_RETRY_S = 1.0
+# A task that found its lanes held looks again after this, then twice as long each time
+# they are still held, up to IDLE_RETRY_S: their holder is most often just ending, and
+# rows committed as it ended are this task's to run.
+BUSY_FIRST_S = 0.05
 # A pending kick's flag lapses after this, so a kick lost with its worker holds back its
 # lane only until the next sweep after it; a kick queued longer than this may be doubled.
 KICK_FLAG_TTL_S = 30.0
@@ -45,10 +49,15 @@ def processor_for_this_process(settings: Settings, worker: str) -> LaneProcessor
 
 
 def kick_lanes(
-    app: Celery, settings: Settings, lanes: set[tuple[str, int]], countdown: float | None = None
+    app: Celery,
+    settings: Settings,
+    lanes: set[tuple[str, int]],
+    countdown: float | None = None,
+    busy_s: float | None = None,
 ) -> int:
     """Queue ``consumer.process_lane`` for the lanes with no kick pending, one task per
-    group (after ``countdown`` seconds if given); return how many lanes were kicked."""
+    group (after ``countdown`` seconds if given; ``busy_s``: the wait of a look again at
+    lanes found held); return how many lanes were kicked."""
     if not lanes:
         return 0
     ordered = sorted(lanes)
@@ -61,7 +70,12 @@ def kick_lanes(
     for group, kicked in by_group.items():
         # No expiry: the flags keep at most one kick per lane queued, and an expired
         # kick would leave its rows waiting for the sweep.
-        app.send_task(tasknames.PROCESS_LANE, args=(group, kicked), countdown=countdown)
+        app.send_task(
+            tasknames.PROCESS_LANE,
+            args=(group, kicked),
+            kwargs=None if busy_s is None else {"busy_s": busy_s},
+            countdown=countdown,
+        )
     return sum(len(kicked) for kicked in by_group.values())
 
 
@@ -77,6 +91,13 @@ def rekick_countdown(report: LaneReport, longest_s: float) -> float | None:
     if countdown <= 0 and not report.done + report.failed + report.dead:
         countdown = IDLE_RETRY_S
     return min(countdown, longest_s)
+
+
+def busy_wait(last_s: float | None) -> float:
+    """How long a task that found lanes held waits before it looks again: short at
+    first, twice as long each time after (``last_s``: the last wait), at most
+    :data:`IDLE_RETRY_S`."""
+    return BUSY_FIRST_S if last_s is None else min(2 * last_s, IDLE_RETRY_S)
 
 
 class LaneLinger(Lingering):
@@ -131,7 +152,9 @@ def register(app: Celery, settings: Settings) -> None:
         shared=False,
         time_limit=settings.lane_time_limit_s,
     )
-    def process_lane(self: Any, group: str, lanes: int | list[int]) -> dict[str, Any]:
+    def process_lane(
+        self: Any, group: str, lanes: int | list[int], busy_s: float | None = None
+    ) -> dict[str, Any]:
         """Run the handlers of the lanes' due inbox rows, each lane in order."""
         wanted = [lanes] if isinstance(lanes, int) else list(lanes)
         worker = self.request.hostname or socket.gethostname()
@@ -148,7 +171,10 @@ def register(app: Celery, settings: Settings) -> None:
         if report.busy:
             # Their holder may be ending just as the rows this task was kicked for commit:
             # look again soon. The flags keep it to one such task per lane at a time.
-            kick_lanes(app, settings, {(group, n) for n in report.busy}, countdown=IDLE_RETRY_S)
+            wait = busy_wait(busy_s)
+            kick_lanes(
+                app, settings, {(group, n) for n in report.busy}, countdown=wait, busy_s=wait
+            )
         return report.as_dict()
 
     @app.task(name=tasknames.SWEEP, bind=True, shared=False)

@@ -100,3 +100,38 @@ def test_one_relay_task_lingers_at_a_time_and_a_kicked_one_ends_beside_it(settin
     assert first.keep_waiting(0.0)
     first.let_go()
     assert not client.exists(FLAG) and not client.exists(LINGERER)  # commits kick again
+
+
+def test_a_lane_task_that_finds_its_lanes_held_queues_a_look_again_soon(settings: Settings):
+    from sqlalchemy.orm import Session
+
+    from consumer.lanes import lane_scope
+    from outbox import leases, queries
+    from outbox.db import make_engine
+    from tasks.factory import make_celery
+
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    client.delete(QUEUE)
+    app = make_celery(settings)
+    engine = make_engine(settings)
+    with Session(engine) as session:
+        leases.fit_rows(
+            session,
+            lane_scope("g"),
+            settings.lanes,
+            unfinished=queries.LANES_UNFINISHED,
+            params={"group": "g"},
+            setting="OUTBOX_LANES",
+        )
+        leases.take(session, lane_scope("g"), "another-task", [3], limit=1, lease_s=60)
+        session.commit()
+    engine.dispose()
+
+    report = app.tasks["consumer.process_lane"].run("g", [3])
+    assert report["busy"] == [3]
+    (queued,) = [json.loads(m) for m in client.lrange(QUEUE, 0, -1)]
+    assert queued["headers"]["task"] == "consumer.process_lane"
+    assert queued["headers"]["kwargsrepr"] == "{'busy_s': 0.05}"  # soon, not in a second
+    assert queued["headers"]["eta"] is not None
+    client.delete(QUEUE)

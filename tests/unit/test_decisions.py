@@ -4,6 +4,7 @@ publish refuses."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -26,7 +27,7 @@ from outbox.publishing import Message, Publisher, new_message_ids
 from outbox.settings import Settings
 from outbox.targeted_retry import choose_target
 from outbox.wire import bucket_for, foreign_message_id
-from tasks.lanes import IDLE_RETRY_S, rekick_countdown
+from tasks.lanes import BUSY_FIRST_S, IDLE_RETRY_S, busy_wait, rekick_countdown
 
 # -- the lane task's re-kick ------------------------------------------------------------
 
@@ -207,3 +208,12 @@ def test_a_circular_or_too_deep_payload_is_refused_as_not_json():
     assert PUBLISHER.prepare([Message("orders", {"b": [1.5, None], "a": "é"})])[0].payload == (
         '{"a":"é","b":[1.5,null]}'
     )
+
+
+def test_a_task_that_finds_its_lanes_held_looks_again_soon_then_less_often():
+    waits = [busy_wait(None)]
+    while waits[-1] < IDLE_RETRY_S:
+        waits.append(busy_wait(waits[-1]))
+    assert waits[0] == BUSY_FIRST_S <= 0.05
+    assert waits == sorted(waits) and waits[-1] == IDLE_RETRY_S == busy_wait(IDLE_RETRY_S)
+    assert all(b == min(2 * a, IDLE_RETRY_S) for a, b in itertools.pairwise(waits))
