@@ -52,12 +52,11 @@ def kick_lanes(
     app: Celery,
     settings: Settings,
     lanes: set[tuple[str, int]],
-    countdown: float | None = None,
     busy_s: float | None = None,
 ) -> int:
     """Queue ``consumer.process_lane`` for the lanes with no kick pending, one task per
-    group (after ``countdown`` seconds if given; ``busy_s``: the wait of a look again at
-    lanes found held); return how many lanes were kicked."""
+    group (with ``busy_s``: a look again at lanes found held, after that many seconds);
+    return how many lanes were kicked."""
     if not lanes:
         return 0
     ordered = sorted(lanes)
@@ -74,7 +73,7 @@ def kick_lanes(
             tasknames.PROCESS_LANE,
             args=(group, kicked),
             kwargs=None if busy_s is None else {"busy_s": busy_s},
-            countdown=countdown,
+            countdown=busy_s,
         )
     return sum(len(kicked) for kicked in by_group.values())
 
@@ -171,10 +170,7 @@ def register(app: Celery, settings: Settings) -> None:
         if report.busy:
             # Their holder may be ending just as the rows this task was kicked for commit:
             # look again soon. The flags keep it to one such task per lane at a time.
-            wait = busy_wait(busy_s)
-            kick_lanes(
-                app, settings, {(group, n) for n in report.busy}, countdown=wait, busy_s=wait
-            )
+            kick_lanes(app, settings, {(group, n) for n in report.busy}, busy_s=busy_wait(busy_s))
         return report.as_dict()
 
     @app.task(name=tasknames.SWEEP, bind=True, shared=False)
