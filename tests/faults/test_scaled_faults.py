@@ -38,8 +38,10 @@ def test_scaled_out_workers_and_consumers_lose_one_of_each_and_nothing_else(flow
     publisher.start()
     # running in all three workers (each has finished rows of its own)
     flow.wait(
-        lambda: flow.scalar("SELECT count(*) FROM effects") > 200
-        and flow.scalar("SELECT count(DISTINCT worker) FROM inbox_messages") == 3,
+        lambda: (
+            flow.scalar("SELECT count(*) FROM effects") > 200
+            and flow.scalar("SELECT count(DISTINCT worker) FROM inbox_messages") == 3
+        ),
         120,
         "handlers to run in all three workers",
     )
