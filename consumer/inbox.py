@@ -5,16 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import uuid
+from json.encoder import encode_basestring
 from typing import Any
 
 from confluent_kafka import Message
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from consumer.acks import register_ack_topic, success_ack, write_acks
 from outbox import queries
-from outbox.models import InboxMessage
+from outbox.db import text_array
 from outbox.publishing import Publisher
 from outbox.storable import MAX_JSON_DEPTH
 from outbox.wire import (
@@ -51,10 +52,12 @@ def inbox_row(group: str, msg: Message, lanes: int) -> dict[str, Any]:
         if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise Unstorable(f"idempotency_key header is over {MAX_IDEMPOTENCY_KEY} characters")
         key = _strict_text(msg.key(), "the key")
-        payload = _payload(msg.value())
+        payload, payload_json = _payload(msg.value())
     except Unstorable as exc:
         return poison_row(group, msg, lanes, str(exc))
-    return _row(group, msg, lanes, key, headers, idempotency_key, payload)
+    row = _row(group, msg, lanes, key, headers, idempotency_key, payload)
+    row["payload_json"] = payload_json
+    return row
 
 
 def poison_row(group: str, msg: Message, lanes: int, error: str) -> dict[str, Any]:
@@ -144,29 +147,36 @@ def _b64(value: str | bytes | None) -> str | None:
     return base64.b64encode(data).decode()
 
 
-def _payload(value: bytes | None) -> dict[str, Any]:
+def _payload(value: bytes | None) -> tuple[dict[str, Any], str]:
     """The record's value as the inbox stores it: JSON that PostgreSQL takes, an object
-    (any other JSON value is wrapped as ``{"value": ...}``)."""
+    (any other JSON value is wrapped as ``{"value": ...}``); and the same as JSON text (the
+    record's own text once it passed the checks, so that it is not encoded again)."""
     try:
         text = (value or b"null").decode()
     except UnicodeDecodeError as exc:
         raise Unstorable(f"payload is not JSON: not UTF-8: {exc}") from exc
     try:
-        payload = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+        payload = _DECODER.decode(text)
     except RecursionError as exc:
         raise Unstorable(f"payload nests deeper than {MAX_JSON_DEPTH} levels") from exc
     except ValueError as exc:
         raise Unstorable(f"payload is not JSON: {exc}") from exc
     if _depth_over(payload, MAX_JSON_DEPTH):
         raise Unstorable(f"payload nests deeper than {MAX_JSON_DEPTH} levels")
-    stored = json.dumps(payload)
-    if "\\u0000" in stored:
-        raise Unstorable("payload holds a NUL character (\\u0000), which PostgreSQL's JSON refuses")
-    try:
-        stored.encode()
-    except UnicodeEncodeError as exc:
-        raise Unstorable(f"payload holds a lone surrogate: {exc}") from exc
-    return payload if isinstance(payload, dict) else {"value": payload}
+    # Decoded UTF-8 holds neither NUL (the decoder refuses control characters in strings)
+    # nor a lone surrogate: only a \u escape can put one in.
+    if "\\u" in text:
+        if _NUL_ESCAPE.search(text):
+            raise Unstorable(
+                "payload holds a NUL character (\\u0000), which PostgreSQL's JSON refuses"
+            )
+        try:
+            json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise Unstorable(f"payload holds a lone surrogate: {exc}") from exc
+    if isinstance(payload, dict):
+        return payload, text
+    return {"value": payload}, '{"value":' + text + "}"
 
 
 def _refuse_constant(name: str) -> Any:
@@ -178,6 +188,13 @@ def _finite(text: str) -> float:
     if math.isinf(number):
         raise ValueError(f"{text} is too large a number for PostgreSQL's JSON")
     return number
+
+
+# A \u0000 escape (NUL): after an even number of backslashes; after an odd number, its
+# backslash is itself escaped and the text is plain.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# Made once: ``json.loads`` with hooks builds a decoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
 
 
 def _depth_over(value: Any, limit: int) -> bool:
@@ -205,11 +222,31 @@ def record(session: Session, rows: list[dict[str, Any]]) -> list[int]:
     rows = _not_remembered(session, rows)
     if not rows:
         return []
-    # No conflict target: both unique keys (message id, idempotency key) absorb duplicates.
-    result = session.execute(
-        insert(InboxMessage).on_conflict_do_nothing().returning(InboxMessage.lane), rows
-    )
+    result = session.execute(queries.INSERT_INBOX, {"rows": _document(rows)})
     return list(result.scalars())
+
+
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_OPTIONAL = ("key", "idempotency_key", "status", "last_error")
+
+
+def _document(rows: list[dict[str, Any]]) -> str:
+    """The rows as one JSON array for :data:`outbox.queries.INSERT_INBOX`, in order; a
+    payload that is JSON text already goes in as it is, and null fields are left out."""
+    return "[" + ",".join(_entry(n, r) for n, r in enumerate(rows)) + "]"
+
+
+def _entry(n: int, r: dict[str, Any]) -> str:
+    payload = r.get("payload_json") or _compact(r["payload"])
+    optional = "".join(
+        f',"{name}":{encode_basestring(r[name])}' for name in _OPTIONAL if r.get(name) is not None
+    )
+    return (
+        f'{{"n":{n},"consumer_group":{encode_basestring(r["consumer_group"])},'
+        f'"message_id":"{r["message_id"]}","topic":{encode_basestring(r["topic"])},'
+        f'"partition":{int(r["partition"])},"offset":{int(r["offset"])},"lane":{int(r["lane"])},'
+        f'"payload":{payload},"headers":{_compact(r["headers"])}{optional}}}'
+    )
 
 
 def _not_remembered(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -225,8 +262,10 @@ def _not_remembered(session: Session, rows: list[dict[str, Any]]) -> list[dict[s
             queries.DEDUP_SEEN,
             {
                 "group": group,
-                "ids": [str(r["message_id"]) for r in group_rows],
-                "keys": [r["idempotency_key"] for r in group_rows if r["idempotency_key"]],
+                "ids": text_array(str(r["message_id"]) for r in group_rows),
+                "keys": text_array(
+                    r["idempotency_key"] for r in group_rows if r["idempotency_key"]
+                ),
             },
         ):
             seen_ids.add((group, str(message_id)))

@@ -43,3 +43,13 @@ def int_array(values: Iterable[int | None]) -> str:
     ``CAST(:p AS bigint[])``: psycopg2 sends a list as ``ARRAY[1,NULL,3]``, an expression
     per element, which costs the server far more to parse and plan when the list is long."""
     return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+
+
+def text_array(values: Iterable[str]) -> str:
+    """Strings as one PostgreSQL array literal, for ``CAST(:p AS text[])`` or ``uuid[]``
+    (see :func:`int_array`)."""
+    return "{" + ",".join(f'"{_array_quoted(v)}"' for v in values) + "}"
+
+
+def _array_quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')

@@ -212,6 +212,24 @@ DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_
 RETURNING o.topic, o.partition
 """)
 
+# Received records into the inbox, from one JSON document in Kafka order (ids follow it,
+# and a lane runs its rows in id order). Returns the lane of each new row.
+INSERT_INBOX = _sql("""
+INSERT INTO inbox_messages
+    (consumer_group, message_id, idempotency_key, topic, partition, "offset", key, lane,
+     payload, headers, status, last_error)
+SELECT u.consumer_group, u.message_id, u.idempotency_key, u.topic, u.partition, u."offset",
+       u.key, u.lane, u.payload, u.headers, coalesce(u.status, 'received'), u.last_error
+FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+     AS u(n int, consumer_group text, message_id uuid, idempotency_key text, topic text,
+          partition int, "offset" bigint, key text, lane smallint, payload jsonb,
+          headers jsonb, status text, last_error text)
+ORDER BY u.n
+-- a message the group holds already (by id, or by idempotency key) is not recorded again
+ON CONFLICT DO NOTHING
+RETURNING lane
+""")
+
 # Take or renew up to :limit buckets among :candidates. A bucket is never held by
 # two owners: rows are locked while chosen, and only free, expired or own leases qualify.
 ACQUIRE_LEASES = _sql("""

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from consumer import Consumer
 from consumer.loop import Fenced
 from consumer.partitions import scope_prefix, stored_offsets
-from outbox.db import make_engine, make_sessionmaker
+from outbox.db import make_engine, make_sessionmaker, text_array
 from outbox.kafka import admin_client, consumer_config, ensure_topics
 from outbox.models import Agent, InboxMessage
 from outbox.settings import Settings
@@ -179,6 +179,52 @@ POISON = [
     ("a NUL in a header", b"k", b"{}", {"h": b"x\x00y"}, "NUL"),
     ("an overlong idempotency key", b"k", b"{}", {"idempotency_key": b"i" * 300}, "over 255"),
 ]
+
+
+def test_a_record_is_stored_as_its_json_says_whatever_its_escapes_and_spacing(
+    settings: Settings, engine, session: Session, topic: str
+):
+    # Given records whose JSON text uses escapes, spacing and values that are not objects
+    ensure_topics(admin_client(settings), [topic], 1)
+    tricky_key = 'k "1" \\ é'
+    _produce(
+        settings,
+        topic,
+        [
+            (
+                tricky_key.encode(),
+                b' {"s": "caf\\u00e9 \\"q\\" \\\\u0000", "n": 1.5e3, "z": [] } ',
+                {"message_id": str(uuid.uuid4()), "idempotency_key": 'i "1" \\'},
+            ),
+            (b"k2", b"[1, {\"a\": null}]", {"note": 'say "hi" \\ ünï'}),
+            (b"k3", b'"just text"', {}),
+        ],
+    )
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
+
+    # When the consumer reads them
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        rows = _wait_rows(session, group, 3)
+    finally:
+        consumer.stop()
+        thread.join(30)
+
+    # Then each is received with the payload, key and headers it was sent with
+    assert [r.status for r in rows] == ["received"] * 3
+    assert rows[0].payload == {"s": 'café "q" \\u0000', "n": 1500.0, "z": []}
+    assert rows[0].key == tricky_key and rows[0].idempotency_key == 'i "1" \\'
+    assert rows[1].payload == {"value": [1, {"a": None}]}
+    assert rows[1].headers == {"note": 'say "hi" \\ ünï'}
+    assert rows[2].payload == {"value": "just text"}
+
+
+def test_strings_pass_to_postgresql_arrays_as_they_are(session: Session):
+    values = ['a"b', "c\\d", "", "NULL", "{x,y}", " é "]
+    stored = session.scalar(text("SELECT CAST(:a AS text[])"), {"a": text_array(values)})
+    assert stored == values
 
 
 def test_records_the_inbox_cannot_store_are_dead_with_their_bytes_and_the_partition_flows(

@@ -109,6 +109,12 @@ def test_a_foreign_record_gets_an_id_from_where_it_lies_so_a_redelivery_dedupes(
     assert inbox_row("billing", _record(None, key=None), lanes=16)["payload"] == {"value": None}
 
 
+def test_a_record_whose_text_only_looks_like_a_nul_escape_is_stored_as_it_is():
+    row = inbox_row("billing", _record(b'{"path": "C:\\\\u0000"}'), lanes=16)
+    assert "status" not in row
+    assert row["payload"] == {"path": "C:\\u0000"}
+
+
 @pytest.mark.parametrize(
     ("value", "key", "says"),
     [
