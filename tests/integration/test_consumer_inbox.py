@@ -196,7 +196,7 @@ def test_a_record_is_stored_as_its_json_says_whatever_its_escapes_and_spacing(
                 b' {"s": "caf\\u00e9 \\"q\\" \\\\u0000", "n": 1.5e3, "z": [] } ',
                 {"message_id": str(uuid.uuid4()), "idempotency_key": 'i "1" \\'},
             ),
-            (b"k2", b"[1, {\"a\": null}]", {"note": 'say "hi" \\ ünï'}),
+            (b"k2", b'[1, {"a": null}]', {"note": 'say "hi" \\ ünï'}),
             (b"k3", b'"just text"', {}),
         ],
     )
