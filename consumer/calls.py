@@ -42,19 +42,41 @@ def call(message: Message, session: Session, timeout_s: float) -> None:
             raise HandlerExit(f"the handler called exit({exc.code!r})") from exc
 
 
+# The limit of the call running now, for the message of its timeout.
+_limit_s = [0.0]
+_installed = [False]
+
+
+def _expire(_signum: int, _frame: FrameType | None) -> None:
+    raise HandlerTimeout(f"the handler took longer than {_limit_s[0]:g} s")
+
+
+@contextlib.contextmanager
+def time_limits() -> Iterator[None]:
+    """Keep the ``SIGALRM`` handler of the calls' time limits installed for a run of
+    calls (a batch), rather than install it for each: installing costs more than the
+    timer. The previous handler is put back at the end."""
+    if _installed[0] or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _expire)
+    _installed[0] = True
+    try:
+        yield
+    finally:
+        _installed[0] = False
+        signal.signal(signal.SIGALRM, previous)
+
+
 @contextlib.contextmanager
 def _time_limit(timeout_s: float) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only; the statement timeout still holds
         return
-
-    def expire(_signum: int, _frame: FrameType | None) -> None:
-        raise HandlerTimeout(f"the handler took longer than {timeout_s:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    with time_limits():
+        _limit_s[0] = timeout_s
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumer.acks import ack_payload, register_ack_topic, write_acks
-from consumer.calls import call, limit_statements
+from consumer.calls import call, limit_statements, time_limits
 from consumer.handlers import Message, Permanent
 from outbox import leases, queries
 from outbox.agents import owner_id
@@ -45,6 +45,10 @@ DEFAULT_POLICY = RetryPolicy()
 # the lane's kick found no free pool process (every one holds a lingering task). It looks
 # as often.
 STARVED_AFTER_S = 0.05
+# A batch calls no more handlers once it has run this long: the rest of its rows stay due
+# for the next batch (a large batch saves statements; a long one holds its transaction,
+# and its task past the budget, for as long as its slowest handlers take).
+BATCH_RUN_S = 1.0
 
 
 class Linger(Protocol):
@@ -359,10 +363,10 @@ class LaneProcessor:
         """
         per_lane = -(-self.settings.lane_batch_size // len(lanes))
         rows = self._claim(session, group, lanes, policies, per_lane)
-        ended = self._process(session, group, rows, policies, report, counted=False)
+        ended, left = self._process(session, group, rows, policies, report, counted=False)
         unblocked = any(row.attempts > 0 for row in rows if row.id in ended)
         full = max(collections.Counter(row.lane for row in rows).values(), default=0) == per_lane
-        return full, unblocked
+        return full or left, unblocked
 
     @staticmethod
     def _claim(
@@ -434,9 +438,11 @@ class LaneProcessor:
         report: LaneReport,
         *,
         counted: bool,
-    ) -> set[int]:
+    ) -> tuple[set[int], bool]:
         """Run the handlers of ``rows`` and mark them; return the rows that ended (done or
-        dead). ``counted``: their attempts were counted before (see :meth:`_count_next`)."""
+        dead), and whether some were left to run in the next batch (they come after a
+        failure, or after :data:`BATCH_RUN_S`). ``counted``: their attempts were counted
+        before (see :meth:`_count_next`)."""
         batch: list[_Row] = []
         spent = _Outcome()
         parked: set[tuple[str, str]] = set()
@@ -465,36 +471,47 @@ class LaneProcessor:
             batch.append(_Row(row.id, policy, row.attempts, message, row.lane))
         spent.write(session, self.publisher, self.worker, add=0)
         # Usually every handler succeeds: run them all under one savepoint. When one
-        # fails, the batch is undone and run again from its start, each row in a savepoint
-        # of its own; the failing row keeps the failure it had, so its handler runs once
-        # per attempt (the rows before it run a second time, their first effects undone).
-        failure = self._run_together(session, batch)
+        # fails, the batch up to it is undone and run again from its start, each row in a
+        # savepoint of its own; the failing row keeps the failure it had, so its handler
+        # runs once per attempt (the rows before it run a second time, their first effects
+        # undone). The rows after it, or after BATCH_RUN_S, are the next batch's: what ran
+        # is a prefix of each lane's rows, which are in id order.
+        with time_limits():
+            ran, failure = self._run_together(session, batch, time.monotonic() + BATCH_RUN_S)
+            left = ran < len(batch)
+            batch = batch[:ran]
+            if failure is not None:
+                outcome = self._run_each(session, group, batch, failure)
         if failure is None:
             outcome = _Outcome(done=[r.id for r in batch])
             outcome.acks = [
                 ack_payload(r.message, group, self.worker) for r in batch if r.policy.requires_ack
             ]
-        else:
-            outcome = self._run_each(session, group, batch, failure)
         outcome.write(session, self.publisher, self.worker, add=0 if counted else 1)
         report.done += len(outcome.done)
         report.failed += outcome.failed
         report.dead += outcome.dead + spent.dead
-        return outcome.ended | spent.ended
+        return outcome.ended | spent.ended, left
 
     @staticmethod
-    def _run_together(session: Session, batch: list[_Row]) -> tuple[int, Exception] | None:
-        """Run every handler in one savepoint. If one fails, nothing is kept and the
-        failing row's index and exception are returned."""
+    def _run_together(
+        session: Session, batch: list[_Row], until: float
+    ) -> tuple[int, tuple[int, Exception] | None]:
+        """Run the handlers in order in one savepoint, until one fails or the clock passes
+        ``until``; return how many rows were run (the failing one included) and, if one
+        failed, its index and exception (then nothing is kept)."""
         savepoint = session.begin_nested()
         for index, row in enumerate(batch):
+            if index and time.monotonic() >= until:
+                savepoint.commit()
+                return index, None
             try:
                 call(row.message, session, row.policy.timeout_s)
             except Exception as exc:
                 savepoint.rollback()
-                return index, exc
+                return index + 1, (index, exc)
         savepoint.commit()
-        return None
+        return len(batch), None
 
     def _run_each(
         self,

@@ -14,10 +14,11 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS bench_effects (
     message_id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())
 """
+EFFECT = text("INSERT INTO bench_effects (message_id) VALUES (:id)")
 
 
 @consumer.handler(TOPIC)
 @consumer.handler(TOPIC_ACKED)
 def record_effect(message: consumer.Message, session: Session) -> None:
     """Write the message's effect, in the transaction that marks it done."""
-    session.execute(text("INSERT INTO bench_effects (message_id) VALUES (:id)"), {"id": message.id})
+    session.execute(EFFECT, {"id": message.id})

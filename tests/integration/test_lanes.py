@@ -96,6 +96,38 @@ def test_effects_commit_with_the_inbox_row_and_happen_once(
     assert sorted(effect_ids) == sorted((i, 1) for i in ids)
 
 
+def test_slow_handlers_commit_in_batches_of_about_a_second_in_order(
+    settings: Settings, effects: Engine, session: Session, monkeypatch: pytest.MonkeyPatch
+):
+    # Given eight rows of one key whose handler takes 100 ms each, and batches that call
+    # no new handler after 250 ms
+    monkeypatch.setattr("consumer.lanes.BATCH_RUN_S", 0.25)
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+
+    @consumer.handler(topic)
+    def slow(message: consumer.Message, tx: Session) -> None:
+        time.sleep(0.1)
+        tx.execute(
+            text("INSERT INTO effects VALUES (:id, CAST(:body AS jsonb), 1)"),
+            {"id": message.id, "body": f'{{"n": {message.payload["n"]}}}'},
+        )
+
+    ids = _receive(session, topic, [("k", {"n": n}) for n in range(8)])
+
+    # When one task runs the lane
+    report = LaneProcessor(settings, make_sessionmaker(effects), "w").run(GROUP, LANE)
+
+    # Then every row is done once, in order, committed in several transactions of a few
+    # rows each rather than one of all eight
+    assert report.done == 8
+    rows = _rows(session)
+    stamps = [rows[i].processed_at for i in ids]
+    assert stamps == sorted(stamps)
+    assert 3 <= len(set(stamps)) <= 4  # three rows (300 ms) a batch, the last one two
+    assert session.scalar(text("SELECT count(*) FROM effects")) == 8
+
+
 def test_a_failing_message_backs_off_then_succeeds_and_a_poison_one_goes_dead(
     settings: Settings, effects: Engine, session: Session
 ):
