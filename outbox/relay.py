@@ -139,6 +139,12 @@ class Relay:
         self.metrics = MetricsRecorder(settings)
         self._lease_rows_ready = False
         self._last_delivery = 0.0
+        # Whether this relay's last claim found its buckets nearly empty (each gave less
+        # than its share): then the next lease takes every bucket with work, not
+        # OUTBOX_RELAY_BUCKETS_PER_TASK, so that a trickle of commits over many keys costs
+        # one pass rather than one per that many buckets. Under a backlog the claims fill
+        # their shares, and concurrent relays share the buckets again.
+        self._light = False
 
     def run(
         self,
@@ -241,7 +247,9 @@ class Relay:
                 if done:
                     held = {}
                     return
-                if claim.drained:
+                if claim.drained or len(held) > s.relay_buckets_per_task:
+                    # Drained: look for buckets with work. A backlog found in more buckets
+                    # than a task's share: give the rest back to concurrent relays.
                     relet_at = 0.0
         finally:
             if held or unsettled:
@@ -275,7 +283,7 @@ class Relay:
             SCOPE,
             self.owner,
             with_work,
-            limit=s.relay_buckets_per_task,
+            limit=s.buckets if self._light else s.relay_buckets_per_task,
             lease_s=s.relay_lease_s,
         )
         # Drained buckets go back at once, for whichever relay next finds work there.
@@ -311,12 +319,9 @@ class Relay:
             for row in rows
         ]
         per_bucket = Counter(row.bucket for row in rows)
-        return Claim(
-            token,
-            outgoing,
-            {row.id: row.attempts for row in rows},
-            drained=all(n < share for n in per_bucket.values()) and not any(r.full for r in rows),
-        )
+        drained = all(n < share for n in per_bucket.values()) and not any(r.full for r in rows)
+        self._light = drained
+        return Claim(token, outgoing, {row.id: row.attempts for row in rows}, drained=drained)
 
     def _mark(
         self,

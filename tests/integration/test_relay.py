@@ -197,6 +197,38 @@ def _lease(relay: Relay, held: dict[int, int]) -> dict[int, int]:
     return granted
 
 
+def test_a_trickle_over_every_bucket_goes_out_in_one_pass_and_a_backlog_is_shared(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    sessions = make_sessionmaker(engine)
+    relay = Relay(relay_settings, sessions=sessions)
+    # Given a relay that found the outbox nearly empty last time
+    publisher.publish_batch(session, [Message(topic, {"n": 0}, key="k0")])
+    session.commit()
+    assert relay.run().sent == 1
+    # When a few rows arrive in every one of the 16 buckets (8 per task under a backlog)
+    publisher.publish_batch(session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(64)])
+    session.commit()
+    assert len(set(session.scalars(text("SELECT bucket FROM outbox_messages")))) == 16
+    # Then one pass sends them all
+    report = relay.run()
+    assert (report.sent, report.batches, report.buckets) == (64, 1, 16)
+    # And under a backlog a relay takes its share, leaving the rest to another
+    publisher.publish_batch(
+        session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(64, 2064)]
+    )
+    session.commit()
+    other = Relay(relay_settings, sessions=sessions)
+    report = relay.run(budget_s=0.05)  # a few passes of 100, each filling its shares
+    assert 0 < report.sent < 2000
+    held_a = _lease(relay, {})
+    held_b = _lease(other, {})
+    assert len(held_a) == len(held_b) == 8
+    assert not set(held_a) & set(held_b)
+
+
 def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
     relay_settings, engine, session, topic
 ):
@@ -256,7 +288,10 @@ def test_a_partition_without_a_leader_backs_off_its_topic_only_and_ends_dead_aft
 
     # Then the other topic flows, the circuit stays closed, and the sick topic's rows wait
     # without spending an attempt, later rows of their keys behind them
-    assert (report.sent, report.failed, report.deferred) == (5, 0, 5)
+    assert (report.sent, report.failed) == (5, 0)
+    # (each at least once: a row whose jittered wait, drawn from 0 to 1 s, was nearly 0 can
+    # be claimed and deferred again within the run)
+    assert report.deferred >= 5
     assert relay.circuit.state == "closed"
     session.expire_all()
     rows = list(session.scalars(select(OutboxMessage).where(OutboxMessage.topic == sick)))
