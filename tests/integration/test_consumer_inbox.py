@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from confluent_kafka import Consumer as KafkaConsumer
@@ -45,6 +47,21 @@ def _wait_rows(session: Session, group: str, count: int, timeout_s: float = 30) 
             return rows
         time.sleep(0.1)
     return rows
+
+
+@contextlib.contextmanager
+def _consuming(settings: Settings, engine, topic: str) -> Iterator[tuple[str, Consumer]]:
+    """A consumer of a new group reading ``topic`` in a thread while the block runs."""
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        yield group, consumer
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()
 
 
 def _kafka_committed(settings: Settings, group: str, topic: str, partitions: int) -> dict:
@@ -94,21 +111,12 @@ def test_each_message_is_recorded_once_and_offsets_follow_the_commit(
             (b"k4", b'{"n": 4}', {"message_id": str(uuid.uuid4()), "target_group": "other"}),
         ],
     )
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
-
     # When the consumer runs until it has seen all five
-    thread = threading.Thread(target=consumer.run)
-    thread.start()
-    try:
+    with _consuming(settings, engine, topic) as (group, consumer):
         rows = _wait_rows(session, group, 3)
         deadline = time.monotonic() + 10
         while consumer.received < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        consumer.stop()
-        thread.join(30)
-    assert not thread.is_alive()
 
     # Then the duplicate is absorbed, the foreign message is dead on arrival, order is kept
     rows = _wait_rows(session, group, 3)
@@ -200,17 +208,9 @@ def test_a_record_is_stored_as_its_json_says_whatever_its_escapes_and_spacing(
             (b"k3", b'"just text"', {}),
         ],
     )
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
-
     # When the consumer reads them
-    thread = threading.Thread(target=consumer.run)
-    thread.start()
-    try:
+    with _consuming(settings, engine, topic) as (group, _):
         rows = _wait_rows(session, group, 3)
-    finally:
-        consumer.stop()
-        thread.join(30)
 
     # Then each is received with the payload, key and headers it was sent with
     assert [r.status for r in rows] == ["received"] * 3
@@ -238,17 +238,9 @@ def test_records_the_inbox_cannot_store_are_dead_with_their_bytes_and_the_partit
         records.append((key, value, headers))
     records.append((b"good-last", b'{"good": "last"}', {}))
     _produce(settings, topic, records)
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer(settings, group, [topic], sessions=make_sessionmaker(engine))
-
     # When the consumer reads them
-    thread = threading.Thread(target=consumer.run)
-    thread.start()
-    try:
+    with _consuming(settings, engine, topic) as (group, _):
         rows = _wait_rows(session, group, len(records))
-    finally:
-        consumer.stop()
-        thread.join(30)
 
     # Then it is still running to the end, every good record is received in order, and
     # each bad one is a dead row that says what is wrong and keeps the record's bytes
