@@ -144,8 +144,8 @@ class Settings:
     )
     lane_batch_size: int = _setting(
         1000,
-        "Inbox rows one lane transaction takes, shared among its lanes (it runs handlers "
-        "for at most a second; the rest go in the next).",
+        "Inbox rows one lane transaction takes, shared among its lanes (it starts no "
+        "handler after a second; the rest go in the next).",
         minimum=1,
     )
     lane_linger_ms: int = _setting(
