@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -74,9 +74,8 @@ PING_TIMEOUT_S = 2.0
 RECORD_OVERHEAD_BYTES = 100
 
 
-@dataclasses.dataclass(frozen=True)
-class Outgoing:
-    """One claimed row, ready to produce."""
+class Outgoing(NamedTuple):
+    """One claimed row, ready to produce (a tuple: a claim makes thousands at a time)."""
 
     id: int
     topic: str

@@ -316,13 +316,17 @@ stamped AS (
         claims_until = now() + make_interval(secs => :lease_s)
     -- the buckets that gave rows, found once (not a scan of the claim per lease row)
     WHERE l.scope = :scope AND l.bucket = ANY(ARRAY(SELECT DISTINCT bucket FROM claimable))
+),
+claimed AS (
+    UPDATE outbox_messages m
+    SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :lease_s)
+    FROM claimable c
+    WHERE m.id = c.id
+    RETURNING m.id, m.topic, m.key, CAST(m.payload AS text) AS payload,
+              CAST(m.headers AS text) AS headers, m.attempts, m.bucket, c.full
 )
-UPDATE outbox_messages m
-SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :lease_s)
-FROM claimable c
-WHERE m.id = c.id
-RETURNING m.id, m.topic, m.key, CAST(m.payload AS text) AS payload,
-          CAST(m.headers AS text) AS headers, m.attempts, m.bucket, c.full
+-- in id order: the order they are produced in
+SELECT * FROM claimed ORDER BY id
 """)
 
 # A claim's rows are settled (marked or given back): its buckets take claims again.
