@@ -9,7 +9,6 @@ id and adds nothing; with a different message it is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -52,9 +51,8 @@ TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 MAX_IDEMPOTENCY_KEY = 255
 
 
-@dataclasses.dataclass(frozen=True)
-class Message:
-    """One message to publish."""
+class Message(NamedTuple):
+    """One message to publish (a tuple: a batch makes thousands at a time)."""
 
     topic: str
     payload: Any
@@ -70,7 +68,8 @@ class PreparedRow(NamedTuple):
     topic: str
     key: str | None
     payload: str
-    headers: str
+    # None: only the outbox's own headers (message id, and the same as correlation id)
+    headers: str | None
     idempotency_key: str | None
     request_hash: str | None
     bucket: int
@@ -109,6 +108,11 @@ def _payload_json(value: Any) -> str:
 _OWN_HEADERS = _compact({HEADER_CORRELATION_ID: "", HEADER_MESSAGE_ID: ""}).split('""')
 
 
+def own_headers(text_id: str) -> str:
+    """The headers, as JSON, of the message ``text_id`` whose caller gave none."""
+    return f'"{text_id}"'.join(_OWN_HEADERS)
+
+
 def _document(rows: list[PreparedRow]) -> str:
     """The batch as one JSON array; payload and headers are already JSON, so they go in
     as they are rather than encoded a second time. Fields that are null are left out (the
@@ -119,6 +123,7 @@ def _document(rows: list[PreparedRow]) -> str:
 
 def _entry(n: int, r: PreparedRow, topic: str) -> str:
     key = "" if r.key is None else f',"key":{encode_basestring(r.key)}'
+    headers = "" if r.headers is None else f',"headers":{r.headers}'
     once = (
         ""
         if r.idempotency_key is None
@@ -126,8 +131,8 @@ def _entry(n: int, r: PreparedRow, topic: str) -> str:
         f'"request_hash":"{r.request_hash}"'
     )
     return (
-        f'{{"n":{n},"message_id":"{r.text_id}","topic":{topic}{key},"payload":{r.payload},'
-        f'"headers":{r.headers},"bucket":{r.bucket}{once}}}'
+        f'{{"n":{n},"message_id":"{r.text_id}","topic":{topic}{key},"payload":{r.payload}'
+        f'{headers},"bucket":{r.bucket}{once}}}'
     )
 
 
@@ -214,7 +219,7 @@ class Publisher:
                 "topic": r.topic,
                 "key": r.key,
                 "payload": r.payload,
-                "headers": r.headers,
+                "headers": own_headers(r.text_id) if r.headers is None else r.headers,
                 "idempotency_key": r.idempotency_key,
                 "request_hash": r.request_hash,
                 "bucket": r.bucket,
@@ -327,6 +332,7 @@ class Publisher:
             )
         caller_headers = self._caller_headers(index, message.headers)
         text_id = str(message_id)
+        headers_json = None
         if caller_headers or idem is not None:
             headers = dict(caller_headers)
             headers[HEADER_MESSAGE_ID] = text_id
@@ -334,8 +340,6 @@ class Publisher:
             if idem is not None:
                 headers[HEADER_IDEMPOTENCY_KEY] = idem
             headers_json = _compact(headers)
-        else:
-            headers_json = f'"{text_id}"'.join(_OWN_HEADERS)
         # What makes a repeat "the same message": everything the caller chose. Only a
         # message with an idempotency key can be repeated.
         request_hash = (

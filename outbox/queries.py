@@ -11,6 +11,8 @@ import re
 
 from sqlalchemy import TextClause, text
 
+from outbox.wire import HEADER_CORRELATION_ID, HEADER_MESSAGE_ID
+
 
 def _sql(statement: str) -> TextClause:
     return text(statement)
@@ -20,11 +22,15 @@ def _sql(statement: str) -> TextClause:
 # quote, parsed by the server in C). Rows whose topic is unknown or inactive and rows
 # whose idempotency key is taken are left out; the caller compares the row count with the
 # batch and, when it is short, looks up which (MESSAGES_WRITTEN) and why.
-_INSERT_BATCH = """
+# A row without headers in the document has only the outbox's own: its message id, which
+# is also its correlation id (built here: cheaper than sending and parsing them).
+_INSERT_BATCH = f"""
 INSERT INTO outbox_messages
     (message_id, topic, key, payload, headers, idempotency_key, request_hash, bucket)
-SELECT u.message_id, u.topic, u.key, u.payload, u.headers, u.idempotency_key,
-       u.request_hash, u.bucket
+SELECT u.message_id, u.topic, u.key, u.payload,
+       coalesce(u.headers, jsonb_build_object('{HEADER_CORRELATION_ID}', u.message_id,
+                                              '{HEADER_MESSAGE_ID}', u.message_id)),
+       u.idempotency_key, u.request_hash, u.bucket
 FROM jsonb_to_recordset(CAST(:rows AS jsonb))
      AS u(n int, message_id uuid, topic text, key text, payload jsonb, headers jsonb,
           idempotency_key text, request_hash text, bucket smallint)

@@ -99,6 +99,21 @@ def test_a_batch_keeps_its_order_in_ids(publisher, session, orders):
     assert [r.payload["n"] for r in rows] == list(range(50))
 
 
+def test_a_batch_stores_each_message_s_headers_its_own_or_the_caller_s(publisher, session, orders):
+    own, given = publisher.publish_batch(
+        session,
+        [Message(orders, {"n": 1}), Message(orders, {"n": 2}, headers={"causation_id": "e"})],
+    )
+    session.commit()
+    rows = {r.message_id: r for r in session.scalars(select(OutboxMessage))}
+    assert rows[own].headers == {"message_id": str(own), "correlation_id": str(own)}
+    assert rows[given].headers == {
+        "message_id": str(given),
+        "correlation_id": str(given),
+        "causation_id": "e",
+    }
+
+
 @pytest.mark.parametrize(
     ("message", "error", "field"),
     [
