@@ -38,7 +38,7 @@ FROM jsonb_to_recordset(CAST(:rows AS jsonb))
 JOIN topics t ON t.name = u.topic AND t.active
 -- ids follow the batch's order, so its rows go out in that order
 ORDER BY u.n
-"""
+"""  # noqa: S608 (composed of constants only)
 # Fresh random ids cannot collide: a batch without idempotency keys needs no conflict
 # handling (whose checks of every unique index cost more than the insert's own work).
 INSERT_MESSAGES = _sql(_INSERT_BATCH)
