@@ -307,8 +307,8 @@ class Relay:
                 "bytes_per_bucket": bytes_share,
             },
         ).all()
-        # Every row's headers decoded in one call: a call per row cost more than the rest
-        # of the row's way to Kafka.
+        # Every row's headers decoded in one call: a call per row was the largest part of
+        # the claim's own (Python) time.
         headers = json.loads("[" + ",".join([row.headers for row in rows]) + "]")
         outgoing = [
             Outgoing(
