@@ -45,6 +45,12 @@ DEFAULT_POLICY = RetryPolicy()
 # the lane's kick found no free pool process (every one holds a lingering task). It looks
 # as often.
 STARVED_AFTER_S = 0.05
+# A lingering task whose batches have all been full for this long, holding two lanes or
+# more, hands half of them to a task of their own when no task is queued (so, most often,
+# a pool process is free for it), and does not take them back for HANDED_OFF_S: under a
+# backlog the lanes' work spreads over the pool rather than stay in one process.
+HAND_OFF_AFTER_S = 0.2
+HANDED_OFF_S = 1.0
 # A batch calls no more handlers once it has run this long: the rest of its rows stay due
 # for the next batch (a large batch saves statements; a long one holds its transaction,
 # and its task past the budget, for as long as its slowest handlers take).
@@ -64,6 +70,13 @@ class Linger(Protocol):
 
     def let_go(self, group: str, lanes: Sequence[int]) -> None:
         """Kicks of these lanes send tasks again (called before the task's last look)."""
+
+    def may_hand_off(self) -> bool:
+        """Whether lanes handed off now would likely find a free pool process (no task is
+        queued)."""
+
+    def hand_off(self, group: str, lanes: Sequence[int]) -> None:
+        """Queue a task of their own for these lanes, which this task gave back."""
 
 
 def lane_scope(group: str) -> str:
@@ -146,6 +159,8 @@ class LaneProcessor:
         # Set once the kicks are let go: the next batch is the last look.
         letting_go = linger is None
         look_at = 0.0  # when a busy lingering task next looks for starved lanes
+        busy_since: float | None = None  # since when every batch has been full
+        handed: dict[int, float] = {}  # lanes handed off: not taken back before then
         try:
             # The leases are taken in a transaction of their own, so that a process that
             # ends in the middle of its first batch leaves them held: whoever takes them
@@ -200,6 +215,26 @@ class LaneProcessor:
                             report.due_s = self._finish(session, group, held, policies)
                             finished = True
                 found: list[int] | None = None
+                now = time.monotonic()
+                if counted is None:
+                    busy_since = (busy_since or now) if more and not letting_go else None
+                if (
+                    busy_since is not None
+                    and not finished
+                    and len(held) > 1
+                    and now - busy_since >= HAND_OFF_AFTER_S
+                ):
+                    assert linger is not None
+                    if linger.may_hand_off():
+                        given = held[len(held) // 2 :]
+                        held = held[: len(held) // 2]
+                        with self.sessions.begin() as session:
+                            self._finish(session, group, given, policies)
+                        careful -= set(given)
+                        linger.hold(group, held)
+                        linger.hand_off(group, given)
+                        handed.update(dict.fromkeys(given, now + HANDED_OFF_S))
+                    busy_since = now
                 if counted is None and not finished and not more:
                     assert linger is not None
                     found = self._await_rows(group, held, policies, budget, linger)
@@ -215,6 +250,9 @@ class LaneProcessor:
                         found = self._open_lanes(
                             session, group, scope, policies, waited_s=STARVED_AFTER_S
                         )
+                if found and handed:
+                    handed = {n: until for n, until in handed.items() if until > now}
+                    found = [n for n in found if n not in handed]
                 if found and (extra := sorted(set(found) - set(held))):
                     assert linger is not None
                     with self.sessions.begin() as session:

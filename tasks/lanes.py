@@ -109,6 +109,7 @@ class LaneLinger(Lingering):
     def __init__(self, app: Celery, settings: Settings, worker: str) -> None:
         flags = flags_for_this_process(app.conf.broker_url)
         super().__init__(app, flags, settings.lane_linger_ms / 1000, worker)
+        self.app, self.settings = app, settings
         self.hold_s = min(KICK_FLAG_TTL_S, settings.lane_lease_s)
         self._held: tuple[str, list[int]] | None = None
         self._held_at = 0.0
@@ -130,6 +131,13 @@ class LaneLinger(Lingering):
     def let_go(self, group: str, lanes: Sequence[int]) -> None:
         self._held = None
         kick_started(self.flags, *(lane_flag(group, n) for n in lanes))
+
+    def may_hand_off(self) -> bool:
+        return not self.queued()
+
+    def hand_off(self, group: str, lanes: Sequence[int]) -> None:
+        kick_started(self.flags, *(lane_flag(group, n) for n in lanes))
+        kick_lanes(self.app, self.settings, {(group, n) for n in lanes})
 
 
 def kick_targeted(app: Celery, group: str, lane: int, worker: str) -> None:

@@ -44,9 +44,13 @@ class Lingering:
         now = time.monotonic()
         if idle_s >= self.QUEUE_IDLE_S and now - self._checked >= self.QUEUE_CHECK_S:
             self._checked = now
-            pipe = self.flags.pipeline(transaction=False)
-            for queue in self.queues:
-                pipe.llen(queue)
-            if any(pipe.execute()):
+            if self.queued():
                 return False
         return True
+
+    def queued(self) -> bool:
+        """Whether a task waits in the shared queue or the worker's own."""
+        pipe = self.flags.pipeline(transaction=False)
+        for queue in self.queues:
+            pipe.llen(queue)
+        return any(pipe.execute())

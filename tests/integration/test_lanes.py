@@ -4,6 +4,8 @@ back off and end dead, and in an ordered group a failing key holds back only its
 from __future__ import annotations
 
 import collections
+import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -294,6 +296,12 @@ class _RecordingLinger:
     def let_go(self, group: str, lanes: Any) -> None:
         self.calls.append(("let_go", list(lanes)))
 
+    def may_hand_off(self) -> bool:
+        return False  # every pool process is taken: nothing is handed off
+
+    def hand_off(self, group: str, lanes: Any) -> None:
+        raise AssertionError("no lane is handed off while no pool process is free")
+
 
 def _topic_with_effects(session: Session) -> str:
     """A registered topic whose handler writes one effect row per message."""
@@ -380,6 +388,81 @@ def test_a_busy_lingering_lane_task_takes_on_a_lane_whose_row_waits_with_no_task
     assert linger.calls[0] == ("hold", [LANE])
     assert ("hold", [LANE, LANE + 2]) in linger.calls
     assert linger.calls[-1] == ("let_go", [LANE, LANE + 2])
+
+
+def test_a_busy_lingering_lane_task_hands_half_its_lanes_to_a_task_of_their_own(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+
+    @consumer.handler(topic)
+    def slow(message: consumer.Message, tx: Session) -> None:
+        time.sleep(0.01)  # a backlog that keeps the task busy for a second or so
+        tx.execute(
+            text("INSERT INTO effects VALUES (:id, :body, 1)"),
+            {"id": message.id, "body": json.dumps(message.payload)},
+        )
+
+    lanes = [LANE, LANE + 1, LANE + 2, LANE + 3]
+    for lane in lanes:
+        receive(session, GROUP, topic, [(f"k{lane}", {"n": n}) for n in range(25)], lane=lane)
+    sessions = make_sessionmaker(effects)
+    owners_at_hand_off: list[Any] = []
+    others: list[threading.Thread] = []
+
+    class HandingOff(_RecordingLinger):
+        def may_hand_off(self) -> bool:
+            return not others  # one pool process is free, until a handed-off task takes it
+
+        def hand_off(self, group: str, given: Any) -> None:
+            self.calls.append(("hand_off", list(given)))
+            with sessions() as look:
+                owners_at_hand_off.extend(
+                    look.execute(
+                        text("SELECT owner FROM leases WHERE scope = :s AND bucket = ANY(:b)"),
+                        {"s": lane_scope(group), "b": list(given)},
+                    ).scalars()
+                )
+            # The task of their own, in another pool process.
+            other = LaneProcessor(settings.replace(lane_batch_size=4), sessions, "worker-b")
+            others.append(threading.Thread(target=other.run, args=(group, list(given))))
+            others[-1].start()
+
+    linger = HandingOff(None, waits=1)
+    processor = LaneProcessor(settings.replace(lane_batch_size=4), sessions, "worker-a")
+    report = processor.run(GROUP, lanes, linger=linger)
+    for other in others:
+        other.join(30)
+
+    # Half the lanes went to the other task, free of leases, once, and stayed there.
+    assert [c for c in linger.calls if c[0] == "hand_off"] == [("hand_off", lanes[2:])]
+    assert owners_at_hand_off == [None, None]
+    rows = _rows(session).values()
+    assert {r.status for r in rows} == {"done"} and report.done < 100
+    assert {r.worker for r in rows if r.lane in lanes[:2]} == {"worker-a"}
+    for lane in lanes[2:]:
+        # From the hand-off on, the lane's rows ran in the other task.
+        workers = [r.worker for r in sorted(rows, key=lambda r: r.id) if r.lane == lane]
+        first = workers.index("worker-b")
+        assert set(workers[:first]) <= {"worker-a"} and set(workers[first:]) == {"worker-b"}
+    # Every message ran once, each key in order.
+    ran = session.execute(text("SELECT body FROM effects")).scalars().all()
+    assert len(ran) == 100
+    by_id = {r.message_id: r for r in rows}
+    order = (
+        session.execute(
+            text(
+                "SELECT e.message_id FROM effects e JOIN inbox_messages i USING (message_id) "
+                "ORDER BY i.processed_at, i.id"
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for lane in lanes:
+        seen = [by_id[m].payload["n"] for m in order if by_id[m].lane == lane]
+        assert seen == list(range(25))
 
 
 def test_a_lane_task_without_lingering_leaves_other_lanes_to_their_kicks(
