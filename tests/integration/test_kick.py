@@ -3,6 +3,7 @@ commit after the relay task started queues the next."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -135,3 +136,31 @@ def test_a_lane_task_that_finds_its_lanes_held_queues_a_look_again_soon(settings
     assert queued["headers"]["kwargsrepr"] == "{'busy_s': 0.05}"  # soon, not in a second
     assert queued["headers"]["eta"] is not None
     client.delete(QUEUE)
+
+
+def test_a_lane_task_hands_lanes_off_with_one_task_of_their_own_only_when_none_is_queued(
+    settings: Settings,
+):
+    from outbox.kick import lane_flag
+    from tasks.factory import make_celery
+    from tasks.lanes import LaneLinger
+
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    client.delete(QUEUE, *(lane_flag("g", n) for n in range(8)))
+    lingering = settings.replace(lane_linger_ms=1000)
+    app = make_celery(lingering)
+    linger = LaneLinger(app, lingering, "w1@host")
+    linger.hold("g", [0, 1, 2, 3])
+
+    assert linger.may_hand_off()  # nothing queued: a pool process is likely free
+    linger.hand_off("g", [2, 3])
+    assert _wait_for(lambda: _queued_tasks(client) == ["consumer.process_lane"])
+    queued = json.loads(client.lindex(QUEUE, 0))
+    assert json.loads(base64.b64decode(queued["body"]))[0] == ["g", [2, 3]]
+    # Their kicks now wait for that task; the handing task still holds its own.
+    assert all(client.exists(lane_flag("g", n)) for n in range(4))
+    # With a task queued, nothing more is handed off.
+    assert not linger.may_hand_off()
+    client.delete(QUEUE)
+    client.close()
