@@ -45,12 +45,14 @@ DEFAULT_POLICY = RetryPolicy()
 # the lane's kick found no free pool process (every one holds a lingering task). It looks
 # as often.
 STARVED_AFTER_S = 0.05
-# A lingering task whose batches have all been full for this long, holding two lanes or
-# more, hands half of them to a task of their own when no task is queued (so, most often,
-# a pool process is free for it), and does not take them back for HANDED_OFF_S: under a
-# backlog the lanes' work spreads over the pool rather than stay in one process.
-HAND_OFF_AFTER_S = 0.2
-HANDED_OFF_S = 1.0
+# A lingering task whose batches have all been full for this long (a backlog, not a
+# moment's catch-up), holding two lanes or more, hands half of them to a task of their own
+# when no task is queued (so a pool process may be free for it), and leaves them to it for
+# HANDED_OFF_S: under a backlog the lanes' work spreads over the pool rather than stay in
+# one process. A handed-off task that found no free process by then loses them to the
+# starved-lane look, so they wait no longer than that.
+HAND_OFF_AFTER_S = 1.0
+HANDED_OFF_S = 0.25
 # A batch calls no more handlers once it has run this long: the rest of its rows stay due
 # for the next batch (a large batch saves statements; a long one holds its transaction,
 # and its task past the budget, for as long as its slowest handlers take).
