@@ -162,5 +162,5 @@ def test_a_lane_task_hands_lanes_off_with_one_task_of_their_own_only_when_none_i
     assert all(client.exists(lane_flag("g", n)) for n in range(4))
     # With a task queued, nothing more is handed off.
     assert not linger.may_hand_off()
-    client.delete(QUEUE)
+    client.delete(QUEUE, *(lane_flag("g", n) for n in range(8)))
     client.close()
