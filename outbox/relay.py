@@ -102,6 +102,11 @@ class Linger(Protocol):
     def let_go(self) -> None:
         """Kicks send tasks again (called before the task's last look)."""
 
+    def backlog(self, found: bool) -> None:
+        """Whether this task's last claim found a backlog (its buckets filled their
+        shares): while it does, kicks send tasks again and they share the buckets with
+        it; once a claim is light, it sees every commit alone again."""
+
 
 def _placements(sent: list[DeliveryReport]) -> str:
     """``{"<row id>": [partition, offset], ...}`` of the delivered rows, as JSON."""
@@ -166,10 +171,11 @@ class Relay:
                 lingering = linger.hold()
                 # Beside a lingering task, one sends what its buckets hold and ends: the
                 # lingering one sees the rest.
+                watched = linger if lingering else None
                 try:
-                    self._drain(budget, report, helping=lingering)
+                    self._drain(budget, report, helping=lingering, linger=watched)
                     while lingering and self._await_rows(budget, linger):
-                        self._drain(budget, report)
+                        self._drain(budget, report, linger=watched)
                 finally:
                     # A commit before this is seen by the last look; one after it kicks.
                     linger.let_go()
@@ -209,9 +215,17 @@ class Relay:
             self.circuit.close()
         return True
 
-    def _drain(self, budget: Budget, report: RelayReport, helping: bool = True) -> None:
+    def _drain(
+        self,
+        budget: Budget,
+        report: RelayReport,
+        helping: bool = True,
+        linger: Linger | None = None,
+    ) -> None:
         """Claim, send and mark until the buckets run dry or the budget ends; ``helping``:
-        also while other tasks' buckets have work (rather than end once its own are dry)."""
+        also while other tasks' buckets have work (rather than end once its own are dry);
+        ``linger``: the lingering task's, told after each claim whether it found a
+        backlog."""
         held: dict[int, int] = {}
         unsettled: tuple[uuid.UUID, list[int]] | None = None  # a claim not marked yet
         relet_at = 0.0  # when to renew the leases and look for buckets with new work
@@ -228,6 +242,8 @@ class Relay:
                     if not held:
                         return
                     claim = self._claim(session, list(held))
+                if linger is not None:
+                    linger.backlog(not claim.drained)
                 if not claim.rows:
                     if relet:
                         return  # the buckets with work hold nothing sendable now

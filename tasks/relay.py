@@ -48,6 +48,8 @@ def _flush(**_: Any) -> None:
 
 # The lingering relay task's token: one relay task at a time lingers.
 LINGERER = "outbox:relay:lingering"
+# Set while the lingering task works through a backlog: kicked tasks share it then.
+BACKLOG = "outbox:relay:lingering:backlog"
 
 # Take or renew the lingerer's place and the kick flag with it: 0 when another task has it.
 _HOLD = """
@@ -62,9 +64,25 @@ return 1
 _LET_GO = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
+# A backlog: keep the place, let commits kick tasks that share it (no flag held).
+_BACKLOG = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+def another_lingers(flags: redis.Redis) -> bool:
+    """Whether a relay task lingers and sees every commit: a kicked task ends at once
+    then. Under a backlog the lingering task lets kicks through, and they help it."""
+    lingering, backlog = flags.exists(LINGERER), flags.exists(BACKLOG)
+    return bool(lingering) and not backlog
 
 
 class RelayLinger(Lingering):
@@ -72,7 +90,9 @@ class RelayLinger(Lingering):
     flag meanwhile, renewed well within its life, so commits queue no relay task, for up
     to ``OUTBOX_RELAY_LINGER_MS`` without rows. One relay task lingers at a time: a task
     that finds another one lingering ends after its own rows (two lingering tasks, never
-    idle under steady traffic, would keep every other task out of a small pool)."""
+    idle under steady traffic, would keep every other task out of a small pool). While
+    its claims find a backlog it lets the kick flag go, so that commits kick tasks that
+    share the buckets with it, as relay tasks that do not linger do."""
 
     HOLD_MS = 2000
 
@@ -82,8 +102,10 @@ class RelayLinger(Lingering):
         self._token = uuid.uuid4().hex
         self._hold = flags.register_script(_HOLD)
         self._let_go = flags.register_script(_LET_GO)
+        self._backlog = flags.register_script(_BACKLOG)
         self._holding = False
         self._held_at = 0.0
+        self._in_backlog = False
 
     def hold(self) -> bool:
         self._holding = bool(self._hold(keys=[LINGERER, FLAG], args=[self._token, self.HOLD_MS]))
@@ -98,8 +120,19 @@ class RelayLinger(Lingering):
         return self._holding
 
     def let_go(self) -> None:
-        self._let_go(keys=[LINGERER, FLAG], args=[self._token])
-        self._holding = False
+        self._let_go(keys=[LINGERER, FLAG, BACKLOG], args=[self._token])
+        self._holding = self._in_backlog = False
+
+    def backlog(self, found: bool) -> None:
+        renew = time.monotonic() - self._held_at >= self.HOLD_MS / 3000
+        if found and (not self._in_backlog or renew):
+            keys = [LINGERER, FLAG, BACKLOG]
+            self._holding = bool(self._backlog(keys=keys, args=[self._token, self.HOLD_MS]))
+            self._in_backlog, self._held_at = self._holding, time.monotonic()
+        elif not found and self._in_backlog:
+            self._in_backlog = False
+            if self.hold():  # commits kick nothing again: this task sees them
+                self.flags.delete(BACKLOG)
 
 
 def register(app: Celery, settings: Settings) -> None:
@@ -115,7 +148,7 @@ def register(app: Celery, settings: Settings) -> None:
         relay = relay_for_this_process(settings)
         # Before claiming: a commit from now on queues a new kick (see outbox.kick).
         kick_started(flags)
-        if settings.relay_linger_ms and flags.exists(LINGERER):
+        if settings.relay_linger_ms and another_lingers(flags):
             # A lingering task sees every row committed before it lets go; a commit after
             # that kicks again.
             return {"skipped": "another relay task is lingering"}

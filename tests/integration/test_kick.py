@@ -82,7 +82,7 @@ def test_beats_relay_tick_ends_at_once_while_a_pass_is_queued_or_on(settings: Se
 
 def test_one_relay_task_lingers_at_a_time_and_a_kicked_one_ends_beside_it(settings: Settings):
     from tasks.factory import make_celery
-    from tasks.relay import LINGERER, RelayLinger
+    from tasks.relay import LINGERER, RelayLinger, another_lingers
 
     assert settings.redis_url is not None
     client = redis.Redis.from_url(settings.redis_url)
@@ -99,8 +99,17 @@ def test_one_relay_task_lingers_at_a_time_and_a_kicked_one_ends_beside_it(settin
     # A task kicked meanwhile ends at once: the lingering one sees its rows.
     assert app.tasks["outbox.publish"].run() == {"skipped": "another relay task is lingering"}
     assert first.keep_waiting(0.0)
+    # Its claims find a backlog: commits kick tasks again, and they help it.
+    first.backlog(True)
+    assert not client.exists(FLAG) and another_lingers(client) is False
+    assert client.get(LINGERER) == first._token.encode()  # it still lingers
+    # Light again: it sees every commit alone.
+    first.backlog(False)
+    assert client.exists(FLAG) and another_lingers(client)
+    first.backlog(True)
     first.let_go()
     assert not client.exists(FLAG) and not client.exists(LINGERER)  # commits kick again
+    assert not another_lingers(client)
 
 
 def test_a_lane_task_that_finds_its_lanes_held_queues_a_look_again_soon(settings: Settings):

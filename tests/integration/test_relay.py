@@ -376,6 +376,9 @@ def test_a_lingering_relay_sends_rows_committed_while_it_waits_in_the_same_task(
         def let_go(self) -> None:
             calls.append("let_go")
 
+        def backlog(self, found: bool) -> None:
+            assert not found  # two rows are no backlog: commits stay this task's
+
     report = Relay(relay_settings, sessions=make_sessionmaker(engine)).run(
         budget_s=30, linger=Linger()
     )
@@ -384,6 +387,43 @@ def test_a_lingering_relay_sends_rows_committed_while_it_waits_in_the_same_task(
     assert calls == ["hold", "let_go"]
     received = consume_all(relay_settings.kafka_bootstrap, topic, 2)
     assert [m.message_id for m in received] == [str(first), str(later[0])]  # in key order
+
+
+def test_a_lingering_relay_lets_kicks_through_while_its_claims_find_a_backlog(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    Publisher(relay_settings).publish_batch(
+        session, [Message(topic, {"n": n}, key=f"k{n % 100}") for n in range(1000)]
+    )
+    session.commit()
+    calls: list[object] = []
+
+    class Linger:
+        def hold(self) -> bool:
+            calls.append("hold")
+            return True
+
+        def keep_waiting(self, idle_s: float) -> bool:
+            calls.append("wait")
+            return False
+
+        def let_go(self) -> None:
+            calls.append("let_go")
+
+        def backlog(self, found: bool) -> None:
+            calls.append(found)
+
+    report = Relay(relay_settings, sessions=make_sessionmaker(engine)).run(
+        budget_s=30, linger=Linger()
+    )
+
+    assert report.sent == 1000
+    # Claims of 100 rows out of 1,000 are full: kicks go through (and their tasks help)
+    # until a claim is light, and only then does the task wait, seeing commits alone.
+    assert calls[:2] == ["hold", True]
+    assert calls[calls.index("wait") - 1] is False
+    assert calls.count(True) >= 5
 
 
 def test_a_relay_task_beside_a_lingering_one_sends_what_it_finds_and_ends(
