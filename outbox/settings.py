@@ -126,7 +126,7 @@ class Settings:
         10000, "Producer message timeout: an unacknowledged send fails after it.", minimum=1000
     )
     relay_linger_ms: int = _setting(
-        1000,
+        0,
         "How long a relay task that emptied the outbox waits for new rows before it ends "
         "(0: it ends at once); it stops waiting as soon as other tasks are queued.",
         minimum=0,
@@ -149,7 +149,7 @@ class Settings:
         minimum=1,
     )
     lane_linger_ms: int = _setting(
-        1000,
+        0,
         "How long a lane task whose lanes ran dry waits for new rows before it gives them "
         "back (0: it ends at once); it stops waiting as soon as other tasks are queued.",
         minimum=0,
