@@ -81,8 +81,8 @@ return 1
 def another_lingers(flags: redis.Redis) -> bool:
     """Whether a relay task lingers and sees every commit: a kicked task ends at once
     then. Under a backlog the lingering task lets kicks through, and they help it."""
-    lingering, backlog = flags.exists(LINGERER), flags.exists(BACKLOG)
-    return bool(lingering) and not backlog
+    lingering, backlog = flags.mget([LINGERER, BACKLOG])  # one round trip
+    return lingering is not None and backlog is None
 
 
 class RelayLinger(Lingering):
