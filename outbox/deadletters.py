@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from outbox import queries
 from outbox.models import BIGINT_MAX, MAX_ERROR_CHARS
+from outbox.wire import message_headers
 
 SIDES = ("outbox", "inbox", "delivery")
 _REQUEUE = {
@@ -111,7 +112,10 @@ def list_dead_letters(
             "key": r.key,
             "attempts": r.attempts,
             "error": r.last_error,
-            "headers": r.headers,
+            # an inbox row holds the headers as received; an outbox row, the caller's
+            "headers": r.headers
+            if r.side == "inbox"
+            else message_headers(str(r.message_id), r.headers),
             "payload": r.payload,
             "at": r.at.isoformat(),
         }

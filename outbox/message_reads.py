@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outbox.models import ConsumerGroup, Delivery, OutboxMessage
+from outbox.wire import message_headers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,7 @@ def message_view(row: OutboxMessage) -> dict[str, Any]:
         "kafka_partition": row.kafka_partition,
         "kafka_offset": row.kafka_offset,
         "idempotency_key": row.idempotency_key,
-        "headers": row.headers,
+        "headers": message_headers(str(row.message_id), row.headers),
         "created_at": row.created_at.isoformat(),
         "sent_at": row.sent_at.isoformat() if row.sent_at else None,
         "available_at": row.available_at.isoformat(),

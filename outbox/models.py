@@ -177,6 +177,8 @@ class OutboxMessage(Base):
     topic: Mapped[str] = mapped_column(String(MAX_TOPIC))
     key: Mapped[str | None] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column()
+    # The caller's headers and the idempotency key; the message id and correlation id
+    # that go out with them come from message_id (wire.message_headers).
     headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # sha256 of (topic, key, payload, caller headers): tells a repeat from a conflict.

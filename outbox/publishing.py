@@ -37,9 +37,7 @@ from outbox.errors import (
 from outbox.registry import check_topic_names
 from outbox.settings import Settings, env_name
 from outbox.wire import (
-    HEADER_CORRELATION_ID,
     HEADER_IDEMPOTENCY_KEY,
-    HEADER_MESSAGE_ID,
     HEADER_TRACEPARENT,
     MAX_TOPIC,
     RESERVED_HEADERS,
@@ -68,7 +66,8 @@ class PreparedRow(NamedTuple):
     topic: str
     key: str | None
     payload: str
-    # None: only the outbox's own headers (message id, and the same as correlation id)
+    # What the row stores: the caller's headers and the idempotency key, or None for none
+    # (the message id and correlation id come from the row's id: wire.message_headers)
     headers: str | None
     idempotency_key: str | None
     request_hash: str | None
@@ -101,16 +100,6 @@ def _payload_json(value: Any) -> str:
         return "".join(_PAYLOAD_ENCODER(value, 0))
     except RecursionError as exc:
         raise ValueError("nested too deeply, or circular") from exc
-
-
-# The headers of a message whose caller gave none, around its id: the common case
-# written without building and encoding a dict.
-_OWN_HEADERS = _compact({HEADER_CORRELATION_ID: "", HEADER_MESSAGE_ID: ""}).split('""')
-
-
-def own_headers(text_id: str) -> str:
-    """The headers, as JSON, of the message ``text_id`` whose caller gave none."""
-    return f'"{text_id}"'.join(_OWN_HEADERS)
 
 
 def _document(rows: list[PreparedRow]) -> str:
@@ -219,7 +208,7 @@ class Publisher:
                 "topic": r.topic,
                 "key": r.key,
                 "payload": r.payload,
-                "headers": own_headers(r.text_id) if r.headers is None else r.headers,
+                "headers": "{}" if r.headers is None else r.headers,
                 "idempotency_key": r.idempotency_key,
                 "request_hash": r.request_hash,
                 "bucket": r.bucket,
@@ -241,7 +230,8 @@ class Publisher:
             return len(result.all())
         once = any(r.idempotency_key is not None for r in rows)
         statement = queries.INSERT_MESSAGES_ONCE if once else queries.INSERT_MESSAGES
-        result = session.execute(statement, {"rows": _document(rows)})
+        topics = sorted({r.topic for r in rows})
+        result = session.execute(statement, {"rows": _document(rows), "topics": topics})
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     def _resolve_missing(
@@ -256,16 +246,17 @@ class Publisher:
                 queries.TOPIC_STATES, {"names": sorted({r.topic for _, r in missing})}
             ).all()
         )
-        unknown = [(i, r) for i, r in missing if r.topic not in states]
+        unknown = {r.topic for _, r in missing if r.topic not in states}
         if unknown and self.settings.auto_register_topics:
-            check_topic_names(session, {r.topic for _, r in unknown}, field="topic")
-            session.execute(
-                queries.REGISTER_TOPICS, {"names": sorted({r.topic for _, r in unknown})}
-            )
-            self._insert(session, [r for _, r in unknown])
-            written = self._written(session, [r for _, r in unknown])
-            missing = [(i, r) for i, r in missing if r.message_id not in written]
-            states.update({r.topic: True for _, r in unknown})
+            check_topic_names(session, unknown, field="topic")
+            session.execute(queries.REGISTER_TOPICS, {"names": sorted(unknown)})
+            states.update(dict.fromkeys(unknown, True))
+            # A batch with an unknown topic inserted nothing: what is left goes in now,
+            # unless another of its topics is inactive (raised below).
+            if all(states[r.topic] for _, r in missing):
+                self._insert(session, [r for _, r in missing])
+                written = self._written(session, [r for _, r in missing])
+                missing = [(i, r) for i, r in missing if r.message_id not in written]
         for i, r in missing:
             if r.topic not in states:
                 raise UnknownTopic(f"topic {r.topic!r} is not registered", field="topic", index=i)
@@ -331,12 +322,9 @@ class Publisher:
                 index=index,
             )
         caller_headers = self._caller_headers(index, message.headers)
-        text_id = str(message_id)
         headers_json = None
         if caller_headers or idem is not None:
             headers = dict(caller_headers)
-            headers[HEADER_MESSAGE_ID] = text_id
-            headers.setdefault(HEADER_CORRELATION_ID, text_id)
             if idem is not None:
                 headers[HEADER_IDEMPOTENCY_KEY] = idem
             headers_json = _compact(headers)
@@ -358,7 +346,7 @@ class Publisher:
             idem,
             request_hash,
             bucket_for(key, message_id, s.buckets),
-            text_id,
+            str(message_id),
         )
 
     def _caller_headers(self, index: int, headers: Mapping[str, str] | None) -> dict[str, str]:

@@ -11,34 +11,32 @@ import re
 
 from sqlalchemy import TextClause, text
 
-from outbox.wire import HEADER_CORRELATION_ID, HEADER_MESSAGE_ID
-
 
 def _sql(statement: str) -> TextClause:
     return text(statement)
 
 
 # Publish: insert a batch in one statement from one JSON document (one parameter to
-# quote, parsed by the server in C). Rows whose topic is unknown or inactive and rows
-# whose idempotency key is taken are left out; the caller compares the row count with the
-# batch and, when it is short, looks up which (MESSAGES_WRITTEN) and why.
-# A row without headers in the document has only the outbox's own: its message id, which
-# is also its correlation id (built here: cheaper than sending and parsing them).
-_INSERT_BATCH = f"""
+# quote, parsed by the server in C). A batch naming an unknown or inactive topic inserts
+# nothing (one look at topics for the batch, rather than a join row by row), and rows whose
+# idempotency key is taken are left out; the caller compares the row count with the batch
+# and, when it is short, looks up which (MESSAGES_WRITTEN) and why.
+# A row stores the caller's headers only; without any it stores {} (its message id and
+# correlation id are read from the row: wire.message_headers).
+_INSERT_BATCH = """
 INSERT INTO outbox_messages
     (message_id, topic, key, payload, headers, idempotency_key, request_hash, bucket)
-SELECT u.message_id, u.topic, u.key, u.payload,
-       coalesce(u.headers, jsonb_build_object('{HEADER_CORRELATION_ID}', u.message_id,
-                                              '{HEADER_MESSAGE_ID}', u.message_id)),
+SELECT u.message_id, u.topic, u.key, u.payload, coalesce(u.headers, '{}'),
        u.idempotency_key, u.request_hash, u.bucket
 FROM jsonb_to_recordset(CAST(:rows AS jsonb))
      AS u(n int, message_id uuid, topic text, key text, payload jsonb, headers jsonb,
           idempotency_key text, request_hash text, bucket smallint)
--- only registered, active topics take messages
-JOIN topics t ON t.name = u.topic AND t.active
+-- only registered, active topics take messages (:topics: the batch's, each once)
+WHERE (SELECT count(*) FROM topics t WHERE t.name = ANY(CAST(:topics AS text[])) AND t.active)
+      = cardinality(CAST(:topics AS text[]))
 -- ids follow the batch's order, so its rows go out in that order
 ORDER BY u.n
-"""  # noqa: S608 (composed of constants only)
+"""
 # Fresh random ids cannot collide: a batch without idempotency keys needs no conflict
 # handling (whose checks of every unique index cost more than the insert's own work).
 INSERT_MESSAGES = _sql(_INSERT_BATCH)
@@ -328,8 +326,9 @@ claimed AS (
     SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :lease_s)
     FROM claimable c
     WHERE m.id = c.id
-    RETURNING m.id, m.topic, m.key, CAST(m.payload AS text) AS payload,
-              CAST(m.headers AS text) AS headers, m.attempts, m.bucket, c.full
+    RETURNING m.id, CAST(m.message_id AS text) AS message_id, m.topic, m.key,
+              CAST(m.payload AS text) AS payload, CAST(m.headers AS text) AS headers,
+              m.attempts, m.bucket, c.full
 )
 -- in id order: the order they are produced in
 SELECT * FROM claimed ORDER BY id

@@ -50,6 +50,7 @@ from outbox.models import MAX_ERROR_CHARS
 from outbox.producer import DeliveryReport, Outgoing, RelayProducer
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings, env_name
+from outbox.wire import message_headers
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ class Relay:
                 row.topic,
                 row.key,
                 row.payload.encode(),
-                [(k, v.encode()) for k, v in h.items()],
+                [(k, v.encode()) for k, v in message_headers(row.message_id, h).items()],
             )
             for row, h in zip(rows, headers, strict=True)
         ]

@@ -32,6 +32,7 @@ from outbox.wire import (
     HEADER_TARGET_GROUP,
     HEADER_TARGET_INSTANCE,
     bucket_for,
+    message_headers,
 )
 
 
@@ -95,7 +96,8 @@ def _batch(settings: Settings, session: Session, report: RetryReport, groups: li
         attempt = d.attempts + 1
         target = choose_target(d.message_id, d.instance_id, healthy)
         headers = {
-            **d.headers,
+            # the original's id and correlation id: a retry's message_id is the original's
+            **message_headers(str(d.message_id), d.headers),
             HEADER_TARGET_GROUP: d.group_name,
             HEADER_RETRY_ATTEMPT: str(attempt),
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 import zlib
+from collections.abc import Mapping
 
 HEADER_MESSAGE_ID = "message_id"
 HEADER_IDEMPOTENCY_KEY = "idempotency_key"
@@ -41,6 +42,13 @@ def bucket_for(key: str | None, message_id: uuid.UUID, buckets: int) -> int:
     """The bucket (relay side) or lane (consumer side) of a key; keyless messages spread by id."""
     data = key.encode() if key is not None else message_id.bytes
     return zlib.crc32(data) % buckets
+
+
+def message_headers(message_id: str, stored: Mapping[str, str]) -> dict[str, str]:
+    """A message's headers from its outbox row: the row stores only what the caller gave
+    (and the idempotency key); its id, which is also its correlation id unless the
+    caller gave one, comes from the row's ``message_id``."""
+    return {HEADER_CORRELATION_ID: message_id, HEADER_MESSAGE_ID: message_id, **stored}
 
 
 def foreign_message_id(topic: str, partition: int, offset: int) -> uuid.UUID:

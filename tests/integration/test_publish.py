@@ -20,6 +20,7 @@ from outbox.errors import (
     PayloadTooLarge,
     UnknownTopic,
 )
+from outbox.message_reads import message_view
 from outbox.models import OutboxMessage
 from outbox.registry import register_topic
 from outbox.settings import Settings
@@ -68,8 +69,12 @@ def test_a_message_is_written_only_when_the_caller_commits(publisher, session, o
         "pending",
         0,
     )
-    assert row.headers["message_id"] == str(message_id)
-    assert row.headers["correlation_id"] == str(message_id)
+    # The row stores no header of the caller's; its id is also its correlation id.
+    assert row.headers == {}
+    assert message_view(row)["headers"] == {
+        "message_id": str(message_id),
+        "correlation_id": str(message_id),
+    }
     assert row.bucket == bucket_for("order-1", message_id, publisher.settings.buckets)
 
 
@@ -83,7 +88,7 @@ def test_caller_headers_are_kept_and_a_correlation_id_is_not_replaced(publisher,
     )
     session.commit()
     row = session.scalars(select(OutboxMessage)).one()
-    assert row.headers == {
+    assert message_view(row)["headers"] == {
         "correlation_id": "req-9",
         "causation_id": "evt-1",
         "traceparent": trace,
@@ -106,8 +111,14 @@ def test_a_batch_stores_each_message_s_headers_its_own_or_the_caller_s(publisher
     )
     session.commit()
     rows = {r.message_id: r for r in session.scalars(select(OutboxMessage))}
-    assert rows[own].headers == {"message_id": str(own), "correlation_id": str(own)}
-    assert rows[given].headers == {
+    # Each row stores only what its caller gave ...
+    assert (rows[own].headers, rows[given].headers) == ({}, {"causation_id": "e"})
+    # ... and is read, and sent, with its own id and correlation id besides.
+    assert message_view(rows[own])["headers"] == {
+        "message_id": str(own),
+        "correlation_id": str(own),
+    }
+    assert message_view(rows[given])["headers"] == {
         "message_id": str(given),
         "correlation_id": str(given),
         "causation_id": "e",
@@ -151,6 +162,36 @@ def test_an_unknown_topic_is_registered_when_the_setting_allows(settings, sessio
     publisher.publish(session, "fresh.topic", {"a": 1})
     session.commit()
     assert _count(session) == 1
+
+
+def test_a_batch_naming_a_new_topic_is_written_whole_and_in_order_once_it_is_registered(
+    settings, session, orders
+):
+    publisher = Publisher(settings.replace(auto_register_topics=True))
+    messages = [
+        Message(orders if i % 3 else "fresh.topic", {"n": i}, key="k", idempotency_key=f"i-{i}")
+        for i in range(9)
+    ]
+    ids = publisher.publish_batch(session, messages)
+    session.commit()
+    rows = session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+    assert [r.message_id for r in rows] == ids
+    assert [r.payload["n"] for r in rows] == list(range(9))
+    # ... and a repeat of the whole batch, every key taken, returns the same ids
+    assert publisher.publish_batch(session, messages) == ids
+    session.commit()
+    assert _count(session) == 9
+
+
+def test_a_batch_with_an_inactive_topic_writes_nothing_even_when_new_topics_register(
+    settings, session, orders
+):
+    publisher = Publisher(settings.replace(auto_register_topics=True))
+    batch = [Message(orders, {}), Message("fresh.topic", {}), Message("retired", {})]
+    with pytest.raises(InactiveTopic) as info:
+        publisher.publish_batch(session, batch)
+    assert (info.value.index, info.value.field) == (2, "topic")
+    assert _count(session) == 0
 
 
 def test_an_idempotent_repeat_returns_the_first_id_and_writes_nothing(publisher, session, orders):

@@ -23,10 +23,10 @@ from outbox.errors import (
     PublishError,
     UnknownTopic,
 )
-from outbox.publishing import Message, Publisher, new_message_ids, own_headers
+from outbox.publishing import Message, Publisher, new_message_ids
 from outbox.settings import Settings
 from outbox.targeted_retry import choose_target
-from outbox.wire import bucket_for, foreign_message_id
+from outbox.wire import bucket_for, foreign_message_id, message_headers
 from tasks.lanes import BUSY_FIRST_S, IDLE_RETRY_S, busy_wait, rekick_countdown
 
 # -- the lane task's re-kick ------------------------------------------------------------
@@ -150,10 +150,9 @@ def test_a_publish_prepares_rows_with_ids_buckets_and_its_own_headers():
     )
     first = rows[0]
     assert first.payload == '{"a":2,"b":1}'  # compact, keys sorted: one form per value
-    headers = json.loads(first.headers)
-    assert headers["message_id"] == str(first.message_id)
-    assert headers["correlation_id"] == str(first.message_id)
-    assert headers["idempotency_key"] == "i-1" and first.request_hash is not None
+    # The row keeps the idempotency key among its headers; its id comes from the row.
+    assert json.loads(first.headers) == {"idempotency_key": "i-1"}
+    assert first.request_hash is not None
     assert first.bucket == bucket_for("k1", first.message_id, PUBLISHER.settings.buckets)
     assert rows[1].request_hash is None  # without a key a message cannot be repeated
     assert rows[0].message_id != rows[1].message_id
@@ -169,10 +168,18 @@ def test_message_ids_are_uuid7_in_clock_order_and_distinct():
     assert all(before <= u.int >> 80 <= after for u in ids)
     rows = PUBLISHER.prepare([Message("orders", {}) for _ in range(3)])
     assert all(r.message_id.version == 7 and r.text_id == str(r.message_id) for r in rows)
-    # Only the outbox's own headers: the batch document leaves them to the database.
+    # No header of the caller's: the row stores none; its id and correlation id come
+    # from the row when it is read or sent.
     assert rows[0].headers is None
-    headers = json.loads(own_headers(rows[0].text_id))
-    assert headers == {"message_id": rows[0].text_id, "correlation_id": rows[0].text_id}
+    assert message_headers(rows[0].text_id, {}) == {
+        "message_id": rows[0].text_id,
+        "correlation_id": rows[0].text_id,
+    }
+    assert message_headers("m", {"correlation_id": "c", "x": "y"}) == {
+        "message_id": "m",
+        "correlation_id": "c",
+        "x": "y",
+    }
 
 
 @pytest.mark.parametrize(
