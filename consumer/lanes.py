@@ -214,6 +214,12 @@ class LaneProcessor:
                         full, unblocked = self._batch(session, group, held, policies, report)
                         more = full or unblocked
                         if budget.over() or (not more and letting_go):
+                            if not letting_go:
+                                # The budget ends a lingering task: kicks send tasks
+                                # again before the last look (a commit after it kicks).
+                                assert linger is not None
+                                linger.let_go(group, held)
+                                letting_go = True
                             report.due_s = self._finish(session, group, held, policies)
                             finished = True
                 found: list[int] | None = None
