@@ -6,9 +6,10 @@ import os
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
-from outbox import tasknames
+from outbox import queries, tasknames
 from outbox.cleanup import cleanup as delete_finished
 from outbox.db import make_engine, make_sessionmaker
 from outbox.heartbeat import record_heartbeat
@@ -17,6 +18,11 @@ from outbox.settings import Settings
 from outbox.targeted_retry import retry_due
 
 _sessions: tuple[int, sessionmaker[Session]] | None = None
+# Workers that answered a heartbeat within this many intervals are waited for.
+RECENT_HEARTBEATS = 3
+# A new worker's own heartbeat is dropped if no pool process took it up by then (a
+# regular tick then finds the worker only if its answer comes before the others' end).
+JOIN_EXPIRES_S = 60.0
 
 
 def sessions_for_this_process(settings: Settings) -> sessionmaker[Session]:
@@ -42,13 +48,29 @@ def register(app: Celery, settings: Settings) -> None:
         return report.as_dict()
 
     @app.task(name=tasknames.HEARTBEAT, shared=False)
-    def heartbeat(beat: str | None = None) -> dict[str, Any]:
+    def heartbeat(beat: str | None = None, joining: bool = False) -> dict[str, Any]:
         """Record the workers that answer over the broker (and the beat that sent this
-        tick) as agents, mark the silent inactive, and store a health snapshot."""
-        stats = app.control.inspect(timeout=settings.heartbeat_inspect_timeout_s).stats()
-        return record_heartbeat(
-            settings, sessions_for_this_process(settings), stats or {}, beat=beat
-        ).as_dict()
+        tick) as agents, mark the silent inactive, and store a health snapshot.
+
+        It waits for answers in a pool process, which meanwhile runs no relay or lane
+        task: it stops waiting once as many workers answered as answered lately, and
+        waits the whole ``OUTBOX_HEARTBEAT_INSPECT_TIMEOUT`` only when a worker has
+        just started (``joining``: the worker asks for this heartbeat itself), when one
+        is gone, or when none answered lately."""
+        sessions = sessions_for_this_process(settings)
+        with sessions() as session:
+            window = RECENT_HEARTBEATS * settings.heartbeat_interval_s
+            answered = len(session.scalars(queries.HEALTHY_WORKERS, {"window": window}).all())
+        limit = answered + 1 if joining else answered
+        stats = app.control.inspect(
+            timeout=settings.heartbeat_inspect_timeout_s, limit=limit or None
+        ).stats()
+        return record_heartbeat(settings, sessions, stats or {}, beat=beat).as_dict()
+
+    @worker_ready.connect(weak=False)
+    def _joined(**_: Any) -> None:
+        # A new worker is found now, by a heartbeat that waits for one more answer.
+        app.send_task(tasknames.HEARTBEAT, kwargs={"joining": True}, expires=JOIN_EXPIRES_S)
 
     @app.task(name=tasknames.CLEANUP, shared=False)
     def cleanup() -> dict[str, Any]:

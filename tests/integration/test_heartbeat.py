@@ -196,3 +196,33 @@ def test_deliveries_are_listed_by_group_status_and_message(
     bad = client.get("/v1/deliveries?status=lost", headers=auth)
     assert bad.status_code == 422
     assert "status" in str(bad.get_json()["error"])
+
+
+def test_a_heartbeat_stops_waiting_once_the_workers_seen_lately_answered(
+    settings: Settings, engine: Engine, tmp_path: Path
+):
+    # It waits in a pool process (here the only one): a wait of the whole timeout would
+    # keep every relay and lane task of the worker waiting as long.
+    s = settings.replace(heartbeat_inspect_timeout_s=8.0)
+    worker = start_worker(s, "prompt", tmp_path)
+    app = make_celery(s)
+    try:
+        worker.wait_ready()
+        started = time.monotonic()
+        # A new worker asks for a heartbeat of its own, which waits for its answer.
+        assert _wait_for(lambda: any(i.startswith("prompt@") for i in active_ids(engine)))
+        assert time.monotonic() - started < 6
+        with engine.connect() as conn:
+            before = conn.execute(text("SELECT count(*) FROM health_snapshots")).scalar_one()
+        started = time.monotonic()
+        app.send_task("outbox.heartbeat", kwargs={"beat": BEAT})
+
+        def stored() -> bool:
+            with engine.connect() as conn:
+                sql = text("SELECT count(*) FROM health_snapshots")
+                return conn.execute(sql).scalar_one() > before
+
+        assert _wait_for(stored)
+        assert time.monotonic() - started < 6
+    finally:
+        worker.stop()
