@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer as KafkaConsumer
-from confluent_kafka import TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import queries
@@ -67,50 +68,85 @@ def worker_agent(node: str, stats: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+_admin: tuple[int, str, AdminClient] | None = None
+
+
+def _admin_for(settings: Settings) -> AdminClient:
+    """This process's admin client, made on first use after fork and kept: a new one
+    takes some 50 ms to find a group's coordinator, a kept one a round trip."""
+    global _admin
+    key = (os.getpid(), bootstrap(settings))
+    if _admin is None or _admin[:2] != key:
+        _admin = (*key, admin_client(settings))
+    return _admin[2]
+
+
 def consumer_lag(settings: Settings, groups: Mapping[str, list[str]]) -> dict[str, Any]:
     """Per group, topic and partition: messages in Kafka not yet committed by the group.
 
-    A group that cannot be read (broker down, say) gets ``{"error": ...}`` instead.
+    One admin client asks for the topics, each group's committed offsets (a request per
+    group) and every partition's end offsets (one request per broker), so a heartbeat
+    holds its pool process for a few round trips. A group that cannot be read (broker
+    down, say) gets ``{"error": ...}`` instead.
     """
     lag: dict[str, Any] = {}
     if not groups:
         return lag
+    admin = _admin_for(settings)
     try:
-        metadata = admin_client(settings).list_topics(timeout=KAFKA_TIMEOUT_S).topics
+        metadata = admin.list_topics(timeout=KAFKA_TIMEOUT_S).topics
     except Exception as exc:
         return {group: {"error": f"{type(exc).__name__}: {exc}"} for group in groups}
-    for group, topics in groups.items():
-        partitions = [
+    wanted = {
+        group: [
             TopicPartition(topic, p)
             for topic in topics
             if topic in metadata
             for p in sorted(metadata[topic].partitions)
         ]
+        for group, topics in groups.items()
+    }
+    committed: dict[str, dict[tuple[str, int], int]] = {}
+    for group, partitions in wanted.items():
         if not partitions:
             lag[group] = {}
             continue
-        # A consumer that never subscribes reads the group's offsets without joining it.
-        reader = KafkaConsumer(
-            {
-                "bootstrap.servers": bootstrap(settings),
-                "group.id": group,
-                "enable.auto.commit": False,
-            }
-        )
         try:
-            per_topic: dict[str, dict[str, int]] = {}
-            for tp in reader.committed(partitions, timeout=KAFKA_TIMEOUT_S):
-                low, high = reader.get_watermark_offsets(
-                    TopicPartition(tp.topic, tp.partition), timeout=KAFKA_TIMEOUT_S
-                )
-                position = tp.offset if tp.offset >= 0 else low
-                per_topic.setdefault(tp.topic, {})[str(tp.partition)] = max(high - position, 0)
+            (future,) = admin.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(group, partitions)],
+                request_timeout=KAFKA_TIMEOUT_S,
+            ).values()
+            offsets = future.result().topic_partitions
+            committed[group] = {(tp.topic, tp.partition): tp.offset for tp in offsets}
+        except Exception as exc:
+            lag[group] = {"error": f"{type(exc).__name__}: {exc}"}
+    # A partition the group never committed counts from its first offset.
+    ends = _offsets(admin, {k for c in committed.values() for k in c}, OffsetSpec.latest())
+    starts = _offsets(
+        admin, {k for c in committed.values() for k, o in c.items() if o < 0}, OffsetSpec.earliest()
+    )
+    for group, offsets in committed.items():
+        per_topic: dict[str, dict[str, int]] = {}
+        try:
+            for (topic, partition), offset in sorted(offsets.items()):
+                key = (topic, partition)
+                position = offset if offset >= 0 else starts[key].result().offset
+                high = ends[key].result().offset
+                per_topic.setdefault(topic, {})[str(partition)] = max(high - position, 0)
             lag[group] = per_topic
         except Exception as exc:
             lag[group] = {"error": f"{type(exc).__name__}: {exc}"}
-        finally:
-            reader.close()
     return lag
+
+
+def _offsets(admin: Any, partitions: set[tuple[str, int]], spec: Any) -> dict[tuple[str, int], Any]:
+    """Futures of the offsets ``spec`` names, by (topic, partition)."""
+    if not partitions:
+        return {}
+    futures = admin.list_offsets(
+        {TopicPartition(t, p): spec for t, p in partitions}, request_timeout=KAFKA_TIMEOUT_S
+    )
+    return {(tp.topic, tp.partition): f for tp, f in futures.items()}
 
 
 def record_heartbeat(

@@ -226,3 +226,22 @@ def test_a_heartbeat_stops_waiting_once_the_workers_seen_lately_answered(
         assert time.monotonic() - started < 6
     finally:
         worker.stop()
+
+
+def test_consumer_lag_counts_from_the_group_s_committed_offsets(settings: Settings):
+    from confluent_kafka import Consumer, TopicPartition
+
+    from outbox.heartbeat import consumer_lag
+
+    topic = f"lag.{uuid.uuid4().hex[:8]}"
+    ensure_topics(admin_client(settings), [topic], 2)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for partition in (0, 0, 0, 0, 0, 1):
+        producer.produce(topic, value=b"{}", partition=partition)
+        assert producer.flush(10) == 0  # a batch each: offsets 0 to 4 on partition 0
+    # The group committed 3 of partition 0's 5 records, and nothing of partition 1.
+    committer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "lagging"})
+    committer.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)
+    committer.close()
+    lag = consumer_lag(settings, {"lagging": [topic], "absent": [f"{topic}.none"]})
+    assert lag == {"lagging": {topic: {"0": 2, "1": 1}}, "absent": {}}
