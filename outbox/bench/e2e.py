@@ -389,13 +389,13 @@ def _report(
     high_rate: float,
 ) -> None:
     add = report.add
-    bare_rate = add(
+    add(
         "bare pipeline: publish -> effect (limit)",
         figures.median("bare throughput"),
         "msg/s",
         figures.listed("bare throughput"),
     )
-    system_rate = add(
+    add(
         "publish -> handler effect, sustained",
         figures.median("system throughput"),
         "msg/s",
@@ -445,12 +445,10 @@ def _report(
     add(f"CPU per message at {rate:g} msg/s, system, every process", cpu_system, "ms")
     report.series.update(latencies)
     report.breakdown = {"CPU ms per message": per_message}
-    report.target("sustained >= 80% of the bare pipeline", system_rate, 0.8 * bare_rate)
-    report.target(
-        "sustained, acks on >= 80% of the bare pipeline",
-        figures.median("system throughput, acks"),
-        0.8 * bare_rate,
-    )
+    # As the relay's: the median of the rounds' ratios (each round's sides ran back to
+    # back, so a round's ratio is the least disturbed by the machine's drift).
+    report.target("sustained >= 80% of the bare pipeline", ratio, 80.0)
+    report.target("sustained, acks on >= 80% of the bare pipeline", acked, 80.0)
     report.target(
         f"p50 at {rate:g} msg/s <= bare p50 + 15 ms",
         figures.median("system p50"),
