@@ -120,11 +120,13 @@ def consumer_lag(settings: Settings, groups: Mapping[str, list[str]]) -> dict[st
             committed[group] = {(tp.topic, tp.partition): tp.offset for tp in offsets}
         except Exception as exc:
             lag[group] = {"error": f"{type(exc).__name__}: {exc}"}
-    # A partition the group never committed counts from its first offset.
-    ends = _offsets(admin, {k for c in committed.values() for k in c}, OffsetSpec.latest())
-    starts = _offsets(
-        admin, {k for c in committed.values() for k, o in c.items() if o < 0}, OffsetSpec.earliest()
-    )
+    try:
+        ends = _offsets(admin, {k for c in committed.values() for k in c}, OffsetSpec.latest())
+        # A partition the group never committed counts from its first offset.
+        unstarted = {k for c in committed.values() for k, o in c.items() if o < 0}
+        starts = _offsets(admin, unstarted, OffsetSpec.earliest())
+    except Exception as exc:
+        return {**lag, **{g: {"error": f"{type(exc).__name__}: {exc}"} for g in committed}}
     for group, offsets in committed.items():
         per_topic: dict[str, dict[str, int]] = {}
         try:
@@ -139,7 +141,9 @@ def consumer_lag(settings: Settings, groups: Mapping[str, list[str]]) -> dict[st
     return lag
 
 
-def _offsets(admin: Any, partitions: set[tuple[str, int]], spec: Any) -> dict[tuple[str, int], Any]:
+def _offsets(
+    admin: AdminClient, partitions: set[tuple[str, int]], spec: OffsetSpec
+) -> dict[tuple[str, int], Any]:
     """Futures of the offsets ``spec`` names, by (topic, partition)."""
     if not partitions:
         return {}
