@@ -55,21 +55,22 @@ def register(app: Celery, settings: Settings) -> None:
         It waits for answers in a pool process, which meanwhile runs no relay or lane
         task: it stops waiting once as many workers answered as answered lately, and
         waits the whole ``OUTBOX_HEARTBEAT_INSPECT_TIMEOUT`` only when a worker has
-        just started (``joining``: the worker asks for this heartbeat itself), when one
+        just started (``joining``: the worker asks for this heartbeat itself, which
+        hears every worker, so that workers starting together are all found), when one
         is gone, or when none answered lately."""
         sessions = sessions_for_this_process(settings)
         with sessions() as session:
             window = RECENT_HEARTBEATS * settings.heartbeat_interval_s
             answered = len(session.scalars(queries.HEALTHY_WORKERS, {"window": window}).all())
-        limit = answered + 1 if joining else answered
+        limit = None if joining or not answered else answered
         stats = app.control.inspect(
-            timeout=settings.heartbeat_inspect_timeout_s, limit=limit or None
+            timeout=settings.heartbeat_inspect_timeout_s, limit=limit
         ).stats()
         return record_heartbeat(settings, sessions, stats or {}, beat=beat).as_dict()
 
     @worker_ready.connect(weak=False)
     def _joined(**_: Any) -> None:
-        # A new worker is found now, by a heartbeat that waits for one more answer.
+        # A new worker is found now, by a heartbeat that waits for every answer.
         app.send_task(tasknames.HEARTBEAT, kwargs={"joining": True}, expires=JOIN_EXPIRES_S)
 
     @app.task(name=tasknames.CLEANUP, shared=False)
