@@ -54,7 +54,7 @@ def register(app: Celery, settings: Settings) -> None:
 
         It waits for answers in a pool process, which meanwhile runs no relay or lane
         task: it stops waiting once as many workers answered as answered lately, and
-        waits the whole ``OUTBOX_HEARTBEAT_INSPECT_TIMEOUT`` only when a worker has
+        waits the whole ``OUTBOX_HEARTBEAT_INSPECT_TIMEOUT_S`` only when a worker has
         just started (``joining``: the worker asks for this heartbeat itself, which
         hears every worker, so that workers starting together are all found), when one
         is gone, or when none answered lately."""
