@@ -51,12 +51,14 @@ LINGERER = "outbox:relay:lingering"
 # Set while the lingering task works through a backlog: kicked tasks share it then.
 BACKLOG = "outbox:relay:lingering:backlog"
 
-# Take or renew the lingerer's place and the kick flag with it: 0 when another task has it.
+# Take or renew the lingerer's place and the kick flag with it, out of a backlog (this
+# task sees every commit alone): 0 when another task has it.
 _HOLD = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+redis.call('DEL', KEYS[3])
 return 1
 """
 # Give the place back and let commits kick again, unless another task lingers now (its
@@ -76,6 +78,10 @@ redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 return 1
 """
+
+
+# The keys every script above takes, in this order.
+_KEYS = [LINGERER, FLAG, BACKLOG]
 
 
 def another_lingers(flags: redis.Redis) -> bool:
@@ -108,8 +114,9 @@ class RelayLinger(Lingering):
         self._in_backlog = False
 
     def hold(self) -> bool:
-        self._holding = bool(self._hold(keys=[LINGERER, FLAG], args=[self._token, self.HOLD_MS]))
+        self._holding = bool(self._hold(keys=_KEYS, args=[self._token, self.HOLD_MS]))
         self._held_at = time.monotonic()
+        self._in_backlog = False
         return self._holding
 
     def keep_waiting(self, idle_s: float) -> bool:
@@ -120,19 +127,16 @@ class RelayLinger(Lingering):
         return self._holding
 
     def let_go(self) -> None:
-        self._let_go(keys=[LINGERER, FLAG, BACKLOG], args=[self._token])
+        self._let_go(keys=_KEYS, args=[self._token])
         self._holding = self._in_backlog = False
 
     def backlog(self, found: bool) -> None:
         renew = time.monotonic() - self._held_at >= self.HOLD_MS / 3000
         if found and (not self._in_backlog or renew):
-            keys = [LINGERER, FLAG, BACKLOG]
-            self._holding = bool(self._backlog(keys=keys, args=[self._token, self.HOLD_MS]))
+            self._holding = bool(self._backlog(keys=_KEYS, args=[self._token, self.HOLD_MS]))
             self._in_backlog, self._held_at = self._holding, time.monotonic()
         elif not found and self._in_backlog:
-            self._in_backlog = False
-            if self.hold():  # commits kick nothing again: this task sees them
-                self.flags.delete(BACKLOG)
+            self.hold()  # commits kick nothing again: this task sees them
 
 
 def register(app: Celery, settings: Settings) -> None:
