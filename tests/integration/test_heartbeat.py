@@ -81,12 +81,19 @@ def test_workers_become_agents_and_a_silent_one_goes_inactive(
             assert agent["health"]["concurrency"] == 1
         assert agents[BEAT]["role"] == "beat"
 
-        # The heartbeat stores its snapshot after the agents, once the lag is read.
+        # The heartbeat stores its snapshot after the agents, once the lag is read. Each
+        # new worker's own heartbeat stores one too, perhaps before the other worker
+        # answered: the latest snapshot counts both workers once every heartbeat is in.
         client = create_app(s).test_client()
         auth = {"Authorization": f"Bearer {TOKEN}"}
-        assert _wait_for(lambda: client.get("/v1/health/summary", headers=auth).status_code == 200)
-        summary = client.get("/v1/health/summary", headers=auth)
-        body = summary.get_json()
+
+        def summary() -> dict:
+            response = client.get("/v1/health/summary", headers=auth)
+            return response.get_json() if response.status_code == 200 else {}
+
+        assert _wait_for(lambda: summary().get("agents", {}).get("beat") == 1)
+        assert _wait_for(lambda: summary()["agents"].get("worker") == 2)
+        body = summary()
         assert body["backlog"]["outbox_pending"] == 3
         assert body["backlog"]["outbox_dead"] == 2
         assert body["dead_letters"] == 2
