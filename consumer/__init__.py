@@ -9,7 +9,7 @@ def on_order(message: consumer.Message, session) -> None:
 
 from __future__ import annotations
 
-from consumer.handlers import Message, NoHandler, Permanent, handler
+from consumer.handlers import Message, NoHandler, Permanent, batch_handler, handler
 from consumer.loop import Consumer
 
-__all__ = ["Consumer", "Message", "NoHandler", "Permanent", "handler"]
+__all__ = ["Consumer", "Message", "NoHandler", "Permanent", "batch_handler", "handler"]

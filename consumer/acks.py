@@ -8,11 +8,13 @@ Run it there with ``outbox consume --group outbox-acks --topics outbox.acks``
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from consumer.handlers import Message, Permanent, handler
+from consumer.handlers import Message, Permanent, batch_handler
 from outbox import queries
 from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Message as OutboxMessage
@@ -58,24 +60,66 @@ def write_acks(session: Session, publisher: Publisher, acks: list[dict[str, Any]
     )
 
 
-@handler(ACK_TOPIC)
+@batch_handler(ACK_TOPIC)
+def apply_acks(messages: list[Message], session: Session) -> None:
+    """Record acks on their deliveries, however early or late they come; one for a
+    message that is not ours, or a group that needs no acks, changes nothing.
+
+    The success acks go first, all in one statement, then the failure acks one by one:
+    the outcome is the same as in the batch's order, since a success moves a delivery to
+    acked, which no later ack changes (the first success of a delivery wins, as it would),
+    and a failure ack changes only a delivery that still waits."""
+    acks = [_ack_params(message) for message in messages]
+    successes: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for params in acks:
+        if params["ok"]:
+            successes.setdefault((params["group"], params["topic"], params["message_id"]), params)
+    if successes:
+        document = json.dumps(list(successes.values()))
+        applied = {
+            (row.group, row.topic, str(row.message_id))
+            for row in session.execute(queries.APPLY_SUCCESS_ACKS, {"acks": document})
+        }
+        rest = [v for k, v in successes.items() if k not in applied]
+        if rest:
+            # The relay's mark opened their deliveries meanwhile (or there are none to
+            # move): apply them now.
+            session.execute(queries.APPLY_SUCCESS_ACKS_AGAIN, {"acks": json.dumps(rest)})
+    for params in acks:
+        if not params["ok"]:
+            _apply(params, session)
+
+
 def apply_ack(message: Message, session: Session) -> None:
-    """Record an ack on its delivery, however early or late it comes; one for a message
-    that is not ours, or a group that needs no acks, changes nothing."""
+    """Record one ack on its delivery (:func:`apply_acks` of one message)."""
+    _apply(_ack_params(message), session)
+
+
+def _ack_params(message: Message) -> dict[str, Any]:
+    """The statement parameters of an ack; :class:`Permanent` if it is not one."""
     ack = message.payload
     try:
-        ok = ack["status"] == "success"
         params = {
-            "ok": ok,
+            "ok": ack["status"] == "success",
             "error": ack.get("error"),
             "instance": ack.get("instance"),
             "group": ack["group"],
             "topic": ack["topic"],
-            "message_id": ack["message_id"],
+            "message_id": str(uuid.UUID(ack["message_id"])),
+            "delay_s": 0.0,
         }
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise Permanent(f"not an ack: {exc!r}") from exc
-    params["delay_s"] = 0.0
+    texts = all(isinstance(params[name], str) for name in ("group", "topic"))
+    if not texts or not all(
+        isinstance(params[n], (str, type(None))) for n in ("instance", "error")
+    ):
+        raise Permanent(f"not an ack: {ack!r}"[:MAX_ERROR_CHARS])
+    return params
+
+
+def _apply(params: dict[str, Any], session: Session) -> None:
+    ok = params["ok"]
     if not ok:
         backoff = session.execute(queries.ACK_BACKOFF, params).first()
         if backoff is None:

@@ -21,7 +21,13 @@ from types import FrameType
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from consumer.handlers import HandlerExit, HandlerTimeout, Message, handler_for
+from consumer.handlers import (
+    BatchHandler,
+    HandlerExit,
+    HandlerTimeout,
+    Message,
+    handler_for,
+)
 from outbox.logs import log_message
 
 
@@ -38,6 +44,17 @@ def call(message: Message, session: Session, timeout_s: float) -> None:
     with log_message(message.id), _time_limit(timeout_s):
         try:
             handler_for(message.topic)(message, session)
+        except SystemExit as exc:
+            raise HandlerExit(f"the handler called exit({exc.code!r})") from exc
+
+
+def call_batch(
+    handle: BatchHandler, messages: list[Message], session: Session, timeout_s: float
+) -> None:
+    """Run a batch handler on ``messages``, within one handler's time limit."""
+    with _time_limit(timeout_s):
+        try:
+            handle(messages, session)
         except SystemExit as exc:
             raise HandlerExit(f"the handler called exit({exc.code!r})") from exc
 

@@ -1,4 +1,9 @@
-"""Handlers: ``@handler("topic")`` on ``def handle(message, session)``.
+"""Handlers: ``@handler("topic")`` on ``def handle(message, session)``, or
+``@batch_handler("topic")`` on ``def handle(messages, session)``, which takes the
+consecutive messages of its topic in a lane batch at once (one statement for many
+messages). If a batch call fails, each of its messages runs again alone, so that only
+the one at fault fails: a batch handler may run twice for a message, its first
+database effects undone.
 
 A handler runs inside the transaction that marks its inbox row done, so what it
 writes through ``session`` happens exactly once; it must not commit or roll back
@@ -21,8 +26,10 @@ from sqlalchemy.orm import Session
 from outbox.errors import OutboxError
 
 Handler = Callable[["Message", Session], None]
+BatchHandler = Callable[[list["Message"], Session], None]
 
 _handlers: dict[str, Handler] = {}
+_batch_handlers: dict[str, BatchHandler] = {}
 
 
 class Permanent(OutboxError):
@@ -66,21 +73,46 @@ def handler(topic: str) -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of ``topic`` (one per topic)."""
 
     def register(fn: Handler) -> Handler:
-        existing = _handlers.get(topic)
-        if existing is not None and existing is not fn:
-            raise ValueError(f"topic {topic!r} already has a handler: {existing.__qualname__}")
+        _check_free(topic, fn)
         _handlers[topic] = fn
         return fn
 
     return register
 
 
+def batch_handler(topic: str) -> Callable[[BatchHandler], BatchHandler]:
+    """Register the decorated function as the handler of ``topic``, called with a list of
+    consecutive messages of a lane batch (in their order) rather than one at a time."""
+
+    def register(fn: BatchHandler) -> BatchHandler:
+        _check_free(topic, fn)
+        _batch_handlers[topic] = fn
+        return fn
+
+    return register
+
+
+def _check_free(topic: str, fn: object) -> None:
+    existing = _handlers.get(topic) or _batch_handlers.get(topic)
+    if existing is not None and existing is not fn:
+        raise ValueError(f"topic {topic!r} already has a handler: {existing.__qualname__}")
+
+
 def handler_for(topic: str) -> Handler:
-    """The handler registered for ``topic``."""
+    """The handler registered for ``topic`` (a batch handler called with one message)."""
     try:
         return _handlers[topic]
     except KeyError:
-        raise NoHandler(f"no handler is registered for topic {topic!r}") from None
+        pass
+    many = batch_handler_for(topic)
+    if many is None:
+        raise NoHandler(f"no handler is registered for topic {topic!r}")
+    return lambda message, session: many([message], session)
+
+
+def batch_handler_for(topic: str) -> BatchHandler | None:
+    """The batch handler registered for ``topic``, if it has one."""
+    return _batch_handlers.get(topic)
 
 
 def import_handler_modules(modules: Iterable[str]) -> None:

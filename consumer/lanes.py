@@ -26,8 +26,8 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumer.acks import ack_payload, register_ack_topic, write_acks
-from consumer.calls import call, limit_statements, time_limits
-from consumer.handlers import Message, Permanent
+from consumer.calls import call, call_batch, limit_statements, time_limits
+from consumer.handlers import Message, Permanent, batch_handler_for
 from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
@@ -520,8 +520,9 @@ class LaneProcessor:
         # fails, the batch up to it is undone and run again from its start, each row in a
         # savepoint of its own; the failing row keeps the failure it had, so its handler
         # runs once per attempt (the rows before it run a second time, their first effects
-        # undone). The rows after it, or after BATCH_RUN_S, are the next batch's: what ran
-        # is a prefix of each lane's rows, which are in id order.
+        # undone; so do the rows of a failed batch handler's call, the one at fault too).
+        # The rows after it, or after BATCH_RUN_S, are the next batch's: what ran is a
+        # prefix of each lane's rows, which are in id order.
         with time_limits():
             ran, failure = self._run_together(session, batch, time.monotonic() + BATCH_RUN_S)
             left = ran < len(batch)
@@ -542,20 +543,35 @@ class LaneProcessor:
     @staticmethod
     def _run_together(
         session: Session, batch: list[_Row], until: float
-    ) -> tuple[int, tuple[int, Exception] | None]:
+    ) -> tuple[int, tuple[int | None, Exception] | None]:
         """Run the handlers in order in one savepoint, until one fails or the clock passes
         ``until``; return how many rows were run (the failing one included) and, if one
-        failed, its index and exception (then nothing is kept)."""
+        failed, its index and exception (then nothing is kept). A batch handler takes the
+        consecutive rows of its topic in one call; when that call fails, the index is
+        None: which of its rows is at fault is not known."""
         savepoint = session.begin_nested()
-        for index, row in enumerate(batch):
+        index = 0
+        while index < len(batch):
             if index and time.monotonic() >= until:
                 savepoint.commit()
                 return index, None
+            row = batch[index]
+            topic = row.message.topic
+            many = batch_handler_for(topic)
+            end = index + 1
+            while many is not None and end < len(batch) and batch[end].message.topic == topic:
+                end += 1
             try:
-                call(row.message, session, row.policy.timeout_s)
+                if end - index > 1:
+                    assert many is not None
+                    messages = [r.message for r in batch[index:end]]
+                    call_batch(many, messages, session, row.policy.timeout_s)
+                else:
+                    call(row.message, session, row.policy.timeout_s)
             except Exception as exc:
                 savepoint.rollback()
-                return index + 1, (index, exc)
+                return end, (index if end - index == 1 else None, exc)
+            index = end
         savepoint.commit()
         return len(batch), None
 
@@ -564,11 +580,12 @@ class LaneProcessor:
         session: Session,
         group: str,
         batch: list[_Row],
-        known: tuple[int, Exception],
+        known: tuple[int | None, Exception],
     ) -> _Outcome:
         """Run each handler in a savepoint of its own; a failure undoes only its row.
 
-        ``known`` is a row that already failed in this transaction, with its exception.
+        ``known`` is a row that already failed in this transaction, with its exception
+        (None: a batch handler's call failed, and each of its rows runs again).
         """
         outcome = _Outcome()
         failed_keys: set[tuple[str, str]] = set()

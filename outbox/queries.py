@@ -576,6 +576,53 @@ ON CONFLICT (message_id, consumer_group_id) DO NOTHING
 RETURNING id
 """)  # noqa: S608 (composed of constants only)
 
+# Success acks of many deliveries at once (a JSON array of acks, one per delivery, each
+# with message_id, group, topic and instance), as APPLY_ACK and OPEN_DELIVERY_BY_ACK
+# would apply them one by one; returns the acks it applied. The rest either have nothing
+# to move, or their delivery was opened by the relay's mark meanwhile: the second
+# statement applies those, as APPLY_ACK run again would.
+_SUCCESS_ACKS = """
+WITH acks AS (
+    SELECT a.message_id, a.instance, g.id AS group_id, g.name, g.topic, g.requires_ack
+    FROM json_to_recordset(CAST(:acks AS json))
+         AS a(message_id uuid, "group" text, topic text, instance text)
+    JOIN consumer_groups g ON g.name = a."group" AND g.topic = a.topic
+)"""
+_ACKED = """
+    SET status = 'acked', error = NULL, instance_id = a.instance, updated_at = now(),
+        next_retry_at = NULL
+    FROM acks a
+    WHERE d.consumer_group_id = a.group_id AND d.message_id = a.message_id
+      AND d.status IN ('awaiting_ack', 'failed')"""
+APPLY_SUCCESS_ACKS = _sql(f"""{_SUCCESS_ACKS},
+applied AS (
+    UPDATE deliveries d {_ACKED}
+    RETURNING d.message_id, d.consumer_group_id
+),
+opened AS (
+    INSERT INTO deliveries (message_id, consumer_group_id, status, instance_id)
+    SELECT a.message_id, a.group_id, 'acked', a.instance
+    FROM acks a
+    WHERE a.requires_ack
+      AND NOT EXISTS (
+          SELECT 1 FROM applied p
+          WHERE p.message_id = a.message_id AND p.consumer_group_id = a.group_id
+      )
+      AND EXISTS (
+          SELECT 1 FROM outbox_messages m WHERE m.message_id = a.message_id AND NOT m.is_retry
+      )
+    ON CONFLICT (message_id, consumer_group_id) DO NOTHING
+    RETURNING message_id, consumer_group_id
+)
+SELECT a.message_id, a.name AS "group", a.topic
+FROM acks a
+JOIN (SELECT * FROM applied UNION ALL SELECT * FROM opened) done
+  ON done.message_id = a.message_id AND done.consumer_group_id = a.group_id
+""")  # noqa: S608 (composed of constants only)
+APPLY_SUCCESS_ACKS_AGAIN = _sql(f"""{_SUCCESS_ACKS}
+UPDATE deliveries d {_ACKED}
+""")
+
 # Dead letters of both sides, filtered; each side walks its own partial index.
 _DEAD_LETTERS = """
 SELECT * FROM (

@@ -14,7 +14,7 @@ from consumer.acks import apply_ack
 from consumer.lanes import LaneProcessor
 from outbox import Publisher
 from outbox.db import make_sessionmaker
-from outbox.models import ConsumerGroup, Delivery, OutboxMessage, Topic
+from outbox.models import ConsumerGroup, Delivery, InboxMessage, OutboxMessage, Topic
 from outbox.relay import Relay
 from outbox.settings import Settings
 from outbox.wire import ACK_TOPIC
@@ -156,3 +156,60 @@ def test_an_ack_that_comes_before_the_relay_marks_its_message_sent_still_counts(
     session.expire_all()
     deliveries = dict(session.execute(select(Delivery.message_id, Delivery.status)).all())
     assert deliveries == {early_success: "acked", early_failure: "failed"}
+
+
+def test_a_lane_batch_of_acks_moves_each_delivery_as_one_by_one_would(
+    settings: Settings, engine, session: Session, topic: str
+):
+    _topic_with_groups(session, topic)
+    publisher = Publisher(settings)
+    acked, retried, failing = (
+        publisher.publish(session, topic, {"n": n}, key=f"o-{n}") for n in range(3)
+    )
+    session.commit()
+    assert Relay(settings, sessions=make_sessionmaker(engine)).run().sent == 3
+    unmarked = publisher.publish(session, topic, {"n": 3}, key="o-3")  # its mark comes later
+    session.commit()
+
+    def ack(message_id: uuid.UUID, status: str, instance: str) -> tuple[str, dict]:
+        return str(message_id), _ack(message_id, topic, status, instance).payload
+
+    # One lane batch of the acks group, in this order
+    rows = receive(
+        session,
+        "outbox-acks",
+        ACK_TOPIC,
+        [
+            ack(acked, "success", "w1"),
+            ack(acked, "success", "w2"),  # a second success: the first one stands
+            ack(retried, "failure", "w1"),
+            ack(retried, "success", "w2"),  # a later attempt's success wins
+            ack(failing, "failure", "w3"),
+            ack(unmarked, "success", "w4"),  # before the relay's mark opens the delivery
+            ack(uuid.uuid4(), "success", "w5"),  # not ours: opens nothing
+            ("x", {"status": "success", "group": "billing"}),  # not an ack
+        ],
+    )
+    report = LaneProcessor(settings, make_sessionmaker(engine), "w").run("outbox-acks", 0)
+    assert (report.done, report.dead) == (7, 1)
+    session.expire_all()
+    statuses = dict(
+        session.execute(
+            select(InboxMessage.message_id, InboxMessage.status).where(
+                InboxMessage.consumer_group == "outbox-acks"
+            )
+        ).all()
+    )
+    assert [statuses[r] for r in rows] == ["done"] * 7 + ["dead"]
+
+    assert Relay(settings, sessions=make_sessionmaker(engine)).run().sent >= 1
+    session.expire_all()
+    deliveries = {
+        d.message_id: (d.status, d.instance_id, d.error) for d in session.scalars(select(Delivery))
+    }
+    assert deliveries == {
+        acked: ("acked", "w1", None),
+        retried: ("acked", "w2", None),
+        failing: ("failed", "w3", "boom"),
+        unmarked: ("acked", "w4", None),
+    }

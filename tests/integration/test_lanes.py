@@ -221,6 +221,42 @@ def test_a_permanent_error_is_dead_at_once_and_an_unordered_group_does_not_wait(
     assert rows[later].status == "done"  # unordered: the same key's later row did not wait
 
 
+def test_a_batch_handler_takes_its_rows_in_one_call_and_a_failure_stays_with_its_row(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic, ordered=True, max_attempts=1)
+    calls: list[list[int]] = []
+
+    @consumer.batch_handler(topic)
+    def record_all(messages: list[consumer.Message], tx: Session) -> None:
+        calls.append([m.payload["n"] for m in messages])
+        for m in messages:
+            if m.payload.get("poison"):
+                raise ValueError(f"cannot parse {m.payload['n']}")
+            tx.execute(text("INSERT INTO effects VALUES (:id, '{}', 1)"), {"id": m.id})
+
+    clean = _receive(session, topic, [(f"k{n}", {"n": n}) for n in range(5)])
+    processor = LaneProcessor(settings, make_sessionmaker(effects), "w")
+    assert processor.run(GROUP, LANE).done == 5
+    assert calls == [[0, 1, 2, 3, 4]]  # one call, in the lane's order
+
+    calls.clear()
+    mixed = _receive(
+        session, topic, [("a", {"n": 5}), ("b", {"n": 6, "poison": True}), ("c", {"n": 7})]
+    )
+    report = processor.run(GROUP, LANE)
+
+    # The failed call is undone and each of its rows runs alone: only the poison fails.
+    assert calls == [[5, 6, 7], [5], [6], [7]]
+    assert (report.done, report.dead) == (2, 1)
+    rows = _rows(session)
+    assert [rows[m].status for m in mixed] == ["done", "dead", "done"]
+    assert "cannot parse 6" in (rows[mixed[1]].last_error or "")
+    effects_ids = set(session.execute(text("SELECT message_id FROM effects")).scalars())
+    assert effects_ids == {*clean, mixed[0], mixed[2]}
+
+
 def test_one_run_takes_several_lanes_and_leaves_a_busy_one_to_its_holder(
     settings: Settings, effects: Engine, session: Session
 ):
