@@ -15,6 +15,7 @@ payloads of 200 bytes over 1,000 keys) on the same services, in alternating roun
    handler's transaction) minus the publisher's clock right after its commit. During
    the first, the CPU time of every process is read from ``/proc``.
 
+Before each phase the pipeline has nothing in flight and the database is vacuumed.
 Figures are medians over the rounds; ratios are medians of the rounds' ratios.
 """
 
@@ -106,10 +107,14 @@ class Side:
 
     def settle(self, timeout_s: float = 300.0) -> None:
         """Wait until the pipeline has nothing left in flight (acks included), so that a
-        phase does not measure the backlog of the one before."""
+        phase does not measure the backlog of the one before; then vacuum the database,
+        so that no phase, of either side, has an autovacuum of the rows the phases
+        before it left behind running beside it."""
         deadline = time.monotonic() + timeout_s
         while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.1)
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM (ANALYZE)"))
 
     def _in_flight(self) -> int:
         return 0
@@ -278,9 +283,11 @@ def _one_side(
     with side.running() as pids:
         n = side.name
         progress(f"{n}: throughput, {messages:,} messages in batches of {BATCH:,}")
+        side.settle()
         rounds.add(f"{n} throughput", side.throughput(messages))
         if isinstance(side, System):
             progress(f"{n}: throughput, a group that needs acks")
+            side.settle()
             rounds.add(f"{n} throughput, acks", side.throughput(messages, acked=True))
         side.settle()
         progress(f"{n}: latency at {rate:g} msg/s for {seconds:g} s, one per transaction")
