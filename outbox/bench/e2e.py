@@ -108,8 +108,8 @@ class Side:
     def settle(self, timeout_s: float = 300.0) -> None:
         """Wait until the pipeline has nothing left in flight (acks included), so that a
         phase does not measure the backlog of the one before; then vacuum the database,
-        so that no phase, of either side, has an autovacuum of the rows the phases
-        before it left behind running beside it."""
+        so that each phase, of either side, starts from clean tables and seldom meets an
+        autovacuum of the rows that the phases before it left behind."""
         deadline = time.monotonic() + timeout_s
         while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.1)
