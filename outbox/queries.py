@@ -462,7 +462,7 @@ AND EXISTS (
 # Per lane, seconds until its next row is due (lanes where nothing waits are left out);
 # rows held back by their key do not count, their blocker does.
 LANE_NEXT_DUE = _sql(f"""
-SELECT m.lane, EXTRACT(EPOCH FROM min(m.next_attempt_at) - now())
+SELECT m.lane, EXTRACT(EPOCH FROM min(m.next_attempt_at) - clock_timestamp())
 FROM inbox_messages m
 WHERE {_lane_row_ready("= ANY(CAST(:lanes AS int[]))")}
 GROUP BY m.lane
@@ -486,12 +486,14 @@ SET status = 'done', attempts = attempts + :add, processed_at = now(), worker = 
 WHERE id = ANY(CAST(:ids AS bigint[]))
 """)  # noqa: S608 (composed of constants only)
 
+# The backoff counts from now, after the handlers ran, not from the batch transaction's
+# start (now()): a handler late in a long batch would otherwise be retried early.
 MARK_INBOX_FAILED = _sql(f"""
 UPDATE inbox_messages m
 SET status = v.status, attempts = m.attempts + :add, worker = :worker, last_error = v.error,
     attempt_workers = CASE WHEN :add = 1 THEN {_APPEND_WORKER.format(m="m.")}
                            ELSE m.attempt_workers END,
-    next_attempt_at = now() + make_interval(secs => v.delay_s)
+    next_attempt_at = clock_timestamp() + make_interval(secs => v.delay_s)
 FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:delays AS float8[]),
             CAST(:errors AS text[])) AS v(id, status, delay_s, error)
 WHERE m.id = v.id

@@ -221,6 +221,45 @@ def test_a_permanent_error_is_dead_at_once_and_an_unordered_group_does_not_wait(
     assert rows[later].status == "done"  # unordered: the same key's later row did not wait
 
 
+def test_a_retry_waits_its_whole_backoff_after_its_failure_however_long_the_batch_ran(
+    settings: Settings, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    # Factor 1: every wait after the second attempt is exactly the base, 1 s
+    _register(session, topic, ordered=False, retry_base_s=1.0, retry_factor=1.0)
+    failed_at: list[float] = []
+
+    @consumer.handler(topic)
+    def slow_then_failing(message: consumer.Message, tx: Session) -> None:
+        if message.payload.get("slow"):
+            time.sleep(0.3)
+            return
+        now = tx.execute(text("SELECT CAST(extract(epoch FROM clock_timestamp()) AS float8)"))
+        failed_at.append(now.scalar_one())
+        raise ConnectionError("downstream down")
+
+    slow, failing = _receive(session, topic, [("s", {"slow": True}), ("f", {})])
+    session.execute(
+        update(InboxMessage)
+        .where(InboxMessage.message_id == failing)
+        .values(attempts=1, status="failed", next_attempt_at=text("now()"))
+    )
+    session.commit()
+
+    LaneProcessor(settings, make_sessionmaker(session.get_bind()), "w").run(GROUP, LANE)
+
+    rows = _rows(session)
+    assert (rows[slow].status, rows[failing].status, rows[failing].attempts) == (
+        "done",
+        "failed",
+        2,
+    )
+    # The second attempt ran after the slow handler (0.3 s into the batch, twice: the
+    # batch ran again row by row after the failure); its retry is due 1 s after it failed.
+    due = rows[failing].next_attempt_at.timestamp()
+    assert due - failed_at[-1] >= 1.0
+
+
 def test_a_batch_handler_takes_its_rows_in_one_call_and_a_failure_stays_with_its_row(
     settings: Settings, effects: Engine, session: Session
 ):
