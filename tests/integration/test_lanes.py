@@ -225,7 +225,7 @@ def test_a_retry_waits_its_whole_backoff_after_its_failure_however_long_the_batc
     settings: Settings, session: Session
 ):
     topic = f"t.{uuid.uuid4().hex[:8]}"
-    # Factor 1: every wait after the second attempt is exactly the base, 1 s
+    # Factor 1: the wait after any attempt but the first is exactly the base, 1 s
     _register(session, topic, ordered=False, retry_base_s=1.0, retry_factor=1.0)
     failed_at: list[float] = []
 
