@@ -41,20 +41,24 @@ def limit_statements(session: Session, timeout_s: float) -> None:
 
 def call(message: Message, session: Session, timeout_s: float) -> None:
     """Run the message's handler; its log lines name the message."""
-    with log_message(message.id), _time_limit(timeout_s):
-        try:
-            handler_for(message.topic)(message, session)
-        except SystemExit as exc:
-            raise HandlerExit(f"the handler called exit({exc.code!r})") from exc
+    with log_message(message.id), _handler_call(timeout_s):
+        handler_for(message.topic)(message, session)
 
 
 def call_batch(
     handle: BatchHandler, messages: list[Message], session: Session, timeout_s: float
 ) -> None:
     """Run a batch handler on ``messages``, within one handler's time limit."""
+    with _handler_call(timeout_s):
+        handle(messages, session)
+
+
+@contextlib.contextmanager
+def _handler_call(timeout_s: float) -> Iterator[None]:
+    """A handler's call: limited to ``timeout_s``, and an ``exit()`` in it is a failure."""
     with _time_limit(timeout_s):
         try:
-            handle(messages, session)
+            yield
         except SystemExit as exc:
             raise HandlerExit(f"the handler called exit({exc.code!r})") from exc
 

@@ -562,8 +562,7 @@ class LaneProcessor:
             while many is not None and end < len(batch) and batch[end].message.topic == topic:
                 end += 1
             try:
-                if end - index > 1:
-                    assert many is not None
+                if many is not None and end - index > 1:
                     messages = [r.message for r in batch[index:end]]
                     call_batch(many, messages, session, row.policy.timeout_s)
                 else:

@@ -260,6 +260,27 @@ def test_a_retry_waits_its_whole_backoff_after_its_failure_however_long_the_batc
     assert due - failed_at[-1] >= 1.0
 
 
+def test_a_handler_that_calls_exit_fails_its_message_and_the_task_goes_on(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic, ordered=False)
+
+    @consumer.handler(topic)
+    def quits(message: consumer.Message, tx: Session) -> None:
+        if message.payload.get("quit"):
+            raise SystemExit(3)
+        tx.execute(text("INSERT INTO effects VALUES (:id, '{}', 1)"), {"id": message.id})
+
+    quitting, other = _receive(session, topic, [("a", {"quit": True}), ("b", {})])
+    report = LaneProcessor(settings, make_sessionmaker(effects), "w").run(GROUP, LANE)
+
+    assert (report.done, report.failed) == (1, 1)
+    rows = _rows(session)
+    assert (rows[quitting].status, rows[other].status) == ("failed", "done")
+    assert "HandlerExit: the handler called exit(3)" in (rows[quitting].last_error or "")
+
+
 def test_a_batch_handler_takes_its_rows_in_one_call_and_a_failure_stays_with_its_row(
     settings: Settings, effects: Engine, session: Session
 ):
