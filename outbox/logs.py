@@ -22,7 +22,7 @@ from outbox.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s {role} %(name)s: %(message)s%(context)s"
 
-_message_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+_message_id: contextvars.ContextVar[object] = contextvars.ContextVar(
     "outbox_message_id", default=None
 )
 
@@ -44,11 +44,22 @@ def set_task_context(current: Callable[[], tuple[str | None, str | None]]) -> No
 @contextlib.contextmanager
 def log_message(message_id: object) -> Iterator[None]:
     """Tag every log line written inside the block with ``message_id``."""
-    token = _message_id.set(str(message_id))
+    token = tag_message(message_id)
     try:
         yield
     finally:
-        _message_id.reset(token)
+        untag_message(token)
+
+
+def tag_message(message_id: object) -> contextvars.Token[object]:
+    """Tag the log lines written from now on with ``message_id`` (made text only when a
+    line is written), until :func:`untag_message`: what :func:`log_message` does, for a
+    caller that runs once per message and would rather not pay for a context manager."""
+    return _message_id.set(message_id)
+
+
+def untag_message(token: contextvars.Token[object]) -> None:
+    _message_id.reset(token)
 
 
 class _Context(logging.Filter):
@@ -60,7 +71,8 @@ class _Context(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         task_id, name = _current_task()
-        message_id = _message_id.get()
+        tagged = _message_id.get()
+        message_id = None if tagged is None else str(tagged)
         parts = [
             f"task={name}[{task_id}]" if task_id else "",
             f"message={message_id}" if message_id else "",

@@ -66,7 +66,8 @@ def register(app: Celery, settings: Settings) -> None:
         stats = app.control.inspect(
             timeout=settings.heartbeat_inspect_timeout_s, limit=limit
         ).stats()
-        return record_heartbeat(settings, sessions, stats or {}, beat=beat).as_dict()
+        report = record_heartbeat(settings, sessions, stats or {}, beat=beat).as_dict()
+        return {**report, "joining": joining}
 
     @worker_ready.connect(weak=False)
     def _joined(**_: Any) -> None:

@@ -49,3 +49,20 @@ def test_text_lines_name_the_role_and_the_message(capsys: pytest.CaptureFixture[
 def test_an_unknown_log_format_is_refused():
     with pytest.raises(SettingsError, match="OUTBOX_LOG_FORMAT"):
         Settings.from_env({"OUTBOX_LOG_FORMAT": "xml"})
+
+
+def test_a_handlers_log_lines_name_its_message(capsys: pytest.CaptureFixture[str]):
+    import consumer
+    from consumer.calls import call
+
+    @consumer.handler("test.logs.named")
+    def handle(message: consumer.Message, session: object) -> None:
+        logging.getLogger("billing").warning("charged %s", message.payload["n"])
+
+    setup_logging(Settings.from_env({}, log_format="json"), "worker")
+    message_id = uuid.uuid4()
+    call(consumer.Message(message_id, "test.logs.named", "k", {"n": 7}, {}, 1, 0, 0), None, 5.0)  # type: ignore[arg-type]
+    logging.getLogger("consumer.lanes").info("after the call")
+    inside, after = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert (inside["message"], inside["message_id"]) == ("charged 7", str(message_id))
+    assert "message_id" not in after
