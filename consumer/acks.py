@@ -2,6 +2,15 @@
 ``outbox.acks`` through their own outbox, in the handler's transaction; the built-in
 handler below applies them to ``deliveries`` on the producer side.
 
+The acks of a lane batch travel together: each message on ``outbox.acks`` carries
+``{"acks": [ack, ...]}``, the acks of one lane of one group in the order they were made
+(up to :data:`ACKS_PER_MESSAGE`, within the largest payload allowed), keyed
+``<group>/<lane>``. Every ack of a message by a group comes from the lane that holds the
+message, so they stay in order, as when each ack was a message of its own keyed by the
+message id; a batch of a thousand messages then costs a few ack messages rather than a
+thousand (each one a row to relay, a record to consume and a row to apply). A message
+that carries one ack as its whole payload (as they were written before) is applied too.
+
 Run it there with ``outbox consume --group outbox-acks --topics outbox.acks``
 (``outbox dev`` does). Applying is idempotent and only moves a delivery forward.
 """
@@ -48,16 +57,46 @@ def success_ack(
     }
 
 
+# Acks in one message on the ack topic: a few hundred bytes each (a failure's error up to
+# MAX_ERROR_CHARS), so a message stays well under Kafka's usual limit of 1 MB.
+ACKS_PER_MESSAGE = 100
+_EMPTY_BYTES = len('{"acks":[]}')
+
+
 def register_ack_topic(session: Session) -> None:
     """Make sure the ack topic takes messages (it is left as it is if it exists)."""
     session.execute(queries.REGISTER_TOPICS, {"names": [ACK_TOPIC]})
 
 
-def write_acks(session: Session, publisher: Publisher, acks: list[dict[str, Any]]) -> None:
-    """Add acks to the session's transaction (the consumer's own outbox), in one statement."""
-    publisher.publish_batch(
-        session, [OutboxMessage(ACK_TOPIC, ack, key=ack["message_id"]) for ack in acks]
-    )
+def ack_key(group: str, lane: int) -> str:
+    """The key of the ack messages of one lane of ``group``."""
+    return f"{group}/{lane}"
+
+
+def write_acks(
+    session: Session, publisher: Publisher, acks: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Add acks, each with its key, to the session's transaction (the consumer's own
+    outbox), in one statement: those of a key together, in order, in messages of up to
+    :data:`ACKS_PER_MESSAGE` acks and at most the largest payload allowed."""
+    limit = publisher.settings.max_payload_bytes
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for key, ack in acks:
+        by_key.setdefault(key, []).append(ack)
+    messages = []
+    for key, keyed in by_key.items():
+        chunk: list[dict[str, Any]] = []
+        size = _EMPTY_BYTES
+        for ack in keyed:
+            # As compact JSON, non-ASCII escaped: at least the bytes the payload takes.
+            ack_bytes = len(json.dumps(ack, separators=(",", ":"))) + 1
+            if chunk and (len(chunk) == ACKS_PER_MESSAGE or size + ack_bytes > limit):
+                messages.append(OutboxMessage(ACK_TOPIC, {"acks": chunk}, key=key))
+                chunk, size = [], _EMPTY_BYTES
+            chunk.append(ack)
+            size += ack_bytes
+        messages.append(OutboxMessage(ACK_TOPIC, {"acks": chunk}, key=key))
+    publisher.publish_batch(session, messages)
 
 
 @batch_handler(ACK_TOPIC)
@@ -69,7 +108,7 @@ def apply_acks(messages: list[Message], session: Session) -> None:
     the outcome is the same as in the batch's order, since a success moves a delivery to
     acked, which no later ack changes (the first success of a delivery wins, as it would),
     and a failure ack changes only a delivery that still waits."""
-    acks = [_ack_params(message) for message in messages]
+    acks = [params for message in messages for params in _acks_in(message)]
     successes: dict[tuple[str, str, str], dict[str, Any]] = {}
     for params in acks:
         if params["ok"]:
@@ -91,13 +130,25 @@ def apply_acks(messages: list[Message], session: Session) -> None:
 
 
 def apply_ack(message: Message, session: Session) -> None:
-    """Record one ack on its delivery (:func:`apply_acks` of one message)."""
-    _apply(_ack_params(message), session)
+    """Record the acks of one message on their deliveries, one by one, in order."""
+    for params in _acks_in(message):
+        _apply(params, session)
 
 
-def _ack_params(message: Message) -> dict[str, Any]:
+def _acks_in(message: Message) -> list[dict[str, Any]]:
+    """The statement parameters of each ack that a message carries (``{"acks": [...]}``,
+    or one ack as the whole payload); :class:`Permanent` if one of them is not an ack."""
+    payload = message.payload
+    if isinstance(payload, dict) and "acks" in payload:
+        acks = payload["acks"]
+        if not isinstance(acks, list) or not acks:
+            raise Permanent(f"not a list of acks: {acks!r}"[:MAX_ERROR_CHARS])
+        return [_ack_params(ack) for ack in acks]
+    return [_ack_params(payload)]
+
+
+def _ack_params(ack: Any) -> dict[str, Any]:
     """The statement parameters of an ack; :class:`Permanent` if it is not one."""
-    ack = message.payload
     try:
         params = {
             "ok": ack["status"] == "success",

@@ -312,7 +312,8 @@ def absorb_retries(
     ]
     if acks:
         register_ack_topic(session)
-        write_acks(session, publisher, acks)
+        # Success acks, which no other ack of the message changes: their order is free.
+        write_acks(session, publisher, [(group, ack) for ack in acks])
     lanes: dict[int, str | None] = {}
     again = session.execute(queries.INBOX_RETRY_AGAIN, {"group": group, "ids": ids}).all()
     waiting = session.execute(queries.INBOX_LANES_OF, {"group": group, "ids": ids}).all()

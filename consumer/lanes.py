@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from consumer.acks import ack_payload, register_ack_topic, write_acks
+from consumer.acks import ack_key, ack_payload, register_ack_topic, write_acks
 from consumer.calls import call, call_batch, limit_statements, time_limits
 from consumer.handlers import Message, Permanent, batch_handler_for
 from outbox import leases, queries
@@ -533,7 +533,9 @@ class LaneProcessor:
         if failure is None:
             outcome = _Outcome(done=[r.id for r in batch])
             outcome.acks = [
-                ack_payload(r.message, group, self.worker) for r in batch if r.policy.requires_ack
+                (ack_key(group, r.lane), ack_payload(r.message, group, self.worker))
+                for r in batch
+                if r.policy.requires_ack
             ]
         outcome.write(session, self.publisher, self.worker, add=0 if counted else 1)
         report.done += len(outcome.done)
@@ -603,7 +605,9 @@ class LaneProcessor:
                     savepoint.commit()
                     outcome.done.append(row.id)
                     if policy.requires_ack:
-                        outcome.acks.append(ack_payload(message, group, self.worker))
+                        outcome.acks.append(
+                            (ack_key(group, row.lane), ack_payload(message, group, self.worker))
+                        )
                     continue
                 except Exception as caught:
                     savepoint.rollback()
@@ -619,7 +623,8 @@ class LaneProcessor:
             if key is not None:
                 failed_keys.add((topic, key))
             if policy.requires_ack:
-                outcome.acks.append(ack_payload(message, group, self.worker, error))
+                ack = ack_payload(message, group, self.worker, error)
+                outcome.acks.append((ack_key(group, row.lane), ack))
             with log_message(message.id):
                 log.warning(
                     "lane %s/%d: message %s attempt %d failed: %s",
@@ -676,11 +681,12 @@ class Failure:
 
 @dataclasses.dataclass
 class _Outcome:
-    """What a batch did: rows done, rows failed or dead, and the acks to write."""
+    """What a batch did: rows done, rows failed or dead, and the acks to write (each with
+    its key: its lane's)."""
 
     done: list[int] = dataclasses.field(default_factory=list)
     failures: list[Failure] = dataclasses.field(default_factory=list)
-    acks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    acks: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
 
     @property
     def failed(self) -> int:

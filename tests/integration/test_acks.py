@@ -4,13 +4,15 @@ and the built-in ack handler moves the delivery forward only."""
 
 from __future__ import annotations
 
+import collections
+import json
 import uuid
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 import consumer
-from consumer.acks import apply_ack
+from consumer.acks import apply_ack, register_ack_topic, write_acks
 from consumer.lanes import LaneProcessor
 from outbox import Publisher
 from outbox.db import make_sessionmaker
@@ -80,12 +82,11 @@ def test_the_handler_transaction_writes_a_success_or_failure_ack_to_the_outbox(
 
     LaneProcessor(settings, make_sessionmaker(engine), "worker-7").run("billing", 1)
 
-    acks = {
-        row.payload["message_id"]: row
-        for row in session.scalars(select(OutboxMessage).where(OutboxMessage.topic == ACK_TOPIC))
-    }
-    assert set(acks) == {str(good), str(bad)}
-    success, failure = acks[str(good)].payload, acks[str(bad)].payload
+    # One ack message for the lane's batch, keyed by the group and lane
+    (row,) = session.scalars(select(OutboxMessage).where(OutboxMessage.topic == ACK_TOPIC))
+    assert row.key == "billing/1"
+    success, failure = row.payload["acks"]
+    assert [success["message_id"], failure["message_id"]] == [str(good), str(bad)]
     assert (success["status"], success["group"], success["instance"]) == (
         "success",
         "billing",
@@ -93,7 +94,81 @@ def test_the_handler_transaction_writes_a_success_or_failure_ack_to_the_outbox(
     )
     assert (failure["status"], failure["attempt"]) == ("failure", 1)
     assert "ledger locked" in failure["error"]
-    assert acks[str(good)].key == str(good)
+
+
+def test_a_batchs_acks_go_in_few_messages_per_lane_in_order_and_are_all_applied(
+    settings: Settings, engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _topic_with_groups(session, topic)
+
+    @consumer.handler(topic)
+    def handle(message: consumer.Message, tx: Session) -> None:
+        pass
+
+    # 250 messages in lane 2 and 3 in lane 5, each with a delivery waiting for its ack
+    many = receive(session, "billing", topic, [(f"k{n}", {}) for n in range(250)], lane=2)
+    few = receive(session, "billing", topic, [(f"k{n}", {}) for n in range(3)], lane=5)
+    billing = session.scalars(select(ConsumerGroup.id).where(ConsumerGroup.name == "billing")).one()
+    session.add_all(Delivery(message_id=m, consumer_group_id=billing) for m in many + few)
+    session.commit()
+
+    report = LaneProcessor(settings, make_sessionmaker(engine), "w7").run("billing", [2, 5])
+    assert report.done == 253
+
+    # Then the acks go 100 to a message, each lane's in its own messages, in order
+    rows = session.scalars(
+        select(OutboxMessage).where(OutboxMessage.topic == ACK_TOPIC).order_by(OutboxMessage.id)
+    ).all()
+    by_key: dict[str, list[str]] = {}
+    for row in rows:
+        by_key.setdefault(row.key, []).extend(a["message_id"] for a in row.payload["acks"])
+    assert by_key == {"billing/2": [str(m) for m in many], "billing/5": [str(m) for m in few]}
+    assert [len(row.payload["acks"]) for row in rows] == [100, 100, 50, 3]
+
+    # and the ack handler applies every one of them (and an ack in a message of its own,
+    # as acks were written before, too)
+    single = _ack(uuid.uuid4(), topic, "success", "w1")
+    session.add(
+        Delivery(message_id=uuid.UUID(single.payload["message_id"]), consumer_group_id=billing)
+    )
+    session.commit()
+    receive(
+        session,
+        "outbox-acks",
+        ACK_TOPIC,
+        [(row.key, row.payload) for row in rows] + [(single.key, single.payload)],
+    )
+    report = LaneProcessor(settings, make_sessionmaker(engine), "w").run("outbox-acks", 0)
+    assert (report.done, report.dead) == (5, 0)
+    session.expire_all()
+    statuses = collections.Counter(
+        (d.status, d.instance_id) for d in session.scalars(select(Delivery))
+    )
+    assert statuses == {("acked", "w7"): 253, ("acked", "w1"): 1}
+
+
+def test_acks_with_long_errors_go_in_messages_within_the_payload_limit(
+    settings: Settings, session: Session
+):
+    small = settings.replace(max_payload_bytes=5_000)
+    acks = [
+        {**_ack(uuid.uuid4(), "orders", "failure", "w1").payload, "error": "e" * 2_000}
+        for _ in range(7)
+    ]
+    register_ack_topic(session)
+    write_acks(session, Publisher(small), [("billing/3", ack) for ack in acks])
+    session.commit()
+
+    rows = session.scalars(
+        select(OutboxMessage).where(OutboxMessage.topic == ACK_TOPIC).order_by(OutboxMessage.id)
+    ).all()
+    # as many as fit in each, in order
+    fit = (5_000 - len('{"acks":[]}')) // (len(json.dumps(acks[0], separators=(",", ":"))) + 1)
+    assert fit == 2
+    assert [len(row.payload["acks"]) for row in rows] == [2, 2, 2, 1]
+    assert [a for row in rows for a in row.payload["acks"]] == acks
+    assert all(len(json.dumps(row.payload, separators=(",", ":"))) <= 5_000 for row in rows)
 
 
 def test_acks_move_a_delivery_forward_only(

@@ -298,11 +298,13 @@ def test_a_groups_inbox_settles_a_retry_by_what_it_already_did(
     assert (rows[done].status, rows[done].retries) == ("done", 0)
     # the dead one runs again with a fresh budget, and its handler is told it is a retry
     assert (rows[dead].status, rows[dead].attempts, rows[dead].retries) == ("received", 0, 1)
-    acks = (
-        session.execute(text("SELECT payload FROM outbox_messages WHERE topic = 'outbox.acks'"))
-        .scalars()
-        .all()
-    )
+    acks = [
+        ack
+        for payload in session.execute(
+            text("SELECT payload FROM outbox_messages WHERE topic = 'outbox.acks'")
+        ).scalars()
+        for ack in payload["acks"]
+    ]
     assert [(a["message_id"], a["status"], a["instance"]) for a in acks] == [
         (str(done), "success", "w1@host")
     ]
@@ -397,9 +399,13 @@ def test_a_processed_message_is_known_past_its_inbox_rows_cleanup_for_the_dedup_
     # Then none of them is recorded to run again, and the retry's success ack goes out
     assert lanes == []
     assert session.scalar(select(func.count()).select_from(InboxMessage)) == 0
-    acks = session.scalars(
-        text("SELECT payload FROM outbox_messages WHERE topic = 'outbox.acks'")
-    ).all()
+    acks = [
+        ack
+        for payload in session.scalars(
+            text("SELECT payload FROM outbox_messages WHERE topic = 'outbox.acks'")
+        )
+        for ack in payload["acks"]
+    ]
     assert [(a["message_id"], a["status"]) for a in acks] == [(str(done), "success")]
 
 
