@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+import billiard.common
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -81,7 +82,18 @@ def _run(handle: Callable[[Any, Session], None], argument: Any, session: Session
     try:
         handle(argument, session)
     except SystemExit as exc:
+        if _process_ending():
+            raise  # the pool's own SystemExit: the process ends, its batch undone
         raise HandlerExit(f"the handler called exit({exc.code!r})") from exc
+
+
+def _process_ending() -> bool:
+    """Whether this (pool) process's terminate handler has run: a worker process sent
+    SIGTERM (a hard time limit, a stop signalled to its process group) raises SystemExit
+    in whatever code it runs, a handler's included. That is not the handler's failure:
+    its batch must be undone with the process, not recorded, and the process must end."""
+    fired = getattr(billiard.common, "terminate_handler_fired", None)
+    return bool(fired is not None and fired())
 
 
 # The limit of the call running now, for the message of its timeout.

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import signal
 import threading
 import time
 import uuid
 from typing import Any
 
+import billiard.common
 import pytest
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
@@ -279,6 +282,37 @@ def test_a_handler_that_calls_exit_fails_its_message_and_the_task_goes_on(
     rows = _rows(session)
     assert (rows[quitting].status, rows[other].status) == ("failed", "done")
     assert "HandlerExit: the handler called exit(3)" in (rows[quitting].last_error or "")
+
+
+def test_a_worker_process_told_to_end_during_a_handler_ends_and_records_nothing(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic, ordered=False)
+
+    @consumer.handler(topic)
+    def handle(message: consumer.Message, tx: Session) -> None:
+        tx.execute(text("INSERT INTO effects VALUES (:id, '{}', 1)"), {"id": message.id})
+        if message.payload.get("last"):
+            # SIGTERM, as a pool process gets it (a hard time limit, a stop sent to the
+            # worker's process group): billiard's handler raises SystemExit here
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+
+    first, last = _receive(session, topic, [("a", {}), ("b", {"last": True})])
+    previous = signal.signal(signal.SIGTERM, billiard.common._shutdown_cleanup)
+    try:
+        with pytest.raises(SystemExit):
+            LaneProcessor(settings, make_sessionmaker(effects), "w").run(GROUP, LANE)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        billiard.common.clear_terminate_handler_fired()
+
+    # The process ends with its batch undone: no failure recorded, no effect kept
+    rows = _rows(session)
+    assert [(rows[m].status, rows[m].attempts) for m in (first, last)] == [("received", 0)] * 2
+    with effects.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM effects")).scalar_one() == 0
 
 
 def test_a_batch_handler_takes_its_rows_in_one_call_and_a_failure_stays_with_its_row(
