@@ -31,7 +31,7 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_STORED, Consumer, Producer, TopicPartition
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -197,7 +197,8 @@ def _relay_forever(settings: Settings, engine: Engine, stop: threading.Event) ->
 def _consume_forever(settings: Settings, engine: Engine, topic: str, stop: threading.Event) -> None:
     kafka = Consumer(consumer_config(settings, f"bare-{topic}", **{"fetch.wait.max.ms": 10}))
     metadata = admin_client(settings).list_topics(topic, timeout=10).topics[topic]
-    kafka.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
+    # From the offsets committed by the loop before it (none: the beginning).
+    kafka.assign([TopicPartition(topic, p, OFFSET_STORED) for p in metadata.partitions])
     try:
         while not stop.is_set():
             batch = kafka.consume(1, 0.1)
@@ -220,7 +221,12 @@ def _consume_forever(settings: Settings, engine: Engine, topic: str, stop: threa
                 )
             with engine.begin() as conn:
                 conn.execute(STORE, {"rows": json.dumps(rows)})
-            kafka.commit(asynchronous=True)
+            # Then the offsets: a loop started later resumes after what the inbox holds.
+            ends = {m.partition() or 0: m.offset() or 0 for m in records}  # the last of each
+            kafka.commit(
+                offsets=[TopicPartition(topic, p, o + 1) for p, o in ends.items()],
+                asynchronous=True,
+            )
     finally:
         kafka.close()
 
