@@ -8,13 +8,13 @@ import collections
 import json
 import uuid
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 import consumer
 from consumer.acks import apply_ack, register_ack_topic, write_acks
 from consumer.lanes import LaneProcessor
-from outbox import Publisher
+from outbox import Publisher, queries
 from outbox.db import make_sessionmaker
 from outbox.models import ConsumerGroup, Delivery, InboxMessage, OutboxMessage, Topic
 from outbox.relay import Relay
@@ -288,3 +288,49 @@ def test_a_lane_batch_of_acks_moves_each_delivery_as_one_by_one_would(
         failing: ("failed", "w3", "boom"),
         unmarked: ("acked", "w4", None),
     }
+
+
+def _rows_read(plan: dict, table: str) -> float:
+    """Rows of ``table`` that a plan's scans read (returned or dropped by a filter), and
+    the rows that its joins dropped, over every loop."""
+    node = plan.get("Plan", plan)
+    fields = ["Rows Removed by Join Filter"]
+    if node.get("Relation Name") == table and "Scan" in node["Node Type"]:
+        fields += ["Actual Rows", "Rows Removed by Filter"]
+    read = sum(node.get(field, 0) * node.get("Actual Loops", 1) for field in fields)
+    return read + sum(_rows_read(child, table) for child in node.get("Plans", []))
+
+
+def test_a_burst_of_acks_reads_each_delivery_once_whatever_the_statistics_say(
+    engine, session: Session, topic: str
+):
+    _topic_with_groups(session, topic)
+    billing = session.scalars(select(ConsumerGroup.id).where(ConsumerGroup.name == "billing")).one()
+    # Statistics taken in a quiet moment: no delivery waits
+    session.add_all(
+        Delivery(message_id=uuid.uuid4(), consumer_group_id=billing, status="acked")
+        for _ in range(200)
+    )
+    session.commit()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE deliveries"))
+    # then a burst: 5,000 deliveries wait, and the acks of 500 of them come in one batch
+    waiting = [uuid.uuid4() for _ in range(5_000)]
+    session.add_all(Delivery(message_id=m, consumer_group_id=billing) for m in waiting)
+    session.commit()
+    acks = [
+        {"message_id": str(m), "group": "billing", "topic": topic, "instance": "w1"}
+        for m in waiting[:500]
+    ]
+
+    (plan,) = session.execute(
+        text("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.APPLY_SUCCESS_ACKS.text),
+        {"acks": json.dumps(acks)},
+    ).scalar_one()
+    session.commit()
+
+    # Each ack finds its delivery by index: a few rows read per ack, not a scan of the
+    # waiting deliveries per ack (or of the acks per delivery)
+    assert _rows_read(plan, "deliveries") <= 3 * len(acks)
+    acked = select(func.count()).select_from(Delivery).where(Delivery.instance_id == "w1")
+    assert session.scalar(acked) == 500
