@@ -8,8 +8,10 @@ The acks of a lane batch travel together: each message on ``outbox.acks`` carrie
 ``<group>/<lane>``. Every ack of a message by a group comes from the lane that holds the
 message, so they stay in order, as when each ack was a message of its own keyed by the
 message id; a batch of a thousand messages then costs a few ack messages rather than a
-thousand (each one a row to relay, a record to consume and a row to apply). A message
-that carries one ack as its whole payload (as they were written before) is applied too.
+thousand (each one a row to relay, a record to consume and a row to apply). The success
+acks that answer a targeted retry of a message processed already are keyed by the group
+alone: no later ack changes a success, so their order does not matter. A message that
+carries one ack as its whole payload (as they were written before) is applied too.
 
 Run it there with ``outbox consume --group outbox-acks --topics outbox.acks``
 (``outbox dev`` does). Applying is idempotent and only moves a delivery forward.

@@ -96,7 +96,7 @@ def test_the_handler_transaction_writes_a_success_or_failure_ack_to_the_outbox(
     assert "ledger locked" in failure["error"]
 
 
-def test_a_batchs_acks_go_in_few_messages_per_lane_in_order_and_are_all_applied(
+def test_the_acks_of_a_batch_go_in_few_messages_per_lane_in_order_and_are_all_applied(
     settings: Settings, engine, session: Session
 ):
     topic = f"t.{uuid.uuid4().hex[:8]}"
