@@ -98,6 +98,8 @@ class LaneReport:
     busy: list[int] = dataclasses.field(default_factory=list)
     # Per leased lane with a waiting row: seconds until that row is due.
     due_s: dict[int, float] = dataclasses.field(default_factory=dict)
+    # Acks written to the outbox (committed with their batches, unless a batch failed).
+    acks: int = 0
 
     @property
     def next_due_s(self) -> float | None:
@@ -538,6 +540,7 @@ class LaneProcessor:
                 if r.policy.requires_ack
             ]
         outcome.write(session, self.publisher, self.worker, add=0 if counted else 1)
+        report.acks += len(outcome.acks)
         report.done += len(outcome.done)
         report.failed += outcome.failed
         report.dead += outcome.dead + spent.dead

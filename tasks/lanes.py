@@ -23,7 +23,7 @@ from outbox.db import make_engine, make_sessionmaker
 from outbox.kick import claim_kicks, kick_started, lane_flag
 from outbox.settings import Settings
 from tasks.linger import Lingering
-from tasks.relay import flags_for_this_process
+from tasks.relay import flags_for_this_process, kick_relay
 from tasks.shutdown import Stopping
 
 SWEEP_LIMIT = 10_000
@@ -172,6 +172,9 @@ def register(app: Celery, settings: Settings) -> None:
         report = processor_for_this_process(settings, worker).run(
             group, wanted, linger=linger, stopping=stopping
         )
+        if report.acks:
+            # Its acks are outbox rows: relayed now, not at beat's next tick.
+            kick_relay(app, settings)
         countdown = rekick_countdown(report, longest_countdown_s)
         if countdown is not None:
             process_lane.apply_async((group, sorted(report.due_s)), countdown=countdown)

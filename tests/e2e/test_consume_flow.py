@@ -205,3 +205,21 @@ def test_two_workers_keep_per_key_order_a_kafka_duplicate_has_one_effect_and_ack
         "WHERE d.instance_id IS DISTINCT FROM i.worker"
     )
     assert mismatched == 0
+
+
+# Beat's relay tick a minute apart: only a kick relays a row in time.
+@pytest.mark.parametrize(
+    "flow", [{"requires_ack": True, "settings": {"publish_interval_s": 60.0}}], indirect=True
+)
+def test_an_ack_goes_back_at_once_not_at_the_relays_next_tick(flow: Flow):
+    # Given a message for a group that requires acks (the API's kick relays it)
+    (message_id,) = flow.publish([{"key": "k0", "payload": {"seq": 0}}])
+
+    # Then its ack is relayed, consumed and applied within seconds: the lane task that
+    # wrote it kicked the relay
+    def status() -> str | None:
+        return flow.scalar(
+            "SELECT status FROM deliveries WHERE message_id = CAST(:m AS uuid)", m=message_id
+        )
+
+    flow.wait(lambda: status() == "acked", 20, "the delivery acked")
