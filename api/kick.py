@@ -16,7 +16,7 @@ from celery import Celery
 import celeryconfig
 from outbox import tasknames
 from outbox.health import CHECK_TIMEOUT_S
-from outbox.kick import KickClaimer
+from outbox.kick import KickClaimer, kick_expires_s
 from outbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ class Kicker:
         app.conf.update(celeryconfig.from_settings(self.settings))
         flags = KickClaimer(app.conf.broker_url, CHECK_TIMEOUT_S)
         debounce_s = self.settings.kick_debounce_ms / 1000
-        # Ticks and kicks are interchangeable: a stale kick is dropped, not queued up.
-        expires_s = max(self.settings.publish_interval_s, 1.0)
+        expires_s = kick_expires_s(self.settings)
         while True:
             self._wanted.wait()
             self._wanted.clear()

@@ -17,7 +17,15 @@ from typing import Any
 
 import redis
 
+from outbox.settings import Settings
+
 FLAG = "outbox:relay:kick-pending"
+
+
+def kick_expires_s(settings: Settings) -> float:
+    """How long a relay kick (and its flag) lives: ticks and kicks are interchangeable, so
+    one not run within a beat interval (a second at least) is dropped, not queued up."""
+    return max(settings.publish_interval_s, 1.0)
 
 
 def lane_flag(group: str, lane: int) -> str:

@@ -16,6 +16,7 @@ from outbox.heartbeat import record_heartbeat
 from outbox.metrics import MetricsRecorder
 from outbox.settings import Settings
 from outbox.targeted_retry import retry_due
+from tasks.relay import kick_relay
 
 _sessions: tuple[int, sessionmaker[Session]] | None = None
 # Workers that answered a heartbeat within this many intervals are waited for.
@@ -44,7 +45,7 @@ def register(app: Celery, settings: Settings) -> None:
         report = retry_due(settings, sessions_for_this_process(settings), metrics)
         if report.retried:
             # Relay the retries now rather than at the next tick.
-            app.send_task(tasknames.PUBLISH, expires=max(settings.publish_interval_s, 1.0))
+            kick_relay(app, settings)
         return report.as_dict()
 
     @app.task(name=tasknames.HEARTBEAT, shared=False)

@@ -14,7 +14,7 @@ from celery.signals import worker_process_shutdown
 
 from outbox import tasknames
 from outbox.health import redis_client
-from outbox.kick import FLAG, claim_kicks, kick_started
+from outbox.kick import FLAG, claim_kicks, kick_expires_s, kick_started
 from outbox.relay import Relay
 from outbox.settings import Settings
 from tasks.linger import Lingering
@@ -44,7 +44,7 @@ def kick_relay(app: Celery, settings: Settings) -> bool:
     """Queue a relay pass unless one is pending, as the API does after a commit (the same
     flag: a lingering relay task holds it and sees the rows itself). For rows a task
     commits, which would otherwise wait for beat's tick. Returns whether it queued one."""
-    expires_s = max(settings.publish_interval_s, 1.0)
+    expires_s = kick_expires_s(settings)
     flags = flags_for_this_process(app.conf.broker_url)
     if not claim_kicks(flags, int(expires_s * 1000), [FLAG])[0]:
         return False
