@@ -111,7 +111,7 @@ class Consumer:
                 params={"group": self.group},
                 setting=env_name("lanes"),
             )
-        kafka = KafkaConsumer(consumer_config(self.settings, self.group))
+        kafka = KafkaConsumer(consumer_config(self.settings, self.group, topics=self.topics))
         self._kafka = kafka
         self._refresh(kafka, force=True)
         self.ready.set()

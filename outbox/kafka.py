@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, Resourc
 
 from outbox.errors import SettingsError
 from outbox.settings import Settings, env_name
+from outbox.wire import ACK_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,24 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     return config
 
 
-def consumer_config(settings: Settings, group: str, **extra: Any) -> dict[str, Any]:
+def consumer_config(
+    settings: Settings, group: str, *, topics: Iterable[str] = (), **extra: Any
+) -> dict[str, Any]:
     """A consumer of assigned partitions (``consumer.partitions`` shares them out) that
-    commits to Kafka only when told to, after the inbox stored the offsets."""
+    commits to Kafka only when told to, after the inbox stored the offsets. One that reads
+    ``outbox.acks`` alone waits longer on an idle broker (it is a cost of every idle
+    moment, and an ack has time)."""
+    names = set(topics)
+    acks_only = bool(names) and names <= {ACK_TOPIC}
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap(settings),
         "group.id": group,
         "enable.auto.offset.store": False,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
-        "fetch.wait.max.ms": settings.kafka_fetch_wait_max_ms,
+        "fetch.wait.max.ms": (
+            settings.kafka_ack_fetch_wait_max_ms if acks_only else settings.kafka_fetch_wait_max_ms
+        ),
         "logger": librdkafka_log,
     }
     config.update(extra)

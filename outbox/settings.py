@@ -248,6 +248,12 @@ class Settings:
     kafka_fetch_wait_max_ms: int = _setting(
         10, "Longest time the broker may hold a fetch waiting for data.", minimum=0
     )
+    kafka_ack_fetch_wait_max_ms: int = _setting(
+        100,
+        "The same for a consumer of acks only: an ack is not in a hurry, and each fetch "
+        "that finds nothing costs the broker and the consumer CPU.",
+        minimum=0,
+    )
     kafka_topic_partitions: int = _setting(
         8, "Partitions of Kafka topics the project creates.", minimum=1
     )

@@ -195,7 +195,9 @@ def _relay_forever(settings: Settings, engine: Engine, stop: threading.Event) ->
 
 
 def _consume_forever(settings: Settings, engine: Engine, topic: str, stop: threading.Event) -> None:
-    kafka = Consumer(consumer_config(settings, f"bare-{topic}", **{"fetch.wait.max.ms": 10}))
+    config = consumer_config(settings, f"bare-{topic}")
+    config["fetch.wait.max.ms"] = 10
+    kafka = Consumer(config)
     metadata = admin_client(settings).list_topics(topic, timeout=10).topics[topic]
     # From the offsets committed by the loop before it (none: the beginning).
     kafka.assign([TopicPartition(topic, p, OFFSET_STORED) for p in metadata.partitions])

@@ -116,3 +116,25 @@ def test_every_duration_setting_names_its_unit():
     units = ("_s", "_ms", "_bytes", "_port", "_size")
     timed = [f.name for f in dataclasses.fields(Settings) if f.type in ("float", float)]
     assert timed and [name for name in timed if not name.endswith(units)] == []
+
+
+def test_a_consumer_of_acks_alone_waits_longer_for_data_than_any_other():
+    from outbox.kafka import consumer_config
+
+    settings = Settings.from_env(
+        {
+            "OUTBOX_KAFKA_BOOTSTRAP": "kafka.example:9092",
+            "OUTBOX_KAFKA_FETCH_WAIT_MAX_MS": "7",
+            "OUTBOX_KAFKA_ACK_FETCH_WAIT_MAX_MS": "250",
+        }
+    )
+
+    def wait(*topics: str) -> int:
+        return consumer_config(settings, "g", topics=topics)["fetch.wait.max.ms"]
+
+    assert wait("outbox.acks") == 250
+    assert wait("orders") == 7
+    # a consumer that also reads another topic must not delay its messages
+    assert wait("orders", "outbox.acks") == 7
+    assert wait() == 7
+    assert Settings.from_env({}).kafka_ack_fetch_wait_max_ms == 100
