@@ -190,6 +190,9 @@ class LaneProcessor:
                 )
             while held and not finished:
                 counted: _Counted | None = None
+                # Set in a transaction that gives the lanes back; they count as given back
+                # once it commits (until then the finally below gives them back).
+                finishing = False
                 with self.sessions.begin() as session:
                     # Renewed in the batch's transaction: its lease rows stay locked while
                     # its handlers run, so no other task can take the lanes meanwhile.
@@ -223,7 +226,8 @@ class LaneProcessor:
                                 linger.let_go(group, held)
                                 letting_go = True
                             report.due_s = self._finish(session, group, held, policies)
-                            finished = True
+                            finishing = True
+                finished = finishing
                 found: list[int] | None = None
                 now = time.monotonic()
                 if counted is None:
@@ -283,7 +287,8 @@ class LaneProcessor:
                         self._run_counted(session, group, counted, report)
                         if budget.over():
                             report.due_s = self._finish(session, group, held, policies)
-                            finished = True
+                            finishing = True
+                    finished = finishing
         except BaseException:
             if not committed:
                 # The transaction that made the lease rows or the ack topic may not have

@@ -14,7 +14,7 @@ from typing import Any
 
 import billiard.common
 import pytest
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, event, select, text, update
 from sqlalchemy.orm import Session
 
 import consumer
@@ -313,6 +313,48 @@ def test_a_worker_process_told_to_end_during_a_handler_ends_and_records_nothing(
     assert [(rows[m].status, rows[m].attempts) for m in (first, last)] == [("received", 0)] * 2
     with effects.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM effects")).scalar_one() == 0
+
+
+def test_lanes_whose_last_batch_fails_to_commit_are_given_back_not_left_leased(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+
+    @consumer.handler(topic)
+    def handle(message: consumer.Message, tx: Session) -> None:
+        tx.execute(text("INSERT INTO effects VALUES (:id, '{}', 1)"), {"id": message.id})
+
+    (only,) = _receive(session, topic, [("a", {})])
+    failures = ["the connection to the server was lost"]
+    releasing = [False]
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        releasing[0] = releasing[0] or statement.lstrip().startswith(
+            "UPDATE leases SET owner = NULL"
+        )
+
+    def commit(conn: Any) -> None:
+        # The commit of the batch that gives the lanes back fails, once (PostgreSQL went
+        # away, or the process was told to end, as the transaction ended)
+        if releasing[0] and failures:
+            raise RuntimeError(failures.pop())
+
+    event.listen(effects, "before_cursor_execute", seen)
+    event.listen(effects, "commit", commit)
+    try:
+        with pytest.raises(RuntimeError, match="connection to the server was lost"):
+            LaneProcessor(settings, make_sessionmaker(effects), "w").run(GROUP, LANE)
+    finally:
+        event.remove(effects, "before_cursor_execute", seen)
+        event.remove(effects, "commit", commit)
+
+    # Nothing of the batch was kept, and the lane is free for the next task at once,
+    # rather than held until its lease lapses (a minute)
+    assert _rows(session)[only].status == "received"
+    with make_sessionmaker(effects).begin() as tx:
+        taken = leases.acquire(tx, lane_scope(GROUP), "next-task", [LANE], limit=1, lease_s=60)
+    assert list(taken) == [LANE]
 
 
 def test_a_batch_handler_takes_its_rows_in_one_call_and_a_failure_stays_with_its_row(
