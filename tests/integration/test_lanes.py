@@ -318,14 +318,7 @@ def test_a_worker_process_told_to_end_during_a_handler_ends_and_records_nothing(
 def test_lanes_whose_last_batch_fails_to_commit_are_given_back_not_left_leased(
     settings: Settings, effects: Engine, session: Session
 ):
-    topic = f"t.{uuid.uuid4().hex[:8]}"
-    _register(session, topic)
-
-    @consumer.handler(topic)
-    def handle(message: consumer.Message, tx: Session) -> None:
-        tx.execute(text("INSERT INTO effects VALUES (:id, '{}', 1)"), {"id": message.id})
-
-    (only,) = _receive(session, topic, [("a", {})])
+    (only,) = _receive(session, _topic_with_effects(session), [("a", {})])
     failures = ["the connection to the server was lost"]
     releasing = [False]
 
