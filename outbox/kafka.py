@@ -63,8 +63,8 @@ def consumer_config(
 ) -> dict[str, Any]:
     """A consumer of assigned partitions (``consumer.partitions`` shares them out) that
     commits to Kafka only when told to, after the inbox stored the offsets. One that reads
-    ``outbox.acks`` alone waits longer on an idle broker (it is a cost of every idle
-    moment, and an ack has time)."""
+    ``outbox.acks`` alone lets the broker hold its fetches longer: an idle fetch costs the
+    broker and the consumer CPU each time it ends empty, and an ack is not in a hurry."""
     names = set(topics)
     acks_only = bool(names) and names <= {ACK_TOPIC}
     config: dict[str, Any] = {
