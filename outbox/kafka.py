@@ -65,8 +65,7 @@ def consumer_config(
     commits to Kafka only when told to, after the inbox stored the offsets. One that reads
     ``outbox.acks`` alone lets the broker hold its fetches longer: an idle fetch costs the
     broker and the consumer CPU each time it ends empty, and an ack is not in a hurry."""
-    names = set(topics)
-    acks_only = bool(names) and names <= {ACK_TOPIC}
+    acks_only = set(topics) == {ACK_TOPIC}
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap(settings),
         "group.id": group,
