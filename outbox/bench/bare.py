@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import OFFSET_STORED, Consumer, Producer, TopicPartition
@@ -194,7 +195,15 @@ def _relay_forever(settings: Settings, engine: Engine, stop: threading.Event) ->
     relay.producer.flush(10)
 
 
-def _consume_forever(settings: Settings, engine: Engine, topic: str, stop: threading.Event) -> None:
+def consume_forever(
+    settings: Settings,
+    engine: Engine,
+    topic: str,
+    stop: threading.Event,
+    after_store: Callable[[], None] | None = None,
+) -> None:
+    """The bare consumer loop; ``after_store`` runs after each inbox commit (the bare
+    Celery pipeline kicks its processor task there)."""
     config = consumer_config(settings, f"bare-{topic}")
     config["fetch.wait.max.ms"] = 10
     kafka = Consumer(config)
@@ -223,6 +232,8 @@ def _consume_forever(settings: Settings, engine: Engine, topic: str, stop: threa
                 )
             with engine.begin() as conn:
                 conn.execute(STORE, {"rows": json.dumps(rows)})
+            if after_store is not None:
+                after_store()
             # Then the offsets: a loop started later resumes after what the inbox holds.
             ends = {m.partition() or 0: m.offset() or 0 for m in records}  # the last of each
             kafka.commit(
@@ -242,16 +253,21 @@ def handle(message_id: str, session: Session) -> None:
     session.execute(EFFECT, {"id": message_id})
 
 
+def process_once(engine: Engine) -> int:
+    """Process one claim of up to 1,000 received rows; return how many."""
+    with Session(engine) as session, session.begin():
+        rows = session.execute(CLAIM_RECEIVED, {"limit": PROCESS_BATCH}).all()
+        if rows:
+            with session.begin_nested():
+                for row in rows:
+                    handle(row.message_id, session)
+            session.execute(MARK_DONE, {"ids": [row.id for row in rows]})
+    return len(rows)
+
+
 def _process_forever(engine: Engine, stop: threading.Event) -> None:
     while not stop.is_set():
-        with Session(engine) as session, session.begin():
-            rows = session.execute(CLAIM_RECEIVED, {"limit": PROCESS_BATCH}).all()
-            if rows:
-                with session.begin_nested():
-                    for row in rows:
-                        handle(row.message_id, session)
-                session.execute(MARK_DONE, {"ids": [row.id for row in rows]})
-        if not rows:
+        if not process_once(engine):
             stop.wait(IDLE_S)
 
 
@@ -268,7 +284,7 @@ def main(argv: list[str]) -> None:
     if role == "relay":
         _relay_forever(settings, engine, stop)
     elif role == "consume":
-        _consume_forever(settings, engine, argv[2], stop)
+        consume_forever(settings, engine, argv[2], stop)
     elif role == "process":
         _process_forever(engine, stop)
     else:

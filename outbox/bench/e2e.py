@@ -5,7 +5,10 @@ The system: real Celery workers (relay and lane tasks), Celery beat, a consumer 
 (and the ack consumer), running the handler of :mod:`outbox.bench.handlers`, which
 writes one effect row per message. The bare pipeline: the bare relay, consumer and
 processor loops, whose handler writes the same row. Both get the same messages (JSON
-payloads of 200 bytes over 1,000 keys) on the same services, in alternating rounds:
+payloads of 200 bytes over 1,000 keys) on the same services, in alternating rounds,
+beside a third pipeline, the bare Celery pipeline (:mod:`outbox.bench.bare_celery`): the
+bare pipeline's work with its relay and processor passes run as Celery tasks on a worker
+of as many pool processes as the system's, which shows what Celery itself costs:
 
 1. throughput: ``messages`` published in batches of 1,000 as fast as they commit;
    the rate is messages over the time from the first commit to the last effect (the
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, text
 
-from outbox.bench import bare
+from outbox.bench import bare, bare_celery
 from outbox.bench.cpu import CpuMeter, find_pids, postmaster_pid
 from outbox.bench.handlers import SCHEMA, TOPIC, TOPIC_ACKED
 from outbox.bench.latency import PUBLISHERS, offer_load, percentile
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
 
 GROUP = "bench-e2e"
 BARE_TOPIC = "bench.bare"
+BARE_CELERY_TOPIC = "bench.bare-celery"
 # A worker's log line once the heartbeat it asked for as it started has run.
 JOINED = r"outbox\.heartbeat\[\S+\] succeeded in .*'joining': True"
 BATCH = 1_000
@@ -210,19 +214,51 @@ class Bare(Side):
 
     name = "bare"
     effects_table = "bare_effects"
+    topic = BARE_TOPIC
 
     @contextlib.contextmanager
     def running(self) -> Iterator[dict[str, list[int]]]:
         s = self.settings
-        specs = [processes.bare_loop(s, role, BARE_TOPIC) for role in bare.ROLES]
+        specs = [processes.bare_loop(s, role, self.topic) for role in bare.ROLES]
         with processes.running(s, specs) as started:
             yield {role: [p.pid] for role, p in zip(bare.ROLES, started, strict=True)}
 
     def publish_batch(self, conn: Connection, start: int, stop: int, acked: bool) -> None:
-        bare.publish_many(conn, [(BARE_TOPIC, key(i), payload(i)) for i in range(start, stop)])
+        bare.publish_many(conn, [(self.topic, key(i), payload(i)) for i in range(start, stop)])
 
     def publish_one(self, conn: Connection, i: int) -> str:
-        return bare.publish_one(conn, BARE_TOPIC, key(i), payload(i))
+        return bare.publish_one(conn, self.topic, key(i), payload(i))
+
+
+class BareCelery(Bare):
+    """The bare pipeline's work with its relay and processor passes as Celery tasks
+    (:mod:`outbox.bench.bare_celery`): the same tables, its own topic, worker and consumer
+    loop; the publisher kicks the relay task after each commit, as the system's does."""
+
+    name = "bare-celery"
+    topic = BARE_CELERY_TOPIC
+
+    def __init__(self, settings: Settings, engine: Engine, concurrency: int) -> None:
+        super().__init__(settings, engine)
+        self.concurrency = concurrency
+        self.kicks = bare_celery.Kicks(bare_celery.make_app(settings), settings)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[dict[str, list[int]]]:
+        s = self.settings
+        specs = [
+            processes.bare_celery_worker(s, self.concurrency),
+            processes.bare_celery_consumer(s, BARE_CELERY_TOPIC),
+        ]
+        with processes.running(s, specs) as started:
+            yield {"worker": [started[0].pid], "consumer": [started[1].pid]}
+
+    def after_commit(self) -> None:
+        self.kicks.kick(bare_celery.RELAY_FLAG, bare_celery.RELAY)
+
+    def _in_flight(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(_BARE_IN_FLIGHT).scalar_one())
 
 
 def prepare(settings: Settings) -> tuple[Settings, Engine]:
@@ -238,7 +274,8 @@ def prepare(settings: Settings) -> tuple[Settings, Engine]:
             register_topic(session, topic)
         put_group(session, GroupSpec(name=GROUP, topic=TOPIC))
         put_group(session, GroupSpec(name=GROUP, topic=TOPIC_ACKED, requires_ack=True))
-    ensure_topics(admin_client(s), [TOPIC, TOPIC_ACKED, BARE_TOPIC], s.kafka_topic_partitions)
+    topics = [TOPIC, TOPIC_ACKED, BARE_TOPIC, BARE_CELERY_TOPIC]
+    ensure_topics(admin_client(s), topics, s.kafka_topic_partitions)
     return s, engine
 
 
@@ -302,9 +339,8 @@ def _one_side(
         latency = side.latency(rate, seconds)
         used = meter.seconds()
         measured = list(latency.values())
-        if isinstance(side, System):
-            for stage, values in _stages(side.engine, list(latency)).items():
-                rounds.add(f"stage {stage}", percentile(values, 0.5))
+        for stage, values in _stages(side, list(latency)).items():
+            rounds.add(f"{n} stage {stage}", percentile(values, 0.5))
         total = int(rate * seconds)
         for role, seconds_used in used.items():
             cpu.setdefault(n, {}).setdefault(role, []).append(1000 * seconds_used / total)
@@ -325,6 +361,11 @@ SELECT (SELECT count(*) FROM outbox_messages WHERE status = 'pending')
      + (SELECT count(*) FROM inbox_messages WHERE status IN ('received', 'failed'))
 """)
 
+_BARE_IN_FLIGHT = text("""
+SELECT (SELECT count(*) FROM bare_outbox WHERE sent_at IS NULL)
+     + (SELECT count(*) FROM bare_inbox WHERE NOT done)
+""")
+
 # Each measured message's time in each stage, from its rows' timestamps (database clock).
 _STAGES = text("""
 SELECT EXTRACT(EPOCH FROM o.sent_at - o.created_at) * 1000 AS relay,
@@ -335,14 +376,24 @@ JOIN inbox_messages i ON i.message_id = o.message_id AND i.consumer_group = :gro
 JOIN bench_effects e ON e.message_id = o.message_id
 WHERE o.message_id = ANY(CAST(:ids AS uuid[]))
 """)
+_BARE_STAGES = text("""
+SELECT EXTRACT(EPOCH FROM o.sent_at - o.created_at) * 1000 AS relay,
+       EXTRACT(EPOCH FROM i.received_at - o.sent_at) * 1000 AS consume,
+       EXTRACT(EPOCH FROM e.at - i.received_at) * 1000 AS process
+FROM bare_outbox o
+JOIN bare_inbox i ON i.message_id = o.message_id
+JOIN bare_effects e ON e.message_id = o.message_id
+WHERE o.message_id = ANY(CAST(:ids AS uuid[]))
+""")
 STAGES = ("commit -> sent", "sent -> inbox", "inbox -> effect")
 
 
-def _stages(engine: Engine, ids: list[str]) -> dict[str, list[float]]:
+def _stages(side: Side, ids: list[str]) -> dict[str, list[float]]:
     """Milliseconds per stage: commit -> sent (relay), sent -> inbox (Kafka and the
-    consumer), inbox -> effect (the lane task and the handler)."""
-    with engine.connect() as conn:
-        rows = conn.execute(_STAGES, {"group": GROUP, "ids": ids}).all()
+    consumer), inbox -> effect (the lane task or processor, and the handler)."""
+    sql = _STAGES if isinstance(side, System) else _BARE_STAGES
+    with side.engine.connect() as conn:
+        rows = conn.execute(sql, {"group": GROUP, "ids": ids}).all()
     return {stage: [float(row[n]) for row in rows] for n, stage in enumerate(STAGES)}
 
 
@@ -361,7 +412,11 @@ def run(
     report = Report("e2e", command)
     s, engine = prepare(settings)
     services = service_pids(s, engine)
-    sides: list[Side] = [System(s, engine, workers), Bare(s, engine)]
+    sides: list[Side] = [
+        System(s, engine, workers),
+        Bare(s, engine),
+        BareCelery(s, engine, workers),
+    ]
     figures = Rounds()
     cpu: dict[str, dict[str, list[float]]] = {}
     latencies: dict[str, list[float]] = {}
@@ -409,6 +464,12 @@ def _report(
         figures.listed("bare throughput"),
     )
     add(
+        "bare Celery pipeline: publish -> effect",
+        figures.median("bare-celery throughput"),
+        "msg/s",
+        figures.listed("bare-celery throughput"),
+    )
+    add(
         "publish -> handler effect, sustained",
         figures.median("system throughput"),
         "msg/s",
@@ -424,38 +485,39 @@ def _report(
     add("sustained / bare", ratio, "%", "median of the rounds' ratios")
     acked = statistics.median(_ratios(figures, "system throughput, acks", "bare throughput"))
     add("sustained, acks on / bare", acked, "%", "median of the rounds' ratios")
+    on_celery = statistics.median(_ratios(figures, "bare-celery throughput", "bare throughput"))
+    add("bare Celery / bare, sustained", on_celery, "%", "median of the rounds' ratios")
+    labels = {"bare": "bare: ", "bare-celery": "bare Celery: ", "system": ""}
     for prefix, label in (("", f"{rate:g} msg/s"), ("high ", f"{high_rate:g} msg/s")):
         for q in ("p50", "p99"):
+            for side, lead in labels.items():
+                what = "effect" if side != "system" else "handler effect"
+                add(
+                    f"{lead}commit -> {what} at {label}, {q}",
+                    figures.median(f"{side} {prefix}{q}"),
+                    "ms",
+                    figures.listed(f"{side} {prefix}{q}", " ms"),
+                )
+    for side, lead in labels.items():
+        for stage in STAGES:
             add(
-                f"bare: commit -> effect at {label}, {q}",
-                figures.median(f"bare {prefix}{q}"),
+                f"{lead}stage {stage} at {rate:g} msg/s, p50",
+                figures.median(f"{side} stage {stage}"),
                 "ms",
-                figures.listed(f"bare {prefix}{q}", " ms"),
+                figures.listed(f"{side} stage {stage}", " ms"),
             )
-            add(
-                f"commit -> handler effect at {label}, {q}",
-                figures.median(f"system {prefix}{q}"),
-                "ms",
-                figures.listed(f"system {prefix}{q}", " ms"),
-            )
-    for stage in STAGES:
-        add(
-            f"stage {stage} at {rate:g} msg/s, p50",
-            figures.median(f"stage {stage}"),
-            "ms",
-            figures.listed(f"stage {stage}", " ms"),
-        )
     per_message = {
         side: {role: statistics.median(v) for role, v in roles.items()}
         for side, roles in cpu.items()
     }
-    for side in ("bare", "system"):
+    for side in labels:
         for role, value in sorted(per_message.get(side, {}).items()):
             add(f"CPU per message at {rate:g} msg/s, {side}: {role}", value, "ms")
-    cpu_bare = sum(per_message.get("bare", {}).values())
-    cpu_system = sum(per_message.get("system", {}).values())
-    add(f"CPU per message at {rate:g} msg/s, bare, every process", cpu_bare, "ms")
-    add(f"CPU per message at {rate:g} msg/s, system, every process", cpu_system, "ms")
+    for side in labels:
+        every = sum(per_message.get(side, {}).values())
+        add(f"CPU per message at {rate:g} msg/s, {side}, every process", every, "ms")
+    cpu_bare = report.value(f"CPU per message at {rate:g} msg/s, bare, every process")
+    cpu_system = report.value(f"CPU per message at {rate:g} msg/s, system, every process")
     report.series.update(latencies)
     report.breakdown = {"CPU ms per message": per_message}
     # As the relay's: the median of the rounds' ratios (each round's sides ran back to

@@ -158,6 +158,23 @@ def bare_loop(settings: Settings, role: str, topic: str) -> Spec:
     )
 
 
+def bare_celery_worker(settings: Settings, concurrency: int) -> Spec:
+    """The worker of the benchmarks' bare Celery pipeline (:mod:`outbox.bench.bare_celery`),
+    with ``concurrency`` pool processes, started as :func:`worker` starts the system's."""
+    argv = _python("celery", "-A", "outbox.bench.bare_celery", "worker", "-n", "bare-celery@%h")
+    argv += ("--loglevel", "INFO", "-c", str(concurrency), "--without-mingle", "--without-gossip")
+    return Spec("bare-celery-worker", argv, ready_pattern=WORKER_READY)
+
+
+def bare_celery_consumer(settings: Settings, topic: str) -> Spec:
+    """The bare Celery pipeline's consumer loop, which kicks its processor task."""
+    return Spec(
+        "bare-celery-consume",
+        _python("outbox.bench.bare_celery", "consume", topic),
+        ready_pattern="bare celery consume ready",
+    )
+
+
 def http_status(url: str) -> int | None:
     """The status of a GET of ``url``, or None when nothing answers."""
     try:

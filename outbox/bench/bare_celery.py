@@ -1,0 +1,143 @@
+"""The bare Celery pipeline: the bare loops' work (:mod:`outbox.bench.bare`) with its relay
+and processor passes run as Celery tasks, the shortest pipeline that keeps processing in
+Celery tasks as the system does. It is a second reference beside the bare pipeline: what
+the same work costs once it goes through Celery, measured in the same run.
+
+* **relay task** (``bare.relay``): deletes its kick flag, then runs bare relay passes
+  (claim, produce, flush, mark) until one finds no row.
+* **processor task** (``bare.process``): deletes its kick flag, then runs bare processor
+  passes (claim up to 1,000 received rows, one handler call each, mark done) until one
+  finds no row.
+* **kicks**: after each commit the publisher sets the relay's flag in Redis (``SET NX``)
+  and sends the relay task only if it set it; the bare consumer loop, a process of its
+  own, does the same for the processor after each inbox commit. So a row committed before
+  a task deletes its flag is seen by that task, and one committed after it kicks again.
+
+The worker is a plain ``celery worker`` of this module's app with the system's Celery
+settings (late acks, prefetch of one, JSON, no results) on a queue of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import redis
+from celery import Celery
+from sqlalchemy import Engine
+
+import celeryconfig
+from outbox.bench import bare
+from outbox.db import make_engine
+from outbox.health import redis_client
+from outbox.settings import Settings
+
+QUEUE = "bare-celery"
+RELAY = "bare.relay"
+PROCESS = "bare.process"
+RELAY_FLAG = "bare-celery:relay:kick-pending"
+PROCESS_FLAG = "bare-celery:process:kick-pending"
+# A kick's flag outlives any wait in the queue: a task is never dropped, so the flag only
+# guards against a task lost with its worker.
+FLAG_TTL_MS = 10_000
+
+
+def make_app(settings: Settings) -> Celery:
+    """The bare Celery app: the system's Celery settings, its own queue, no schedule."""
+    app = Celery("bare-celery")
+    app.conf.update(celeryconfig.from_settings(settings))
+    app.conf.update(task_default_queue=QUEUE, beat_schedule={}, worker_hijack_root_logger=True)
+    return app
+
+
+class Kicks:
+    """Set a flag, send its task if it was not set: for any thread."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        assert settings.redis_url is not None
+        self.app = app
+        self.flags: redis.Redis = redis_client(settings.redis_url)
+
+    def kick(self, flag: str, task: str) -> None:
+        if self.flags.set(flag, b"1", nx=True, px=FLAG_TTL_MS):
+            self.app.send_task(task, queue=QUEUE)
+
+
+_state: dict[str, Any] = {}
+
+
+def _per_process(settings: Settings) -> dict[str, Any]:
+    """An engine, a bare relay and a Redis client per pool process, made after the fork."""
+    if _state.get("pid") != os.getpid():
+        engine = make_engine(settings, pool_size=1)
+        assert settings.redis_url is not None
+        _state.update(
+            pid=os.getpid(),
+            engine=engine,
+            relay=bare.BareRelay(settings, engine),
+            flags=redis_client(settings.redis_url),
+        )
+    return _state
+
+
+def register(app: Celery, settings: Settings) -> None:
+    """The relay and processor tasks on ``app``."""
+
+    @app.task(name=RELAY, shared=False)
+    def relay() -> int:
+        state = _per_process(settings)
+        state["flags"].delete(RELAY_FLAG)  # before the claim: later commits kick again
+        sent = 0
+        while found := state["relay"].pass_once():
+            sent += found
+        return sent
+
+    @app.task(name=PROCESS, shared=False)
+    def process() -> int:
+        state = _per_process(settings)
+        state["flags"].delete(PROCESS_FLAG)
+        done = 0
+        while found := bare.process_once(state["engine"]):
+            done += found
+        return done
+
+
+def consume(settings: Settings, engine: Engine, topic: str, stop: threading.Event) -> None:
+    """The bare consumer loop, kicking the processor task after each inbox commit."""
+    kicks = Kicks(make_app(settings), settings)
+    bare.consume_forever(
+        settings, engine, topic, stop, after_store=lambda: kicks.kick(PROCESS_FLAG, PROCESS)
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A outbox.bench.bare_celery worker`` finds ``app``, built on first access
+    # from the OUTBOX_* variables, so importing the module needs no configuration.
+    if name == "app":
+        settings = Settings.from_env()
+        app = make_app(settings)
+        register(app, settings)
+        globals()["app"] = app
+        return app
+    raise AttributeError(name)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m outbox.bench.bare_celery consume TOPIC``: the consumer loop until
+    SIGTERM."""
+    if argv[1:2] != ["consume"]:
+        raise SystemExit("usage: python -m outbox.bench.bare_celery consume TOPIC")
+    settings = Settings.from_env()
+    engine = make_engine(settings, pool_size=1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("bare celery consume ready", flush=True)
+    consume(settings, engine, argv[2], stop)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
