@@ -91,10 +91,12 @@ class Report:
         import matplotlib.pyplot as plt
 
         panels = 1 + bool(self.series) + len(self.breakdown)
-        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
         # A latency report shows its percentiles; a throughput report its rates.
         unit = "ms" if self.series else "/s"
         rates = [f for f in self.figures if f.unit.endswith(unit)]
+        # Tall enough for one readable label per bar.
+        height = max(4.0, 0.25 * len(rates))
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, height), squeeze=False)
         ax = axes[0][0]
         ax.barh([f.name for f in rates], [f.value for f in rates], color="#4472c4")
         ax.set_xlabel(rates[0].unit if rates else "")
