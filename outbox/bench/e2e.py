@@ -18,7 +18,9 @@ of as many pool processes as the system's, which shows what Celery itself costs:
    handler's transaction) minus the publisher's clock right after its commit. During
    the first, the CPU time of every process is read from ``/proc``.
 
-Before each phase the pipeline has nothing in flight and the database is vacuumed.
+Each side's round starts on an empty embedded broker (restarted: it keeps every message in
+memory and slows as they pile up). Before each phase the pipeline has nothing in flight
+and the database is vacuumed.
 Figures are medians over the rounds; ratios are medians of the rounds' ratios.
 """
 
@@ -34,6 +36,7 @@ from sqlalchemy import Connection, Engine, text
 
 from outbox.bench import bare, bare_celery
 from outbox.bench.cpu import CpuMeter, find_pids, postmaster_pid
+from outbox.bench.env import fresh_broker
 from outbox.bench.handlers import SCHEMA, TOPIC, TOPIC_ACKED
 from outbox.bench.latency import PUBLISHERS, offer_load, percentile
 from outbox.bench.report import Report, progress
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 GROUP = "bench-e2e"
 BARE_TOPIC = "bench.bare"
 BARE_CELERY_TOPIC = "bench.bare-celery"
+TOPICS = [TOPIC, TOPIC_ACKED, BARE_TOPIC, BARE_CELERY_TOPIC]
 # A worker's log line once the heartbeat it asked for as it started has run.
 JOINED = r"outbox\.heartbeat\[\S+\] succeeded in .*'joining': True"
 BATCH = 1_000
@@ -274,9 +278,18 @@ def prepare(settings: Settings) -> tuple[Settings, Engine]:
             register_topic(session, topic)
         put_group(session, GroupSpec(name=GROUP, topic=TOPIC))
         put_group(session, GroupSpec(name=GROUP, topic=TOPIC_ACKED, requires_ack=True))
-    topics = [TOPIC, TOPIC_ACKED, BARE_TOPIC, BARE_CELERY_TOPIC]
-    ensure_topics(admin_client(s), topics, s.kafka_topic_partitions)
+    ensure_topics(admin_client(s), TOPICS, s.kafka_topic_partitions)
     return s, engine
+
+
+def _fresh_broker(settings: Settings, engine: Engine) -> None:
+    """Start a side's round on an empty embedded broker (:func:`outbox.bench.env.fresh_broker`):
+    the topics made again, and the consumer groups' offsets, which the system keeps with its
+    inbox, forgotten (they point into the old broker's logs)."""
+    if fresh_broker(settings):
+        ensure_topics(admin_client(settings), TOPICS, settings.kafka_topic_partitions)
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM inbox_offsets"))
 
 
 def service_pids(settings: Settings, engine: Engine) -> dict[str, list[int]]:
@@ -411,7 +424,6 @@ def run(
     """The end-to-end scenario on running services; returns the report."""
     report = Report("e2e", command)
     s, engine = prepare(settings)
-    services = service_pids(s, engine)
     sides: list[Side] = [
         System(s, engine, workers),
         Bare(s, engine),
@@ -424,6 +436,8 @@ def run(
         for n in range(rounds):
             for side in sides if n % 2 == 0 else sides[::-1]:
                 progress(f"round {n + 1}/{rounds}: {side.name}")
+                _fresh_broker(s, engine)
+                services = service_pids(s, engine)
                 _one_side(
                     side,
                     figures,
