@@ -382,10 +382,15 @@ class LaneProcessor:
         self, session: Session, group: str, lanes: list[int], policies: dict[str, _TopicPolicy]
     ) -> dict[int, float]:
         """Give the lanes back; return, per lane with a waiting row, seconds until it is due."""
-        leases.release(session, lane_scope(group), self.owner, lanes)
         rows = session.execute(
-            queries.LANE_NEXT_DUE,
-            {"group": group, "lanes": lanes, **_order_params(policies)},
+            queries.LANE_FINISH,
+            {
+                "group": group,
+                "scope": lane_scope(group),
+                "owner": self.owner,
+                "buckets": sorted(set(lanes)),
+                **_order_params(policies),
+            },
         )
         return {lane: max(float(due), 0.0) for lane, due in rows}
 

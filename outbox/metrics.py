@@ -43,6 +43,9 @@ SERIES_KEEP_S = 15 * 60
 # Commit-to-ack latency buckets, in seconds (upper bounds; +Inf is the count).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CIRCUIT_STATES = ("closed", "half_open", "open")
+# A relay's unchanged circuit state is written again after this: readers take a state older
+# than OUTBOX_AGENT_INACTIVE_AFTER_S for a relay that is gone.
+CIRCUIT_REFRESH_S = 1.0
 # After a Redis error, counts are dropped (not queued) for this long.
 RETRY_AFTER_S = 5.0
 
@@ -57,6 +60,10 @@ class MetricsRecorder:
         self._client: redis.Redis | None = None
         self._failing = False
         self._retry_at = 0.0
+        # Each relay's circuit state as last written, and when (monotonic); written again
+        # well before readers take it for a relay that is gone.
+        self._circuits: dict[str, tuple[str, float]] = {}
+        self._circuit_refresh_s = min(CIRCUIT_REFRESH_S, settings.agent_inactive_after_s / 2)
 
     def relay_batch(self, sent: Iterable[tuple[str, float]], failed: Iterable[str]) -> None:
         """Rows marked sent, as ``(topic, commit-to-ack seconds)``, and topics of failed rows."""
@@ -111,10 +118,22 @@ class MetricsRecorder:
             self._pipeline(write)
 
     def circuit(self, owner: str, state: str) -> None:
-        """A relay's circuit state now."""
-        if self.enabled:
-            value = json.dumps({"state": state, "at": time.time()})
-            self._pipeline(lambda pipe: pipe.hset(CIRCUIT, owner, value))
+        """A relay's circuit state now: written when it changes, else at most every
+        :data:`CIRCUIT_REFRESH_S` (its time says that the relay is alive; sooner when
+        ``OUTBOX_AGENT_INACTIVE_AFTER_S`` is shorter than twice that), so that a relay
+        pass of a few rows does not cost a round trip for it."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        last = self._circuits.get(owner)
+        if last is not None and last[0] == state and now - last[1] < self._circuit_refresh_s:
+            return
+        value = json.dumps({"state": state, "at": time.time()})
+        self._pipeline(lambda pipe: pipe.hset(CIRCUIT, owner, value))
+        if self._failing:
+            self._circuits.pop(owner, None)  # not written: the next call tries again
+        else:
+            self._circuits[owner] = (state, now)
 
     def _pipeline(self, write: Callable[[Any], object]) -> None:
         if self._failing and time.monotonic() < self._retry_at:

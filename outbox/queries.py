@@ -260,10 +260,11 @@ RETURNING l.bucket, l.fencing_token,
           (c.previous IS NOT NULL AND c.previous <> :owner AND c.lapsed) AS taken_over
 """)
 
-RELEASE_LEASES = _sql("""
+_RELEASE_LEASES = """
 UPDATE leases SET owner = NULL, expires_at = now()
 WHERE scope = :scope AND owner = :owner AND bucket = ANY(CAST(:buckets AS int[]))
-""")
+"""
+RELEASE_LEASES = _sql(_RELEASE_LEASES)
 
 # Rows are taken per bucket in id order: a key lives in one bucket, so that is all
 # per-key order needs, and each bucket is a short range scan of the claim index. The
@@ -461,10 +462,13 @@ AND EXISTS (
 
 # Per lane, seconds until its next row is due (lanes where nothing waits are left out);
 # rows held back by their key do not count, their blocker does.
-LANE_NEXT_DUE = _sql(f"""
+# A task gives its lanes (:buckets) back and learns, per lane with a waiting row, the
+# seconds until it is due, in one round trip (the release runs whatever the select finds).
+LANE_FINISH = _sql(f"""
+WITH released AS ({_RELEASE_LEASES})
 SELECT m.lane, EXTRACT(EPOCH FROM min(m.next_attempt_at) - clock_timestamp())
 FROM inbox_messages m
-WHERE {_lane_row_ready("= ANY(CAST(:lanes AS int[]))")}
+WHERE {_lane_row_ready("= ANY(CAST(:buckets AS int[]))")}
 GROUP BY m.lane
 """)  # noqa: S608 (composed of constants only)
 

@@ -24,7 +24,7 @@ from outbox.kick import claim_kicks, kick_started, lane_flag
 from outbox.settings import Settings
 from tasks.linger import Lingering
 from tasks.relay import flags_for_this_process, kick_relay
-from tasks.shutdown import Stopping
+from tasks.shutdown import stopping_for_this_process
 
 SWEEP_LIMIT = 10_000
 IDLE_RETRY_S = 1.0
@@ -168,7 +168,8 @@ def register(app: Celery, settings: Settings) -> None:
         flags = flags_for_this_process(app.conf.broker_url)
         kick_started(flags, *(lane_flag(group, n) for n in wanted))
         linger = LaneLinger(app, settings, worker) if settings.lane_linger_ms else None
-        stopping = Stopping(flags, self.request.hostname) if self.request.hostname else None
+        hostname = self.request.hostname
+        stopping = stopping_for_this_process(flags, hostname) if hostname else None
         report = processor_for_this_process(settings, worker).run(
             group, wanted, linger=linger, stopping=stopping
         )

@@ -18,7 +18,7 @@ from outbox.kick import FLAG, claim_kicks, kick_expires_s, kick_started
 from outbox.relay import Relay
 from outbox.settings import Settings
 from tasks.linger import Lingering
-from tasks.shutdown import Stopping
+from tasks.shutdown import stopping_for_this_process
 
 _relay: tuple[int, Relay] | None = None
 _flags: tuple[int, str, redis.Redis] | None = None
@@ -170,5 +170,5 @@ def register(app: Celery, settings: Settings) -> None:
             return {"skipped": "another relay task is lingering"}
         worker = self.request.hostname
         linger = RelayLinger(app, settings, worker) if settings.relay_linger_ms else None
-        stopping = Stopping(flags, worker) if worker else None
+        stopping = stopping_for_this_process(flags, worker) if worker else None
         return relay.run(linger=linger, stopping=stopping).as_dict()

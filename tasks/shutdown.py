@@ -12,6 +12,7 @@ giving back what they hold.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -48,6 +49,22 @@ class Stopping:
             with contextlib.suppress(redis.RedisError):  # unknown: go on; leases still hold
                 self._stopping = bool(self.flags.exists(self.key))
         return self._stopping
+
+
+_per_process: tuple[int, dict[str, Stopping]] | None = None
+
+
+def stopping_for_this_process(flags: redis.Redis, worker: str) -> Stopping:
+    """This pool process's :class:`Stopping` for ``worker``, kept from task to task: it
+    looks the key up at most every :data:`CHECK_S` across the tasks the process runs, not
+    at the start of each one (a round trip per task otherwise)."""
+    global _per_process
+    if _per_process is None or _per_process[0] != os.getpid():
+        _per_process = (os.getpid(), {})
+    kept = _per_process[1]
+    if worker not in kept:
+        kept[worker] = Stopping(flags, worker)
+    return kept[worker]
 
 
 def register(app: Celery) -> None:

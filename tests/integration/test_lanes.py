@@ -323,9 +323,7 @@ def test_lanes_whose_last_batch_fails_to_commit_are_given_back_not_left_leased(
     releasing = [False]
 
     def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        releasing[0] = releasing[0] or statement.lstrip().startswith(
-            "UPDATE leases SET owner = NULL"
-        )
+        releasing[0] = releasing[0] or "UPDATE leases SET owner = NULL" in statement
 
     def commit(conn: Any) -> None:
         # The commit of the batch that gives the lanes back fails, once (PostgreSQL went

@@ -34,3 +34,40 @@ def test_celery_runs_with_late_acks_json_and_events():
 def test_a_worker_runs_every_task_beat_sends():
     app = make_celery(SETTINGS)
     assert set(celeryconfig.beat_schedule(SETTINGS)) <= set(app.tasks)
+
+
+class _CountingRedis:
+    """Counts the look-ups of the stopping key."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+        self.stopping = False
+
+    def exists(self, key: str) -> int:
+        self.lookups += 1
+        return int(self.stopping)
+
+
+def test_a_pool_process_looks_up_its_workers_stopping_key_at_most_every_check_interval(
+    monkeypatch,
+):
+    from tasks import shutdown
+
+    client = _CountingRedis()
+    clock = [1000.0]
+    monkeypatch.setattr(shutdown.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(shutdown, "_per_process", None)
+
+    # Many tasks start within one check interval: one look-up between them.
+    for _ in range(50):
+        assert not shutdown.stopping_for_this_process(client, "w1@host")()  # type: ignore[arg-type]
+    assert client.lookups == 1
+
+    # Once the interval has passed, the next task's look-up sees the worker stopping.
+    client.stopping = True
+    clock[0] += shutdown.CHECK_S
+    assert shutdown.stopping_for_this_process(client, "w1@host")()  # type: ignore[arg-type]
+    assert client.lookups == 2
+    # Another worker's name has a key of its own.
+    assert shutdown.stopping_for_this_process(client, "w2@host")()  # type: ignore[arg-type]
+    assert client.lookups == 3

@@ -3,6 +3,7 @@ reaches the relay."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis
@@ -83,3 +84,36 @@ def test_the_worst_circuit_state_wins():
     assert circuit_summary({}) == "closed"
     assert circuit_summary({"a": "closed", "b": "half_open"}) == "half_open"
     assert circuit_summary({"a": "open", "b": "half_open", "c": "closed"}) == "open"
+
+
+def test_an_unchanged_circuit_state_is_written_again_only_after_the_refresh_interval(
+    monkeypatch,
+):
+    from outbox import metrics
+
+    clock = [500.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    client = FakeRedis()
+    recorder = _recorder(client)
+    for _ in range(20):  # relay passes within a second
+        recorder.circuit("relay@a", "closed")
+    assert client.pipelines == 1
+    recorder.circuit("relay@b", "closed")  # another relay's state is its own
+    assert client.pipelines == 2
+    recorder.circuit("relay@a", "open")  # a change is written at once
+    assert client.pipelines == 3
+    clock[0] += metrics.CIRCUIT_REFRESH_S
+    recorder.circuit("relay@a", "open")  # and the same state again once the interval passed
+    assert client.pipelines == 4
+    states = [c[3] for c in client.calls if c[0] == "hset" and c[2] == "relay@a"]
+    assert [json.loads(v)["state"] for v in states] == ["closed", "open", "open"]
+
+
+def test_a_circuit_state_that_failed_to_be_written_is_tried_again():
+    client = FakeRedis(fail=True)
+    recorder = _recorder(client)
+    recorder.circuit("relay@a", "closed")
+    recorder._retry_at = 0.0  # Redis is back
+    client.fail = False
+    recorder.circuit("relay@a", "closed")
+    assert client.pipelines == 2
