@@ -214,7 +214,8 @@ class System(Side):
 
 
 class Bare(Side):
-    """The bare pipeline: relay, consumer and processor loops; nothing after a commit."""
+    """The bare pipeline: relay, consumer and processor loops; nothing after a commit.
+    Both bare pipelines use the same tables (one runs at a time)."""
 
     name = "bare"
     effects_table = "bare_effects"
@@ -232,6 +233,10 @@ class Bare(Side):
 
     def publish_one(self, conn: Connection, i: int) -> str:
         return bare.publish_one(conn, self.topic, key(i), payload(i))
+
+    def _in_flight(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(_BARE_IN_FLIGHT).scalar_one())
 
 
 class BareCelery(Bare):
@@ -252,17 +257,13 @@ class BareCelery(Bare):
         s = self.settings
         specs = [
             processes.bare_celery_worker(s, self.concurrency),
-            processes.bare_celery_consumer(s, BARE_CELERY_TOPIC),
+            processes.bare_celery_consumer(s, self.topic),
         ]
         with processes.running(s, specs) as started:
             yield {"worker": [started[0].pid], "consumer": [started[1].pid]}
 
     def after_commit(self) -> None:
         self.kicks.kick(bare_celery.RELAY_FLAG, bare_celery.RELAY)
-
-    def _in_flight(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(_BARE_IN_FLIGHT).scalar_one())
 
 
 def prepare(settings: Settings) -> tuple[Settings, Engine]:
