@@ -460,10 +460,10 @@ AND EXISTS (
 )
 """)  # noqa: S608 (composed of constants only)
 
-# Per lane, seconds until its next row is due (lanes where nothing waits are left out);
-# rows held back by their key do not count, their blocker does.
-# A task gives its lanes (:buckets) back and learns, per lane with a waiting row, the
-# seconds until it is due, in one round trip (the release runs whatever the select finds).
+# A task gives its lanes (:buckets) back and learns, in the same round trip, per lane,
+# the seconds until its next row is due (lanes where nothing waits are left out; rows held
+# back by their key do not count, their blocker does). The release runs whatever the
+# select finds.
 LANE_FINISH = _sql(f"""
 WITH released AS ({_RELEASE_LEASES})
 SELECT m.lane, EXTRACT(EPOCH FROM min(m.next_attempt_at) - clock_timestamp())
