@@ -12,6 +12,8 @@ the same work costs once it goes through Celery, measured in the same run.
   and sends the relay task only if it set it; the bare consumer loop, a process of its
   own, does the same for the processor after each inbox commit. So a row committed before
   a task deletes its flag is seen by that task, and one committed after it kicks again.
+  Both tasks are also kicked every second (:func:`ticking`), as the system's beat ticks
+  its relay, for rows that no commit will kick for (a relay pass's undelivered rows).
 
 The worker is a plain ``celery worker`` of this module's app with the system's Celery
 settings (late acks, prefetch of one, JSON, no results) on a queue of its own.
@@ -19,10 +21,12 @@ settings (late acks, prefetch of one, JSON, no results) on a queue of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -43,6 +47,9 @@ PROCESS_FLAG = "bare-celery:process:kick-pending"
 # A kick's flag outlives any wait in the queue: a task is never dropped, so the flag only
 # guards against a task lost with its worker.
 FLAG_TTL_MS = 10_000
+# How often both tasks are kicked whatever was committed (the system's beat ticks its relay
+# every second).
+TICK_S = 1.0
 
 
 def make_app(settings: Settings) -> Celery:
@@ -64,6 +71,29 @@ class Kicks:
     def kick(self, flag: str, task: str) -> None:
         if self.flags.set(flag, b"1", nx=True, px=FLAG_TTL_MS):
             self.app.send_task(task, queue=QUEUE)
+
+
+@contextlib.contextmanager
+def ticking(kicks: Kicks, interval_s: float = TICK_S) -> Iterator[None]:
+    """Kick both tasks every ``interval_s`` while the pipeline runs, as the system's beat
+    ticks its relay: the safety net for rows that no kick will come for, such as rows a
+    relay pass claimed but could not deliver (they are claimable again once the claim's
+    lease lapses)."""
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(interval_s):
+            with contextlib.suppress(Exception):  # the next tick tries again
+                kicks.kick(RELAY_FLAG, RELAY)
+                kicks.kick(PROCESS_FLAG, PROCESS)
+
+    thread = threading.Thread(target=tick, name="bare-celery-ticks", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 _state: dict[str, Any] = {}

@@ -259,7 +259,7 @@ class BareCelery(Bare):
             processes.bare_celery_worker(s, self.concurrency),
             processes.bare_celery_consumer(s, self.topic),
         ]
-        with processes.running(s, specs) as started:
+        with processes.running(s, specs) as started, bare_celery.ticking(self.kicks):
             yield {"worker": [started[0].pid], "consumer": [started[1].pid]}
 
     def after_commit(self) -> None:
