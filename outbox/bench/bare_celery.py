@@ -13,7 +13,8 @@ the same work costs once it goes through Celery, measured in the same run.
   own, does the same for the processor after each inbox commit. So a row committed before
   a task deletes its flag is seen by that task, and one committed after it kicks again.
   Both tasks are also kicked every second (:func:`ticking`), as the system's beat ticks
-  its relay, for rows that no commit will kick for (a relay pass's undelivered rows).
+  its relay, for rows that no commit will kick for (such as rows a relay pass claimed
+  but could not deliver).
 
 The worker is a plain ``celery worker`` of this module's app with the system's Celery
 settings (late acks, prefetch of one, JSON, no results) on a queue of its own.
