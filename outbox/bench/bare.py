@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS bare_inbox (
     key text,
     payload jsonb NOT NULL,
     done boolean NOT NULL DEFAULT false,
+    attempts int NOT NULL DEFAULT 0,
     received_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS bare_inbox_received ON bare_inbox (id) WHERE NOT done;
