@@ -8,7 +8,9 @@ processor loops, whose handler writes the same row. Both get the same messages (
 payloads of 200 bytes over 1,000 keys) on the same services, in alternating rounds,
 beside a third pipeline, the bare Celery pipeline (:mod:`outbox.bench.bare_celery`): the
 bare pipeline's work with its relay and processor passes run as Celery tasks on a worker
-of as many pool processes as the system's, which shows what Celery itself costs:
+of as many pool processes as the system's, one task of each kind at a time (per-key
+order) and with attempts counted before handlers run, which shows what Celery and those
+guarantees cost when done in the shortest way:
 
 1. throughput: ``messages`` published in batches of 1,000 as fast as they commit;
    the rate is messages over the time from the first commit to the last effect (the
@@ -240,7 +242,8 @@ class Bare(Side):
 
 
 class BareCelery(Bare):
-    """The bare pipeline's work with its relay and processor passes as Celery tasks
+    """The bare pipeline's work with its relay and processor passes as Celery tasks, one of
+    each kind at a time, attempts counted before handlers run
     (:mod:`outbox.bench.bare_celery`): the same tables, its own topic, worker and consumer
     loop; the publisher kicks the relay task after each commit, as the system's does."""
 
