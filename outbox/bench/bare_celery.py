@@ -1,8 +1,8 @@
 """The bare Celery pipeline: the bare loops' work (:mod:`outbox.bench.bare`) with its relay
-and processor passes run as Celery tasks, and the system's guarantees kept in the
-shortest way: the simplest pipeline that does the system's work in Celery tasks. It is a
-second reference beside the bare pipeline: what the same work costs once it goes through
-Celery, with per-key order and counted attempts, measured in the same run.
+and processor passes run as Celery tasks, and the system's delivery guarantees (per-key
+order, attempts counted before handlers run, bounded handler statements) kept in the
+shortest way. It is a second reference beside the bare pipeline: what the same work
+costs once it goes through Celery with those guarantees, measured in the same run.
 
 * **relay task** (``bare.relay``): deletes its kick flag, then runs bare relay passes
   (claim, produce, flush, mark) until one finds no row.
@@ -41,7 +41,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, TextClause, text
 from sqlalchemy.orm import Session
 
 import celeryconfig
@@ -153,7 +153,7 @@ RETURNING id, message_id
 STATEMENT_TIMEOUT = text("SELECT set_config('statement_timeout', '30000', true)")
 
 
-def exclusively(engine: Engine, lock: int, work: Callable[[], int], more: Any) -> int:
+def exclusively(engine: Engine, lock: int, work: Callable[[], int], more: TextClause) -> int:
     """Run ``work`` until it finds nothing, holding ``lock``; let the lock go, then look
     once more (``more``): a task that found the lock held ended, and left its rows to this
     look. Returns what ``work`` did; 0 when another task holds the lock."""
