@@ -190,7 +190,7 @@ class System(Side):
             # A new worker's own heartbeat waits a whole inspect timeout for every worker's
             # answer, in a pool process: start-up work, not what a phase measures.
             for worker in started[: self.instances]:
-                worker.wait_for_line(JOINED)
+                worker.wait_for_line(processes.WORKER_JOINED)
             n = self.instances
             yield {
                 "worker": [p.pid for p in started[:n]],

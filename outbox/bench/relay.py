@@ -83,13 +83,16 @@ def _any_pending(engine: Engine) -> bool:
 
 
 @contextlib.contextmanager
-def relay_workers(settings: Settings, instances: int) -> Iterator[None]:
-    """``instances`` real worker processes (concurrency 1 each, as compose scales them)."""
+def relay_workers(settings: Settings, instances: int) -> Iterator[list[processes.Process]]:
+    """``instances`` real worker processes (concurrency 1 each, as compose scales them),
+    each past its start-up: it has run the heartbeat it asks for as it starts."""
     specs = [
         processes.worker(settings, f"bench{n}", concurrency=1) for n in range(1, instances + 1)
     ]
-    with processes.running(settings, specs):
-        yield
+    with processes.running(settings, specs) as started:
+        for worker in started:
+            worker.wait_for_line(processes.WORKER_JOINED)
+        yield started
 
 
 def worker_relay(
@@ -97,7 +100,8 @@ def worker_relay(
 ) -> float:
     """Fill the outbox, then let ``instances`` worker processes relay it, each kicked every
     0.2 s (as the API's kicks and beat's ticks would); msg/s from the first kick to the
-    last row sent. Worker start-up is not timed."""
+    last row sent. Worker start-up is not timed: the workers have run the heartbeat they
+    ask for as they start (it holds a pool process for a whole inspect timeout)."""
     from celery import Celery  # a benchmark drives the workers the way the API does
 
     import celeryconfig

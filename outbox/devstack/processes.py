@@ -40,6 +40,9 @@ BEAT_READY = r"beat: Starting"
 # group with more members than partitions may hold none).
 CONSUMER_READY = r"consumer \S+ ready"
 CONSUMER_ASSIGNED = r"assigned \S*\["
+# A worker's log line once the heartbeat it asks for as it starts has run (it waits a
+# whole inspect timeout for every worker's answer, in a pool process).
+WORKER_JOINED = r"outbox\.heartbeat\[\S+\] succeeded in .*'joining': True"
 # Lines of output kept in memory for a process that writes no log file.
 KEPT_LINES = 2000
 
