@@ -83,7 +83,7 @@ def _any_pending(engine: Engine) -> bool:
 
 
 @contextlib.contextmanager
-def relay_workers(settings: Settings, instances: int) -> Iterator[list[processes.Process]]:
+def relay_workers(settings: Settings, instances: int) -> Iterator[None]:
     """``instances`` real worker processes (concurrency 1 each, as compose scales them),
     each past its start-up: it has run the heartbeat it asks for as it starts."""
     specs = [
@@ -92,7 +92,7 @@ def relay_workers(settings: Settings, instances: int) -> Iterator[list[processes
     with processes.running(settings, specs) as started:
         for worker in started:
             worker.wait_for_line(processes.WORKER_JOINED)
-        yield started
+        yield
 
 
 def worker_relay(
