@@ -53,6 +53,8 @@ STARVED_AFTER_S = 0.05
 # starved-lane look, so they wait no longer than that.
 HAND_OFF_AFTER_S = 1.0
 HANDED_OFF_S = 0.25
+# How often a lingering task that gathers its group's lanes looks for lanes nobody holds.
+GATHER_EVERY_S = 0.1
 # A batch calls no more handlers once it has run this long: the rest of its rows stay due
 # for the next batch (a large batch saves statements; a long one holds its transaction,
 # and its task past the budget, for as long as its slowest handlers take).
@@ -72,6 +74,11 @@ class Linger(Protocol):
 
     def let_go(self, group: str, lanes: Sequence[int]) -> None:
         """Kicks of these lanes send tasks again (called before the task's last look)."""
+
+    def gathers(self) -> bool:
+        """Whether this task lingers in a place of its worker's own (another pool process
+        is left for other tasks): then it takes every lane of its group that nobody holds,
+        and their kicks, as it waits."""
 
     def may_hand_off(self) -> bool:
         """Whether lanes handed off now would likely find a free pool process (no task is
@@ -341,6 +348,7 @@ class LaneProcessor:
         scope = lane_scope(group)
         poll_s = s.lane_poll_ms / 1000
         idle_since = renewed = time.monotonic()
+        gather_at = 0.0
         while True:
             idle_s = time.monotonic() - idle_since
             if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
@@ -351,6 +359,15 @@ class LaneProcessor:
             if found:
                 own = [n for n in found if n in lanes]
                 return own or found
+            if linger.gathers() and time.monotonic() >= gather_at:
+                # The group's lanes that nobody holds, rows or not: taken with their kicks,
+                # so that the group's rows need no other task while this one lingers.
+                gather_at = time.monotonic() + GATHER_EVERY_S
+                with self.sessions() as session:
+                    free = session.execute(queries.LANES_FREE, {"scope": scope}).scalars()
+                    gathered = [n for n in free if n not in lanes]
+                if gathered:
+                    return gathered
             if time.monotonic() - renewed >= s.lane_lease_s / 3:
                 with self.sessions.begin() as session:
                     kept = leases.acquire(

@@ -149,15 +149,6 @@ SELECT EXISTS (
 )
 """)
 
-# Buckets holding rows a relay could send now; probes the claim index once per bucket.
-BUCKETS_WITH_WORK = _sql("""
-SELECT b FROM generate_series(0, :buckets - 1) AS b
-WHERE EXISTS (
-    SELECT 1 FROM outbox_messages m
-    WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
-)
-""")
-
 # Whether a row is sendable now in a bucket no other relay holds: what a lingering relay
 # looks for (read only; rows of another relay's buckets are that relay's to send).
 RELAY_HAS_WORK = _sql("""
@@ -234,31 +225,58 @@ ON CONFLICT DO NOTHING
 RETURNING lane
 """)
 
-# Take or renew up to :limit buckets among :candidates. A bucket is never held by
-# two owners: rows are locked while chosen, and only free, expired or own leases qualify.
-ACQUIRE_LEASES = _sql("""
-WITH chosen AS (
+# Take or renew up to :limit buckets among {candidates}. A bucket is never held by two
+# owners: rows are locked while chosen, and only free, expired or own leases qualify.
+_ACQUIRE = """
+chosen AS (
     SELECT l.bucket, l.owner AS previous, l.expires_at < now() AS lapsed FROM leases l
     WHERE l.scope = :scope
-      AND l.bucket = ANY(CAST(:candidates AS int[]))
+      AND l.bucket = ANY({candidates})
       -- free, expired (its owner is presumed dead), or ours already
       AND (l.owner IS NULL OR l.expires_at < now() OR l.owner = :owner)
     ORDER BY (l.owner IS NOT DISTINCT FROM :owner) DESC, random()
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
+),
+granted AS (
+    UPDATE leases l
+    SET owner = :owner,
+        expires_at = now() + make_interval(secs => :lease_s),
+        -- a new holder gets a new token, so anything the old holder still writes is fenced
+        fencing_token = CASE WHEN l.owner = :owner AND l.expires_at >= now()
+                             THEN l.fencing_token ELSE l.fencing_token + 1 END
+    FROM chosen c
+    WHERE l.scope = :scope AND l.bucket = c.bucket
+    -- taken over: its last holder neither let it go nor renewed it (it died or stalled)
+    RETURNING l.bucket, l.fencing_token,
+              (c.previous IS NOT NULL AND c.previous <> :owner AND c.lapsed) AS taken_over
 )
-UPDATE leases l
-SET owner = :owner,
-    expires_at = now() + make_interval(secs => :lease_s),
-    -- a new holder gets a new token, so anything the old holder still writes is fenced
-    fencing_token = CASE WHEN l.owner = :owner AND l.expires_at >= now()
-                         THEN l.fencing_token ELSE l.fencing_token + 1 END
-FROM chosen c
-WHERE l.scope = :scope AND l.bucket = c.bucket
--- taken over: its last holder neither let it go nor renewed it (it died or stalled)
-RETURNING l.bucket, l.fencing_token,
-          (c.previous IS NOT NULL AND c.previous <> :owner AND c.lapsed) AS taken_over
-""")
+"""
+
+# Take or renew up to :limit of :candidates; each granted bucket, its fencing token, and
+# whether it was taken over.
+ACQUIRE_LEASES = _sql(f"""
+WITH {_ACQUIRE.format(candidates="CAST(:candidates AS int[])")}
+SELECT bucket, fencing_token, taken_over FROM granted
+""")  # noqa: S608 (composed of constants only)
+
+# The relay's lease in one round trip: the buckets holding rows it could send now (a probe
+# of the claim index per bucket), and up to :limit of them taken or renewed, its own
+# first. Returns each granted bucket with its fencing token, and on every row (one at
+# least) the buckets with work.
+RELAY_LEASE = _sql(f"""
+WITH with_work AS (
+    SELECT b FROM generate_series(0, :buckets - 1) AS b
+    WHERE EXISTS (
+        SELECT 1 FROM outbox_messages m
+        WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+    )
+),
+{_ACQUIRE.format(candidates="ARRAY(SELECT b FROM with_work)")}
+SELECT g.bucket, g.fencing_token, w.with_work
+FROM (SELECT ARRAY(SELECT b FROM with_work) AS with_work) AS w
+LEFT JOIN granted g ON true
+""")  # noqa: S608 (composed of constants only)
 
 _RELEASE_LEASES = """
 UPDATE leases SET owner = NULL, expires_at = now()
@@ -335,16 +353,26 @@ claimed AS (
 SELECT * FROM claimed ORDER BY id
 """)
 
-# A claim's rows are settled (marked or given back): its buckets take claims again.
-SETTLE_CLAIM = _sql("""
-UPDATE leases SET claim_token = NULL, claims_until = NULL
-WHERE scope = :scope AND claim_token = :token
-""")
+# A claim's rows are settled (marked or given back): its buckets take claims again; the
+# buckets in :release (the relay's, when it ends its pass) are given back with it.
+_SETTLE_CLAIM = """
+UPDATE leases
+SET claim_token = CASE WHEN claim_token = :token THEN NULL ELSE claim_token END,
+    claims_until = CASE WHEN claim_token = :token THEN NULL ELSE claims_until END,
+    owner = CASE WHEN owner = :owner AND bucket = ANY(CAST(:release AS int[]))
+                 THEN NULL ELSE owner END,
+    expires_at = CASE WHEN owner = :owner AND bucket = ANY(CAST(:release AS int[]))
+                      THEN now() ELSE expires_at END
+WHERE scope = :scope
+  AND (claim_token = :token OR (owner = :owner AND bucket = ANY(CAST(:release AS int[]))))
+"""
+SETTLE_CLAIM = _sql(_SETTLE_CLAIM)
 
 # Marking rows sent also opens their deliveries: one per active group of the topic that
-# requires acks, awaiting its ack until the group's ack timeout (database clock). It
-# returns each row's topic and seconds from its commit to now, after the broker's ack.
-MARK_SENT = _sql("""
+# requires acks, awaiting its ack until the group's ack timeout (database clock), and
+# settles the claim (as SETTLE_CLAIM), all in one round trip. It returns each row's topic
+# and seconds from its commit to now, after the broker's ack.
+MARK_SENT = _sql(f"""
 WITH marked AS (
     UPDATE outbox_messages m
     SET status = 'sent', sent_at = clock_timestamp(),
@@ -367,9 +395,9 @@ WITH marked AS (
     -- a retry re-sends a message whose deliveries exist already
     WHERE NOT k.is_retry
     ON CONFLICT (message_id, consumer_group_id) DO NOTHING
-)
+), settled AS ({_SETTLE_CLAIM})
 SELECT topic, latency_s FROM marked
-""")
+""")  # noqa: S608 (composed of constants only)
 
 # Rows that failed back off and end dead after the last attempt. A row whose topic or
 # partition alone was unavailable (no leader, say; v.always false) spends its attempt
@@ -459,6 +487,11 @@ AND EXISTS (
       AND m.next_attempt_at <= now() - make_interval(secs => :waited_s)
 )
 """)  # noqa: S608 (composed of constants only)
+
+# The lanes of a group (:scope) that nobody holds: given back, or lapsed (read only).
+LANES_FREE = _sql("""
+SELECT bucket FROM leases WHERE scope = :scope AND (owner IS NULL OR expires_at < now())
+""")
 
 # A task gives its lanes (:buckets) back and learns, in the same round trip, per lane,
 # the seconds until its next row is due (lanes where nothing waits are left out; rows held

@@ -274,8 +274,9 @@ class Relay:
                     if unsettled:
                         # Interrupted between claim and mark: the rows go back untouched
                         # (they may be in Kafka already: a harmless repeat).
-                        self._settle(session, *unsettled)
-                    leases.release(session, SCOPE, self.owner, held)
+                        self._settle(session, *unsettled, release=list(held))
+                    else:
+                        leases.release(session, SCOPE, self.owner, held)
 
     def _lease(self, session: Session, held: dict[int, int]) -> tuple[dict[int, int], bool]:
         """Renew held buckets that still have work and take others, up to the limit.
@@ -293,19 +294,21 @@ class Relay:
                 setting=env_name("buckets"),
             )
             self._lease_rows_ready = True
-        with_work = set(session.scalars(queries.BUCKETS_WITH_WORK, {"buckets": s.buckets}))
         # Held buckets that still have work are renewed first.
-        granted = leases.acquire(
-            session,
-            SCOPE,
-            self.owner,
-            with_work,
-            limit=s.buckets if self._light else s.relay_buckets_per_task,
-            lease_s=s.relay_lease_s,
-        )
+        rows = session.execute(
+            queries.RELAY_LEASE,
+            {
+                "scope": SCOPE,
+                "owner": self.owner,
+                "buckets": s.buckets,
+                "limit": s.buckets if self._light else s.relay_buckets_per_task,
+                "lease_s": s.relay_lease_s,
+            },
+        ).all()
+        granted = {row.bucket: row.fencing_token for row in rows if row.bucket is not None}
         # Drained buckets go back at once, for whichever relay next finds work there.
         leases.release(session, SCOPE, self.owner, set(held) - set(granted))
-        return granted, bool(with_work - set(granted))
+        return granted, bool(set(rows[0].with_work) - set(granted))
 
     def _claim(self, session: Session, buckets: list[int]) -> Claim:
         """Claim a batch from ``buckets``."""
@@ -372,15 +375,13 @@ class Relay:
                 failed.append(d)
         token, attempts = claim.token, claim.attempts
         marked: Sequence[Any] = ()
+        # The claim is settled, and a finishing pass's buckets given back, with the mark.
+        settle = {"scope": SCOPE, "owner": self.owner, "token": token, "release": release or []}
         with self.sessions.begin() as session:
             if sent:
                 marked = session.execute(
                     queries.MARK_SENT,
-                    {
-                        "token": token,
-                        "ids": int_array(d.id for d in sent),
-                        "placed": _placements(sent),
-                    },
+                    {"ids": int_array(d.id for d in sent), "placed": _placements(sent), **settle},
                 ).all()
             if failed or deferred:
                 # A row whose topic or partition alone is unavailable waits, spending
@@ -399,9 +400,12 @@ class Relay:
                         "always": [not d.topic_unavailable for d in erred],
                     },
                 )
-            self._settle(session, token, [d.id for d in released])
-            if release:
-                leases.release(session, SCOPE, self.owner, release)
+            if released:
+                session.execute(
+                    queries.RELEASE_CLAIMS, {"token": token, "ids": [d.id for d in released]}
+                )
+            if not sent:
+                session.execute(queries.SETTLE_CLAIM, settle)
         topics = {row.id: row.topic for row in claim.rows} if failed else {}
         self.metrics.relay_batch(marked, (topics[d.id] for d in failed))
         if self.producer.replaced:
@@ -427,12 +431,17 @@ class Relay:
         report.deferred += len(deferred)
         report.released += len(released)
 
-    @staticmethod
-    def _settle(session: Session, token: uuid.UUID, give_back: list[int]) -> None:
-        """Give ``give_back`` back untouched and free the claim's buckets for new claims."""
+    def _settle(
+        self, session: Session, token: uuid.UUID, give_back: list[int], release: list[int]
+    ) -> None:
+        """Give ``give_back`` back untouched, free the claim's buckets for new claims, and
+        give the buckets in ``release`` back."""
         if give_back:
             session.execute(queries.RELEASE_CLAIMS, {"token": token, "ids": give_back})
-        session.execute(queries.SETTLE_CLAIM, {"scope": SCOPE, "token": token})
+        session.execute(
+            queries.SETTLE_CLAIM,
+            {"scope": SCOPE, "owner": self.owner, "token": token, "release": release},
+        )
 
     def close(self) -> None:
         """Flush the producer (call at process shutdown)."""

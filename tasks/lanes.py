@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.utils.nodenames import worker_direct
 
@@ -37,6 +38,24 @@ BUSY_FIRST_S = 0.05
 KICK_FLAG_TTL_S = 30.0
 
 _processor: tuple[int, LaneProcessor] | None = None
+
+# The value of a lane's kick flag while a lingering task holds the lane (it sees the
+# lane's rows itself); a kick's flag is b"1".
+LINGERING = b"lingering"
+# A lane task starts: it deletes its lanes' kick flags, so that later commits kick again,
+# but not those that a lingering task holds (that task sees their rows; a kick now would
+# only find the lanes held).
+_LANES_STARTED = """
+for _, key in ipairs(KEYS) do
+    if redis.call('GET', key) ~= ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+"""
+
+
+def lanes_started(flags: redis.Redis, keys: list[str]) -> None:
+    """Called by a lane task before it takes its lanes (see :data:`LINGERING`)."""
+    flags.eval(_LANES_STARTED, len(keys), *keys, LINGERING)
 
 
 def processor_for_this_process(settings: Settings, worker: str) -> LaneProcessor:
@@ -117,7 +136,7 @@ class LaneLinger(Lingering):
     def hold(self, group: str, lanes: Sequence[int]) -> None:
         pipe = self.flags.pipeline(transaction=False)
         for lane in lanes:
-            pipe.set(lane_flag(group, lane), b"1", px=int(self.hold_s * 1000))
+            pipe.set(lane_flag(group, lane), LINGERING, px=int(self.hold_s * 1000))
         pipe.execute()
         self._held, self._held_at = (group, list(lanes)), time.monotonic()
 
@@ -131,6 +150,10 @@ class LaneLinger(Lingering):
     def let_go(self, group: str, lanes: Sequence[int]) -> None:
         self._held = None
         kick_started(self.flags, *(lane_flag(group, n) for n in lanes))
+        self.free_place()
+
+    def gathers(self) -> bool:
+        return self.placed
 
     def may_hand_off(self) -> bool:
         return not self.queued()
@@ -166,13 +189,17 @@ def register(app: Celery, settings: Settings) -> None:
         wanted = [lanes] if isinstance(lanes, int) else list(lanes)
         worker = self.request.hostname or socket.gethostname()
         flags = flags_for_this_process(app.conf.broker_url)
-        kick_started(flags, *(lane_flag(group, n) for n in wanted))
+        lanes_started(flags, [lane_flag(group, n) for n in wanted])
         linger = LaneLinger(app, settings, worker) if settings.lane_linger_ms else None
         hostname = self.request.hostname
         stopping = stopping_for_this_process(flags, hostname) if hostname else None
-        report = processor_for_this_process(settings, worker).run(
-            group, wanted, linger=linger, stopping=stopping
-        )
+        try:
+            report = processor_for_this_process(settings, worker).run(
+                group, wanted, linger=linger, stopping=stopping
+            )
+        finally:
+            if linger is not None:
+                linger.free_place()
         if report.acks:
             # Its acks are outbox rows: relayed now, not at beat's next tick.
             kick_relay(app, settings)

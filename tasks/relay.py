@@ -126,6 +126,10 @@ class RelayLinger(Lingering):
         self._in_backlog = False
 
     def hold(self) -> bool:
+        if not self.take_place():
+            # No lingering place in this worker: send what there is and end.
+            self._holding = False
+            return False
         self._holding = bool(self._hold(keys=_KEYS, args=[self._token, self.HOLD_MS]))
         self._held_at = time.monotonic()
         self._in_backlog = False
@@ -141,6 +145,7 @@ class RelayLinger(Lingering):
     def let_go(self) -> None:
         self._let_go(keys=_KEYS, args=[self._token])
         self._holding = self._in_backlog = False
+        self.free_place()
 
     def backlog(self, found: bool) -> None:
         renew = time.monotonic() - self._held_at >= self.HOLD_MS / 3000
@@ -171,4 +176,8 @@ def register(app: Celery, settings: Settings) -> None:
         worker = self.request.hostname
         linger = RelayLinger(app, settings, worker) if settings.relay_linger_ms else None
         stopping = stopping_for_this_process(flags, worker) if worker else None
-        return relay.run(linger=linger, stopping=stopping).as_dict()
+        try:
+            return relay.run(linger=linger, stopping=stopping).as_dict()
+        finally:
+            if linger is not None:
+                linger.free_place()

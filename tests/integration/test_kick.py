@@ -173,3 +173,91 @@ def test_a_lane_task_hands_lanes_off_with_one_task_of_their_own_only_when_none_i
     assert not linger.may_hand_off()
     client.delete(QUEUE, *(lane_flag("g", n) for n in range(8)))
     client.close()
+
+
+def test_a_worker_of_two_pool_processes_lets_one_of_its_tasks_linger_at_a_time(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    from outbox.kick import lane_flag
+    from tasks import linger as lingering
+    from tasks.factory import make_celery
+    from tasks.lanes import LaneLinger
+    from tasks.relay import LINGERER, RelayLinger
+
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    monkeypatch.setattr(lingering, "_pool_size", 2)  # as its worker's main process learnt
+    worker = f"w{time.monotonic_ns()}@host"
+    client.delete(FLAG, LINGERER, *lingering.places(worker))
+    s = settings.replace(relay_linger_ms=1000, lane_linger_ms=1000)
+    app = make_celery(s)
+    lane, relay = LaneLinger(app, s, worker), RelayLinger(app, s, worker)
+
+    # Given a lane task lingering in the worker's one place (it gathers its group's lanes)
+    lane.hold("g", [1])
+    assert lane.keep_waiting(0.0) and lane.gathers()
+    # Then a relay task of the same worker does not linger: it sends its rows and ends,
+    # and commits kick relay tasks as before; the other pool process is left for them
+    assert not relay.hold() and not relay.keep_waiting(0.0)
+    assert not client.exists(FLAG) and not client.exists(LINGERER)
+    # while a relay task of another worker lingers in a place of its own
+    elsewhere = RelayLinger(app, s, f"other-{worker}")
+    assert elsewhere.hold() and elsewhere.keep_waiting(0.0)
+    elsewhere.let_go()
+
+    # Once the lane task lets its lanes go, the place is free for the relay task
+    lane.let_go("g", [1])
+    assert not client.exists(lane_flag("g", 1))
+    assert relay.hold() and relay.keep_waiting(0.0) and client.exists(LINGERER)
+    assert not lane.keep_waiting(0.0)
+    relay.let_go()
+    assert not client.exists(LINGERER)
+    client.close()
+
+
+def test_a_worker_of_one_pool_process_lets_no_task_linger(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    from tasks import linger as lingering
+    from tasks.factory import make_celery
+    from tasks.lanes import LaneLinger
+    from tasks.relay import LINGERER, RelayLinger
+
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    client.delete(FLAG, LINGERER)
+    monkeypatch.setattr(lingering, "_pool_size", 1)
+    s = settings.replace(relay_linger_ms=1000, lane_linger_ms=1000)
+    app = make_celery(s)
+
+    # A lingering task would keep the only pool process from every other task.
+    assert lingering.places("solo@host") == []
+    assert not LaneLinger(app, s, "solo@host").keep_waiting(0.0)
+    assert not RelayLinger(app, s, "solo@host").hold()
+    assert not client.exists(LINGERER)
+    client.close()
+
+
+def test_a_lane_task_starting_leaves_the_kicks_that_a_lingering_task_holds(settings: Settings):
+    from outbox.kick import claim_kicks, lane_flag
+    from tasks.factory import make_celery
+    from tasks.lanes import LaneLinger, lanes_started
+
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    flags = [lane_flag("g", n) for n in range(3)]
+    client.delete(*flags)
+    s = settings.replace(lane_linger_ms=1000)
+    # Given a lingering task holding lane 0, and a commit in lanes 0, 1 and 2: it kicks a
+    # task for lanes 1 and 2 only
+    LaneLinger(make_celery(s), s, "w1@host").hold("g", [0])
+    assert claim_kicks(client, 30_000, flags) == [False, True, True]
+
+    # When a task kicked for all three (before the lingering one took lane 0) starts
+    lanes_started(client, flags)
+
+    # Then commits kick lanes 1 and 2 again, while lane 0's rows are still the lingering
+    # task's to see: no kick is sent for it
+    assert claim_kicks(client, 30_000, flags) == [False, True, True]
+    client.delete(*flags)
+    client.close()

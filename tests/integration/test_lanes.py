@@ -459,6 +459,9 @@ class _RecordingLinger:
     def let_go(self, group: str, lanes: Any) -> None:
         self.calls.append(("let_go", list(lanes)))
 
+    def gathers(self) -> bool:
+        return False  # no lingering place of its worker's own: it takes only lanes with rows
+
     def may_hand_off(self) -> bool:
         return False  # every pool process is taken: nothing is handed off
 
@@ -567,6 +570,64 @@ def test_a_busy_lingering_lane_task_takes_on_a_lane_whose_row_waits_with_no_task
     assert linger.calls[0] == ("hold", [LANE])
     assert ("hold", [LANE, LANE + 2]) in linger.calls
     assert linger.calls[-1] == ("let_go", [LANE, LANE + 2])
+
+
+class _Gathering(_RecordingLinger):
+    """A linger in a lingering place of its worker's own, whose ``keep_waiting`` calls
+    ``arrive`` on a later wait (after the task had time to gather its lanes)."""
+
+    def __init__(self, arrive: Any, arrive_on: int, waits: int) -> None:
+        super().__init__(None, waits)
+        self.late, self.arrive_on = arrive, arrive_on
+
+    def keep_waiting(self, idle_s: float) -> bool:
+        self.arrive_on -= 1
+        if self.arrive_on == 0:
+            self.late()
+        return super().keep_waiting(idle_s)
+
+    def gathers(self) -> bool:
+        return True
+
+
+def test_a_lingering_lane_task_in_a_place_of_its_own_gathers_every_free_lane_of_its_group(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = _topic_with_effects(session)
+    first = _receive(session, topic, [("k1", {"n": 1})])
+    # Another task holds one lane: it stays that task's.
+    other = LANE + 5
+    with make_sessionmaker(effects).begin() as tx:
+        leases.ensure_rows(tx, lane_scope(GROUP), settings.lanes)
+        leases.acquire(tx, lane_scope(GROUP), "other-task", [other], limit=1, lease_s=60)
+    late: list[uuid.UUID] = []
+    linger = _Gathering(
+        lambda: late.extend(receive(Session(effects), GROUP, topic, [("k9", {})], lane=LANE + 3)),
+        arrive_on=30,
+        waits=60,
+    )
+    processor = LaneProcessor(settings, make_sessionmaker(effects), "worker-a")
+
+    report = processor.run(GROUP, LANE, linger=linger)
+
+    # It took, and held the kicks of, every lane nobody held, rows or not; so the row that
+    # arrived later in one of them ran in this task, with no kick.
+    everyone_else = [n for n in range(settings.lanes) if n != other]
+    assert ("hold", everyone_else) in linger.calls
+    assert report.done == 2
+    assert set(session.execute(text("SELECT message_id FROM effects")).scalars()) == {
+        *first,
+        *late,
+    }
+    assert linger.calls[-1] == ("let_go", everyone_else)
+    owners = dict(
+        session.execute(
+            text("SELECT bucket, owner FROM leases WHERE scope = :scope"),
+            {"scope": lane_scope(GROUP)},
+        ).all()
+    )
+    assert owners.pop(other) == "other-task"
+    assert set(owners.values()) == {None}  # it gave every lane back
 
 
 def test_a_busy_lingering_lane_task_hands_half_its_lanes_to_a_task_of_their_own(

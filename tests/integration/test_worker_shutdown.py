@@ -34,7 +34,8 @@ def test_a_warm_shutdown_ends_a_lingering_relay_task_at_once(settings: Settings,
     client = redis.Redis.from_url(settings.redis_url)
     # A relay task that would wait a minute for new rows, with a budget of two.
     s = settings.replace(relay_linger_ms=60_000, relay_drain_s=120.0)
-    worker = start_worker(s, "stopping", tmp_path)
+    # Two pool processes: a task lingers only where another process is left for the rest.
+    worker = start_worker(s, "stopping", tmp_path, concurrency=2)
     try:
         worker.wait_ready()
         make_celery(s).send_task("outbox.publish")
