@@ -75,6 +75,10 @@ class Linger(Protocol):
     def let_go(self, group: str, lanes: Sequence[int]) -> None:
         """Kicks of these lanes send tasks again (called before the task's last look)."""
 
+    def acks_written(self) -> None:
+        """A batch committed acks, which are outbox rows: have them relayed now rather
+        than when the task ends."""
+
     def gathers(self) -> bool:
         """Whether this task lingers in a place of its worker's own (another pool process
         is left for other tasks): then it takes every lane of its group that nobody holds,
@@ -172,6 +176,7 @@ class LaneProcessor:
         look_at = 0.0  # when a busy lingering task next looks for starved lanes
         busy_since: float | None = None  # since when every batch has been full
         handed: dict[int, float] = {}  # lanes handed off: not taken back before then
+        acks_told = 0  # acks committed that ``linger`` was told of
         try:
             # The leases are taken in a transaction of their own, so that a process that
             # ends in the middle of its first batch leaves them held: whoever takes them
@@ -235,6 +240,9 @@ class LaneProcessor:
                             report.due_s = self._finish(session, group, held, policies)
                             finishing = True
                 finished = finishing
+                if linger is not None and report.acks > acks_told:
+                    linger.acks_written()
+                    acks_told = report.acks
                 found: list[int] | None = None
                 now = time.monotonic()
                 if counted is None:

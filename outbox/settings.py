@@ -128,7 +128,8 @@ class Settings:
     relay_linger_ms: int = _setting(
         0,
         "How long a relay task that emptied the outbox waits for new rows before it ends "
-        "(0: it ends at once); it stops once idle for 25 ms while other tasks are queued.",
+        "(0: it ends at once); only in one of its worker's lingering places, one fewer than "
+        "its pool processes.",
         minimum=0,
     )
     relay_poll_ms: int = _setting(
@@ -149,9 +150,10 @@ class Settings:
         minimum=1,
     )
     lane_linger_ms: int = _setting(
-        0,
+        1000,
         "How long a lane task whose lanes ran dry waits for new rows before it gives them "
-        "back (0: it ends at once); it stops once idle for 25 ms while other tasks are queued.",
+        "back (0: it ends at once); only in one of its worker's lingering places, one fewer "
+        "than its pool processes, where it takes every lane of its group nobody holds.",
         minimum=0,
     )
     lane_poll_ms: int = _setting(5, "How often a waiting lane task looks for new rows.", minimum=1)

@@ -152,6 +152,9 @@ class LaneLinger(Lingering):
         kick_started(self.flags, *(lane_flag(group, n) for n in lanes))
         self.free_place()
 
+    def acks_written(self) -> None:
+        kick_relay(self.app, self.settings)
+
     def gathers(self) -> bool:
         return self.placed
 

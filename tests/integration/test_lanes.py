@@ -459,6 +459,9 @@ class _RecordingLinger:
     def let_go(self, group: str, lanes: Any) -> None:
         self.calls.append(("let_go", list(lanes)))
 
+    def acks_written(self) -> None:
+        self.calls.append(("acks_written", None))
+
     def gathers(self) -> bool:
         return False  # no lingering place of its worker's own: it takes only lanes with rows
 
@@ -509,6 +512,40 @@ def test_a_lingering_lane_task_runs_rows_that_arrive_while_it_waits_then_lets_go
         {"scope": lane_scope(GROUP), "lane": LANE},
     ).scalar_one()
     assert owner is None  # and gave the lane back
+
+
+def test_a_lingering_lane_task_has_each_batchs_acks_relayed_as_it_commits(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic, requires_ack=True)
+    consumer.handler(topic)(lambda message, tx: None)
+    ids = _receive(session, topic, [("k1", {"n": 1})])
+    linger = _RecordingLinger(
+        lambda: ids.extend(_receive(Session(effects), topic, [("k1", {"n": 2})])), waits=50
+    )
+
+    report = LaneProcessor(settings, make_sessionmaker(effects), "worker-a").run(
+        GROUP, LANE, linger=linger
+    )
+
+    # Each batch's ack was announced once it committed, while the task still lingered:
+    # acks are outbox rows, and wait for no task to end before they are relayed.
+    assert report.done == 2 and report.acks == 2
+    assert linger.calls == [
+        ("hold", [LANE]),
+        ("acks_written", None),
+        ("acks_written", None),
+        ("let_go", [LANE]),
+    ]
+    acked = session.execute(
+        text(
+            "SELECT a ->> 'message_id' FROM outbox_messages, jsonb_array_elements(payload -> "
+            "'acks') AS a WHERE topic = 'outbox.acks' AND a ->> 'topic' = :topic"
+        ),
+        {"topic": topic},
+    ).scalars()
+    assert sorted(acked) == sorted(str(i) for i in ids)
 
 
 def test_a_lane_task_stops_lingering_when_told_and_gives_its_lanes_back(
