@@ -150,7 +150,7 @@ class Settings:
         minimum=1,
     )
     lane_linger_ms: int = _setting(
-        1000,
+        0,
         "How long a lane task whose lanes ran dry waits for new rows before it gives them "
         "back (0: it ends at once); only in one of its worker's lingering places, one fewer "
         "than its pool processes, where it takes every lane of its group nobody holds.",

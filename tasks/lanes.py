@@ -127,7 +127,7 @@ class LaneLinger(Lingering):
 
     def __init__(self, app: Celery, settings: Settings, worker: str) -> None:
         flags = flags_for_this_process(app.conf.broker_url)
-        super().__init__(app, flags, settings.lane_linger_ms / 1000, worker)
+        super().__init__(app, flags, settings.lane_linger_ms / 1000, worker, settings.lane_budget_s)
         self.app, self.settings = app, settings
         self.hold_s = min(KICK_FLAG_TTL_S, settings.lane_lease_s)
         self._held: tuple[str, list[int]] | None = None

@@ -13,6 +13,7 @@ budgets end. A worker with one pool process has no place: its tasks never linger
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -21,6 +22,8 @@ import redis
 from celery import Celery
 from celery.signals import celeryd_after_setup
 from celery.utils.nodenames import worker_direct
+
+from outbox.health import redis_client
 
 # This worker's pool processes, learnt in its main process before the pool forks (None
 # outside a worker, where nothing limits lingering).
@@ -31,6 +34,13 @@ _pool_size: int | None = None
 def _pool_known(sender: str, instance: Any, **_: Any) -> None:
     global _pool_size
     _pool_size = int(instance.concurrency)
+    held = places(sender)
+    if held:
+        # A worker of the same name that was killed may have left its places taken.
+        client = redis_client(instance.app.conf.broker_url)
+        with contextlib.suppress(redis.RedisError):
+            client.delete(*held)
+        client.close()
 
 
 def places(worker: str | None) -> list[str]:
@@ -68,16 +78,19 @@ class Lingering:
     queue check."""
 
     QUEUE_CHECK_S = 0.05
+    RENEW_PLACE_S = 1.0
     # Idle this long before queued tasks are looked for: a loop under steady traffic is
     # idle only for moments between batches, and yielding then would only trade places
     # with the next kick of its own kind.
     QUEUE_IDLE_S = 0.025
-    # A place lapses this long after it was last renewed (its task died, or works through
-    # a backlog without waiting), and is renewed after a third of it.
-    PLACE_MS = 5000
 
     def __init__(
-        self, app: Celery, flags: redis.Redis, linger_s: float, worker: str | None
+        self,
+        app: Celery,
+        flags: redis.Redis,
+        linger_s: float,
+        worker: str | None,
+        budget_s: float,
     ) -> None:
         self.flags = flags
         # The shared queue, and the worker's own (where targeted retries are sent).
@@ -91,6 +104,10 @@ class Lingering:
         self._take_place = flags.register_script(_TAKE_PLACE)
         self._free_place = flags.register_script(_FREE_PLACE)
         self._placed_at: float | None = None
+        # A place is renewed while its task waits, and lapses twice the task's budget
+        # after that: never under a living task (which renews it as it waits, and ends
+        # with its budget), and soon enough after one that died.
+        self._place_ms = int(2000 * budget_s)
 
     def keep_waiting(self, idle_s: float) -> bool:
         """False after ``linger_s`` without work, or when the worker has no lingering place
@@ -110,12 +127,12 @@ class Lingering:
 
     def take_place(self) -> bool:
         """Take one of the worker's lingering places, or renew the one held (at most every
-        third of :data:`PLACE_MS`); False when none is free."""
+        :data:`RENEW_PLACE_S`); False when none is free."""
         now = time.monotonic()
-        if self._placed_at is not None and now - self._placed_at < self.PLACE_MS / 3000:
+        if self._placed_at is not None and now - self._placed_at < self.RENEW_PLACE_S:
             return True
         self._placed_at = None
-        if self._places and self._take_place(keys=self._places, args=[self._token, self.PLACE_MS]):
+        if self._places and self._take_place(keys=self._places, args=[self._token, self._place_ms]):
             self._placed_at = now
         return self._placed_at is not None
 

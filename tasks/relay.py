@@ -116,7 +116,9 @@ class RelayLinger(Lingering):
 
     def __init__(self, app: Celery, settings: Settings, worker: str | None) -> None:
         flags = flags_for_this_process(app.conf.broker_url)
-        super().__init__(app, flags, settings.relay_linger_ms / 1000, worker)
+        super().__init__(
+            app, flags, settings.relay_linger_ms / 1000, worker, settings.relay_drain_s
+        )
         self._token = uuid.uuid4().hex
         self._hold = flags.register_script(_HOLD)
         self._let_go = flags.register_script(_LET_GO)

@@ -62,7 +62,7 @@ def test_a_warm_shutdown_ends_a_lingering_relay_task_at_once(settings: Settings,
         worker.stop()
 
 
-def test_a_worker_starting_clears_the_stopping_mark_its_name_left(
+def test_a_worker_starting_clears_the_stopping_mark_and_the_lingering_place_its_name_left(
     settings: Settings, tmp_path: Path
 ):
     assert settings.redis_url is not None
@@ -70,10 +70,14 @@ def test_a_worker_starting_clears_the_stopping_mark_its_name_left(
     name = f"again@{os.uname().nodename}"
     client.set(stopping_key(name), b"1")
     assert Stopping(client, name)()
-    worker = start_worker(settings, "again", tmp_path)
+    # A task of a killed worker of that name held its one lingering place.
+    place = f"outbox:worker:{name}:lingering:0"
+    client.set(place, b"a task that died", px=60_000)
+    worker = start_worker(settings, "again", tmp_path, concurrency=2)
     try:
         worker.wait_ready()
         assert not client.exists(stopping_key(name))
         assert not Stopping(client, name)()
+        assert not client.exists(place)  # its lane tasks may linger again
     finally:
         worker.stop()
