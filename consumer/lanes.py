@@ -350,8 +350,9 @@ class LaneProcessor:
         one (``lanes``' own first: an idle task takes on open lanes, a busy one leaves them
         to the tasks their kicks start unless they starve, so that work spreads over the
         workers under load and gathers in one task when it is light), or None when
-        ``linger`` stops waiting or the budget ends. The leases of ``lanes`` are renewed
-        meanwhile."""
+        ``linger`` stops waiting or the budget ends. A task that ``linger`` says gathers
+        also returns, every :data:`GATHER_EVERY_S`, the group's lanes that nobody holds,
+        rows or not, for it to take. The leases of ``lanes`` are renewed meanwhile."""
         s = self.settings
         scope = lane_scope(group)
         poll_s = s.lane_poll_ms / 1000
