@@ -55,7 +55,8 @@ return 0
 
 def lanes_started(flags: redis.Redis, keys: list[str]) -> None:
     """Called by a lane task before it takes its lanes (see :data:`LINGERING`)."""
-    flags.eval(_LANES_STARTED, len(keys), *keys, LINGERING)
+    # A registered script goes by its hash (EVALSHA), not its text, on every task start.
+    flags.register_script(_LANES_STARTED)(keys=keys, args=[LINGERING])
 
 
 def processor_for_this_process(settings: Settings, worker: str) -> LaneProcessor:
