@@ -7,6 +7,7 @@ sweeps the tables for whatever a lost task would have done.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from outbox import tasknames
@@ -29,6 +30,20 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return schedule
 
 
+def worker_concurrency(settings: Settings) -> int:
+    """Pool processes per worker: ``OUTBOX_WORKER_CONCURRENCY``, else one per CPU, and one
+    more when tasks linger (at least three then). A worker lingers in one place fewer than
+    its processes, so this leaves a place for a relay task and one for a lane task, and a
+    process for every other task; a lingering task mostly waits, so the extra process
+    costs the cores little."""
+    if settings.worker_concurrency:
+        return settings.worker_concurrency
+    cpus = os.cpu_count() or 1
+    if settings.relay_linger_ms or settings.lane_linger_ms:
+        return max(cpus, 2) + 1
+    return cpus
+
+
 def from_settings(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings``."""
     if settings.redis_url is None:
@@ -47,7 +62,7 @@ def from_settings(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_concurrency": settings.worker_concurrency or None,
+        "worker_concurrency": worker_concurrency(settings),
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": settings.task_events,
         "worker_direct": True,

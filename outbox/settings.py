@@ -126,7 +126,7 @@ class Settings:
         10000, "Producer message timeout: an unacknowledged send fails after it.", minimum=1000
     )
     relay_linger_ms: int = _setting(
-        0,
+        1000,
         "How long a relay task that emptied the outbox waits for new rows before it ends "
         "(0: it ends at once); only in one of its worker's lingering places, one fewer than "
         "its pool processes.",
@@ -150,7 +150,7 @@ class Settings:
         minimum=1,
     )
     lane_linger_ms: int = _setting(
-        0,
+        1000,
         "How long a lane task whose lanes ran dry waits for new rows before it gives them "
         "back (0: it ends at once); only in one of its worker's lingering places, one fewer "
         "than its pool processes, where it takes every lane of its group nobody holds.",
@@ -271,7 +271,8 @@ class Settings:
         3600, "Redis visibility timeout; countdowns are kept below it.", minimum=60
     )
     worker_concurrency: int = _setting(
-        0, "Processes per Celery worker (0: one per CPU).", minimum=0
+        0, "Processes per Celery worker (0: one per CPU, and one more while tasks linger, at "
+        "least three then).", minimum=0
     )
 
     dev_dir: str = _setting(".outbox-dev", "Directory for the embedded services' data and logs.")

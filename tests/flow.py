@@ -86,8 +86,10 @@ def flow(
     )
     assert response.status_code == 201, response.get_json()
     env = {TOPIC_VARIABLE: topic}
+    # Three pool processes, a worker's default on two CPUs: a lingering place for the
+    # relay, one for the lanes, and a process for every other task.
     processes: list[Process] = [
-        start_worker(s, f"worker{n}", tmp_path, concurrency=2, env=env)
+        start_worker(s, f"worker{n}", tmp_path, concurrency=3, env=env)
         for n in range(1, options.get("workers", 1) + 1)
     ]
     processes.append(start_beat(s, tmp_path))

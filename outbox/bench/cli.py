@@ -57,7 +57,11 @@ def _scenario(name: str, doc: str, *options: Callable[[Any], Any]) -> None:
     bench.command(name)(command)
 
 
-WORKERS = option("--workers", default=2, help="Celery worker processes.")
+WORKERS = option(
+    "--workers",
+    default=3,
+    help="Celery pool processes (3: a worker's own default on two CPUs, where tasks linger).",
+)
 
 _scenario(
     "relay",

@@ -31,6 +31,19 @@ def test_celery_runs_with_late_acks_json_and_events():
     assert conf.broker_transport_options["visibility_timeout"] == 3600
 
 
+def test_a_worker_has_a_lingering_place_for_the_relay_and_one_for_the_lanes(monkeypatch):
+    # Places are one fewer than the pool processes: with both kinds lingering (the
+    # default) a worker keeps a process beyond its CPUs, and at least three in all.
+    for cpus, expected in ((1, 3), (2, 3), (8, 9)):
+        monkeypatch.setattr(celeryconfig.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert celeryconfig.worker_concurrency(SETTINGS) == expected
+    monkeypatch.setattr(celeryconfig.os, "cpu_count", lambda: 8)
+    still = SETTINGS.replace(relay_linger_ms=0, lane_linger_ms=0)
+    assert celeryconfig.worker_concurrency(still) == 8
+    assert celeryconfig.worker_concurrency(SETTINGS.replace(worker_concurrency=2)) == 2
+    assert make_celery(SETTINGS).conf.worker_concurrency == 9
+
+
 def test_a_worker_runs_every_task_beat_sends():
     app = make_celery(SETTINGS)
     assert set(celeryconfig.beat_schedule(SETTINGS)) <= set(app.tasks)
