@@ -271,8 +271,10 @@ class Settings:
         3600, "Redis visibility timeout; countdowns are kept below it.", minimum=60
     )
     worker_concurrency: int = _setting(
-        0, "Processes per Celery worker (0: one per CPU, and one more while tasks linger, at "
-        "least three then).", minimum=0
+        0,
+        "Processes per Celery worker (0: one per CPU, and one more while tasks linger, at "
+        "least three then).",
+        minimum=0,
     )
 
     dev_dir: str = _setting(".outbox-dev", "Directory for the embedded services' data and logs.")
