@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumer.acks import ack_key, ack_payload, register_ack_topic, write_acks
@@ -31,7 +32,7 @@ from consumer.handlers import Message, Permanent, batch_handler_for
 from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
-from outbox.db import int_array
+from outbox.db import int_array, polling
 from outbox.logs import log_message
 from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Publisher
@@ -321,7 +322,7 @@ class LaneProcessor:
 
     def _open_lanes(
         self,
-        session: Session,
+        session: Session | Connection,
         group: str,
         scope: str,
         policies: dict[str, _TopicPolicy],
@@ -358,33 +359,42 @@ class LaneProcessor:
         poll_s = s.lane_poll_ms / 1000
         idle_since = renewed = time.monotonic()
         gather_at = 0.0
-        while True:
-            idle_s = time.monotonic() - idle_since
-            if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
-                return None
-            time.sleep(poll_s)
-            with self.sessions() as session:
-                found = self._open_lanes(session, group, scope, policies)
-            if found:
-                own = [n for n in found if n in lanes]
-                return own or found
-            if linger.gathers() and time.monotonic() >= gather_at:
-                # The group's lanes that nobody holds, rows or not: taken with their kicks,
-                # so that the group's rows need no other task while this one lingers.
-                gather_at = time.monotonic() + GATHER_EVERY_S
-                with self.sessions() as session:
-                    free = session.execute(queries.LANES_FREE, {"scope": scope}).scalars()
+        any_due = {"group": group, "waited_s": 0.0}
+        with polling(self.sessions) as conn:
+            while True:
+                idle_s = time.monotonic() - idle_since
+                if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
+                    return None
+                time.sleep(poll_s)
+                found = (
+                    self._open_lanes(conn, group, scope, policies)
+                    if conn.execute(queries.LANES_ANY_DUE, any_due).scalar_one()
+                    else []
+                )
+                if found:
+                    own = [n for n in found if n in lanes]
+                    return own or found
+                if linger.gathers() and time.monotonic() >= gather_at:
+                    # The group's lanes that nobody holds, rows or not: taken with their kicks,
+                    # so that the group's rows need no other task while this one lingers.
+                    gather_at = time.monotonic() + GATHER_EVERY_S
+                    free = conn.execute(queries.LANES_FREE, {"scope": scope}).scalars()
                     gathered = [n for n in free if n not in lanes]
-                if gathered:
-                    return gathered
-            if time.monotonic() - renewed >= s.lane_lease_s / 3:
-                with self.sessions.begin() as session:
-                    kept = leases.acquire(
-                        session, scope, self.owner, lanes, limit=len(lanes), lease_s=s.lane_lease_s
-                    )
-                if len(kept) < len(lanes):
-                    return lanes  # a lane was taken over: the next batch finds out
-                renewed = time.monotonic()
+                    if gathered:
+                        return gathered
+                if time.monotonic() - renewed >= s.lane_lease_s / 3:
+                    with self.sessions.begin() as session:
+                        kept = leases.acquire(
+                            session,
+                            scope,
+                            self.owner,
+                            lanes,
+                            limit=len(lanes),
+                            lease_s=s.lane_lease_s,
+                        )
+                    if len(kept) < len(lanes):
+                        return lanes  # a lane was taken over: the next batch finds out
+                    renewed = time.monotonic()
 
     def _prepare(self, session: Session, group: str, scope: str) -> dict[str, _TopicPolicy]:
         """The group's policies; the lease rows and the ack topic on first need."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox.errors import SettingsError
@@ -36,6 +37,15 @@ def make_engine(settings: Settings, **kwargs: object) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded values after commit (callers read ids back)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def polling(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+    """One connection of ``sessions``' engine, in autocommit, for a loop of read-only looks
+    (a lingering task's polls): each look is one round trip, where a session of its own
+    costs four (the pool's ping as it is checked out, BEGIN, the look, ROLLBACK)."""
+    with sessions.kw["bind"].connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def int_array(values: Iterable[int | None]) -> str:

@@ -149,6 +149,15 @@ SELECT EXISTS (
 )
 """)
 
+# A lingering relay's first look, and most often its only one: whether any row could be
+# sent now, wherever it is (a probe of the claim index, cheaper to plan and run than
+# RELAY_HAS_WORK, which follows only when this finds one).
+RELAY_ANY_DUE = _sql("""
+SELECT EXISTS (
+    SELECT 1 FROM outbox_messages m WHERE m.status = 'pending' AND m.available_at <= now()
+)
+""")
+
 # Whether a row is sendable now in a bucket no other relay holds: what a lingering relay
 # looks for (read only; rows of another relay's buckets are that relay's to send).
 RELAY_HAS_WORK = _sql("""
@@ -469,6 +478,17 @@ CROSS JOIN LATERAL (
 ) m
 ORDER BY m.id
 """)  # noqa: S608 (composed of constants only)
+
+# A lingering lane task's first look, and most often its only one: whether any of the
+# group's rows is due, in whatever lane (a probe of its due rows' index, a fifth of the
+# cost of LANES_OPEN_WITH_WORK, which follows only when this finds one).
+LANES_ANY_DUE = _sql("""
+SELECT EXISTS (
+    SELECT 1 FROM inbox_messages m
+    WHERE m.consumer_group = :group AND m.status IN ('received', 'failed')
+      AND m.next_attempt_at <= now() - make_interval(secs => :waited_s)
+)
+""")
 
 # The group's lanes with a row due for :waited_s seconds that no other task holds: what a
 # lane task takes besides the lanes it was kicked for, what it looks for while it lingers,

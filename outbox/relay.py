@@ -44,7 +44,7 @@ from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
 from outbox.circuit import Circuit
-from outbox.db import int_array, make_engine, make_sessionmaker
+from outbox.db import int_array, make_engine, make_sessionmaker, polling
 from outbox.metrics import MetricsRecorder
 from outbox.models import MAX_ERROR_CHARS
 from outbox.producer import DeliveryReport, Outgoing, RelayProducer
@@ -193,15 +193,18 @@ class Relay:
         """Wait for a sendable row: True once there is one, False when ``linger`` stops
         waiting, the budget ends or the circuit opens."""
         poll_s = self.settings.relay_poll_ms / 1000
+        params = {"scope": SCOPE, "owner": self.owner, "buckets": self.settings.buckets}
         idle_since = time.monotonic()
-        while self.circuit.state != "open":
-            idle_s = time.monotonic() - idle_since
-            if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
-                return False
-            time.sleep(poll_s)
-            with self.sessions() as session:
-                params = {"scope": SCOPE, "owner": self.owner, "buckets": self.settings.buckets}
-                if session.execute(queries.RELAY_HAS_WORK, params).scalar_one():
+        with polling(self.sessions) as conn:
+            while self.circuit.state != "open":
+                idle_s = time.monotonic() - idle_since
+                if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
+                    return False
+                time.sleep(poll_s)
+                if (
+                    conn.execute(queries.RELAY_ANY_DUE).scalar_one()
+                    and conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
+                ):
                     return True
         return False
 

@@ -472,6 +472,37 @@ class _RecordingLinger:
         raise AssertionError("no lane is handed off while no pool process is free")
 
 
+def test_a_lingering_lane_task_looks_for_rows_on_one_connection_one_statement_each(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = _topic_with_effects(session)
+    _receive(session, topic, [("k1", {"n": 1})])
+    seen: list[str] = []
+    event.listen(effects, "checkout", lambda *_: seen.append("checkout"))
+    event.listen(effects, "rollback", lambda *_: seen.append("rollback"))
+    event.listen(effects, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    during: list[str] = []
+
+    class Idle(_RecordingLinger):
+        def keep_waiting(self, idle_s: float) -> bool:
+            if self.waits == 20:
+                seen.clear()  # from the first wait to the last: the looks
+            if self.waits == 1:
+                during.extend(seen)
+            return super().keep_waiting(idle_s)
+
+    processor = LaneProcessor(
+        settings.replace(lane_poll_ms=1), make_sessionmaker(effects), "worker-a"
+    )
+    assert processor.run(GROUP, LANE, linger=Idle(None, waits=20)).done == 1
+
+    # Nineteen looks of one statement each, on a connection checked out for the whole
+    # wait: no check-out (with the pool's ping), BEGIN or ROLLBACK per look; with nothing
+    # due anywhere, the look is the cheap one, and the one per bucket or lane never runs.
+    assert len(during) == 19
+    assert all("inbox_messages" in sql and "generate_series" not in sql for sql in during)
+
+
 def _topic_with_effects(session: Session) -> str:
     """A registered topic whose handler writes one effect row per message."""
     topic = f"t.{uuid.uuid4().hex[:8]}"

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewTopic
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
@@ -387,6 +387,46 @@ def test_a_lingering_relay_sends_rows_committed_while_it_waits_in_the_same_task(
     assert calls == ["hold", "let_go"]
     received = consume_all(relay_settings.kafka_bootstrap, topic, 2)
     assert [m.message_id for m in received] == [str(first), str(later[0])]  # in key order
+
+
+def test_a_lingering_relay_looks_for_new_rows_on_one_connection_one_statement_each(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    seen: list[str] = []
+    event.listen(engine, "checkout", lambda *_: seen.append("checkout"))
+    event.listen(engine, "rollback", lambda *_: seen.append("rollback"))
+    event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    during: list[str] = []
+
+    class Idle:
+        waits = 20
+
+        def hold(self) -> bool:
+            return True
+
+        def keep_waiting(self, idle_s: float) -> bool:
+            if self.waits == 20:
+                seen.clear()  # from the first wait to the last: the looks
+            self.waits -= 1
+            if not self.waits:
+                during.extend(seen)
+            return self.waits > 0
+
+        def let_go(self) -> None:
+            pass
+
+        def backlog(self, found: bool) -> None:
+            pass
+
+    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
+    relay.run(budget_s=30, linger=Idle())
+
+    # Nineteen looks of one statement each, on a connection checked out for the whole
+    # wait: no check-out (with the pool's ping), BEGIN or ROLLBACK per look; with nothing
+    # due anywhere, the look is the cheap one, and the one per bucket or lane never runs.
+    assert len(during) == 19
+    assert all("outbox_messages" in sql and "generate_series" not in sql for sql in during)
 
 
 def test_a_lingering_relay_lets_kicks_through_while_its_claims_find_a_backlog(
