@@ -359,7 +359,6 @@ class LaneProcessor:
         poll_s = s.lane_poll_ms / 1000
         idle_since = renewed = time.monotonic()
         gather_at = 0.0
-        any_due = {"group": group, "waited_s": 0.0}
         with polling(self.sessions) as conn:
             while True:
                 idle_s = time.monotonic() - idle_since
@@ -368,7 +367,7 @@ class LaneProcessor:
                 time.sleep(poll_s)
                 found = (
                     self._open_lanes(conn, group, scope, policies)
-                    if conn.execute(queries.LANES_ANY_DUE, any_due).scalar_one()
+                    if conn.execute(queries.LANES_ANY_DUE, {"group": group}).scalar_one()
                     else []
                 )
                 if found:

@@ -486,7 +486,7 @@ LANES_ANY_DUE = _sql("""
 SELECT EXISTS (
     SELECT 1 FROM inbox_messages m
     WHERE m.consumer_group = :group AND m.status IN ('received', 'failed')
-      AND m.next_attempt_at <= now() - make_interval(secs => :waited_s)
+      AND m.next_attempt_at <= now()
 )
 """)
 

@@ -598,13 +598,14 @@ def test_a_lingering_lane_task_whose_budget_ends_lets_its_lanes_kicks_go(
     settings: Settings, effects: Engine, session: Session
 ):
     topic = _topic_with_effects(session)
-    _receive(session, topic, [("k1", {"n": n}) for n in range(200)])
+    # Far more rows than 0.3 s of one-row batches can run, however fast the machine.
+    _receive(session, topic, [("k1", {"n": n}) for n in range(5000)])
     linger = _RecordingLinger(None, waits=10_000)  # it would wait on: the budget ends it
     # One row a batch: every batch is full, so the budget ends the task while it is busy.
     report = LaneProcessor(
         settings.replace(lane_batch_size=1), make_sessionmaker(effects), "w"
     ).run(GROUP, LANE, budget_s=0.3, linger=linger)
-    assert 0 < report.done < 200 and report.next_due_s is not None
+    assert 0 < report.done < 5000 and report.next_due_s is not None
     # Without the let-go the lane's kick flag would stay held: the consumer's next
     # commit there would queue no task.
     assert linger.calls == [("hold", [LANE]), ("let_go", [LANE])]
