@@ -33,11 +33,16 @@ from consumer.handlers import (
 from outbox.logs import tag_message, untag_message
 
 
+def statement_timeout_ms(timeout_s: float) -> str:
+    """``statement_timeout`` for ``timeout_s``, as ``set_config`` takes it."""
+    return str(max(1, int(timeout_s * 1000)))
+
+
 def limit_statements(session: Session, timeout_s: float) -> None:
     """Limit every statement of the session's transaction to ``timeout_s``."""
     session.execute(
         text("SELECT set_config('statement_timeout', :ms, true)"),
-        {"ms": str(max(1, int(timeout_s * 1000)))},
+        {"ms": statement_timeout_ms(timeout_s)},
     )
 
 

@@ -27,7 +27,13 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from consumer.acks import ack_key, ack_payload, register_ack_topic, write_acks
-from consumer.calls import call, call_batch, limit_statements, time_limits
+from consumer.calls import (
+    call,
+    call_batch,
+    limit_statements,
+    statement_timeout_ms,
+    time_limits,
+)
 from consumer.handlers import Message, Permanent, batch_handler_for
 from outbox import leases, queries
 from outbox.agents import owner_id
@@ -209,27 +215,34 @@ class LaneProcessor:
                 with self.sessions.begin() as session:
                     # Renewed in the batch's transaction: its lease rows stay locked while
                     # its handlers run, so no other task can take the lanes meanwhile.
-                    held = sorted(
-                        leases.acquire(
-                            session,
-                            scope,
-                            self.owner,
-                            held,
-                            limit=len(held),
-                            lease_s=s.lane_lease_s,
+                    # Most often in the statement that claims the batch.
+                    claim: _Claim | None = None
+                    if careful:
+                        held = sorted(
+                            leases.acquire(
+                                session,
+                                scope,
+                                self.owner,
+                                held,
+                                limit=len(held),
+                                lease_s=s.lane_lease_s,
+                            )
                         )
-                    )
+                    else:
+                        claim = self._lease_and_claim(session, group, held, policies)
+                        held = claim.held
                     if not held:
                         break  # taken over by another task (a stall past the lease)
                     report.leased = held
-                    limit_statements(session, _longest_timeout_s(policies))
-                    careful &= set(held)
-                    if careful:
-                        counted = self._count_next(session, group, sorted(careful), policies)
-                        if counted is None:
-                            careful.clear()  # nothing due there: back to whole batches
+                    if claim is None:
+                        limit_statements(session, _longest_timeout_s(policies))
+                        careful &= set(held)
+                        if careful:
+                            counted = self._count_next(session, group, sorted(careful), policies)
+                            if counted is None:
+                                careful.clear()  # nothing due there: back to whole batches
                     if counted is None:
-                        full, unblocked = self._batch(session, group, held, policies, report)
+                        full, unblocked = self._batch(session, group, held, policies, report, claim)
                         more = full or unblocked
                         if budget.over() or (not more and letting_go):
                             if not letting_go:
@@ -441,6 +454,34 @@ class LaneProcessor:
             for row in session.execute(queries.GROUP_POLICIES, {"group": group})
         }
 
+    def _lease_and_claim(
+        self, session: Session, group: str, lanes: list[int], policies: dict[str, _TopicPolicy]
+    ) -> _Claim:
+        """Renew the leases of ``lanes``, limit the transaction's statements to the
+        handlers' longest timeout, and lock a batch of the granted lanes' due rows: one
+        round trip."""
+        per_lane = self._per_lane(lanes)
+        result = session.execute(
+            queries.LEASE_CLAIM_LANE,
+            {
+                "scope": lane_scope(group),
+                "owner": self.owner,
+                "lanes": lanes,
+                "limit": len(lanes),
+                "lease_s": self.settings.lane_lease_s,
+                "timeout_ms": statement_timeout_ms(_longest_timeout_s(policies)),
+                "group": group,
+                **_order_params(policies),
+                "per_lane": per_lane,
+            },
+        ).all()
+        held = sorted({row.held for row in result if row.held is not None})
+        return _Claim(held, [row for row in result if row.id is not None], per_lane)
+
+    def _per_lane(self, lanes: list[int]) -> int:
+        """Each lane's share of a batch."""
+        return -(-self.settings.lane_batch_size // len(lanes))
+
     def _batch(
         self,
         session: Session,
@@ -448,14 +489,19 @@ class LaneProcessor:
         lanes: list[int],
         policies: dict[str, _TopicPolicy],
         report: LaneReport,
+        claim: _Claim | None = None,
     ) -> tuple[int, bool]:
-        """Process one locked batch in the session's transaction.
+        """Process one locked batch in the session's transaction (``claim``: claimed
+        already, with the leases).
 
         Returns whether a lane filled its share of the batch (it may have more rows), and
         whether a retried row finished (done or dead), which lets later rows of its key go.
         """
-        per_lane = -(-self.settings.lane_batch_size // len(lanes))
-        rows = self._claim(session, group, lanes, policies, per_lane)
+        if claim is None:
+            per_lane = self._per_lane(lanes)
+            rows = self._claim(session, group, lanes, policies, per_lane)
+        else:
+            per_lane, rows = claim.per_lane, claim.rows
         ended, left = self._process(session, group, rows, policies, report, counted=False)
         unblocked = any(row.attempts > 0 for row in rows if row.id in ended)
         full = max(collections.Counter(row.lane for row in rows).values(), default=0) == per_lane
@@ -694,6 +740,14 @@ class _Row(NamedTuple):
     attempts: int
     message: Message
     lane: int
+
+
+class _Claim(NamedTuple):
+    """The lanes granted to a batch, its rows, and each lane's share it was claimed with."""
+
+    held: list[int]
+    rows: list[Any]
+    per_lane: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -479,6 +479,28 @@ CROSS JOIN LATERAL (
 ORDER BY m.id
 """)  # noqa: S608 (composed of constants only)
 
+# A batch's first round trip, when no lane is taken over: the leases of :lanes renewed (or
+# taken, its own first), the batch's statements limited to :timeout_ms from here on, and
+# up to :per_lane due rows of each granted lane locked, in id order. A granted lane comes
+# with its rows, or once with no row (id NULL, last), so that every granted lane is known.
+LEASE_CLAIM_LANE = _sql(f"""
+WITH {_ACQUIRE.format(candidates="CAST(:lanes AS int[])")},
+limited AS (SELECT set_config('statement_timeout', :timeout_ms, true) AS ms)
+SELECT g.bucket AS held, m.id, m.message_id, m.topic, m.key, m.payload, m.headers,
+       m.attempts, m.partition, m."offset", m.lane, m.retries
+FROM limited
+LEFT JOIN granted g ON true
+LEFT JOIN LATERAL (
+    SELECT * FROM inbox_messages m
+    WHERE {_lane_row_ready("= g.bucket")}
+      AND m.next_attempt_at <= now()
+    ORDER BY m.id
+    LIMIT :per_lane
+    FOR UPDATE SKIP LOCKED
+) m ON true
+ORDER BY m.id
+""")  # noqa: S608 (composed of constants only)
+
 # A lingering lane task's first look, and most often its only one: whether any of the
 # group's rows is due, in whatever lane (a probe of its due rows' index, a fifth of the
 # cost of LANES_OPEN_WITH_WORK, which follows only when this finds one).

@@ -503,6 +503,44 @@ def test_a_lingering_lane_task_looks_for_rows_on_one_connection_one_statement_ea
     assert all("inbox_messages" in sql and "generate_series" not in sql for sql in during)
 
 
+def test_a_batch_renews_its_leases_limits_its_statements_and_claims_in_one_round_trip(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic, handler_timeout_s=7)
+
+    @consumer.handler(topic)
+    def record(message: consumer.Message, tx: Session) -> None:
+        # What limits the handler's statements.
+        tx.execute(
+            text(
+                "INSERT INTO effects VALUES "
+                "(:id, to_jsonb(current_setting('statement_timeout')), 1)"
+            ),
+            {"id": message.id},
+        )
+
+    _receive(session, topic, [("k1", {"n": 1}), ("k2", {"n": 2}), ("k1", {"n": 3})])
+    seen: list[str] = []
+    event.listen(effects, "commit", lambda *_: seen.append("COMMIT"))
+    event.listen(effects, "before_cursor_execute", lambda *a: seen.append(a[2]))
+
+    processor = LaneProcessor(settings, make_sessionmaker(effects), "worker-a")
+    assert processor.run(GROUP, LANE).done == 3
+
+    # The batch's transaction, after the one that took the leases: one statement before
+    # the handlers' savepoint (the bare loop's claim is one too), then the handlers.
+    first_effect = next(n for n, sql in enumerate(seen) if sql.startswith("INSERT INTO effects"))
+    opened = max(n for n in range(first_effect) if seen[n] == "COMMIT")
+    before = seen[opened + 1 : first_effect]
+    assert len(before) == 2, before
+    assert before[1].startswith("SAVEPOINT")
+    assert "set_config" in before[0] and "FOR UPDATE" in before[0]
+    # Its limit holds for the handlers: the group's handler timeout.
+    with effects.connect() as conn:
+        assert conn.execute(text("SELECT body FROM effects")).scalars().all() == ["7s"] * 3
+
+
 def _topic_with_effects(session: Session) -> str:
     """A registered topic whose handler writes one effect row per message."""
     topic = f"t.{uuid.uuid4().hex[:8]}"
