@@ -184,6 +184,7 @@ class LaneProcessor:
         busy_since: float | None = None  # since when every batch has been full
         handed: dict[int, float] = {}  # lanes handed off: not taken back before then
         acks_told = 0  # acks committed that ``linger`` was told of
+        claimed = False  # whether the last batch found rows
         try:
             # The leases are taken in a transaction of their own, so that a process that
             # ends in the middle of its first batch leaves them held: whoever takes them
@@ -242,7 +243,9 @@ class LaneProcessor:
                             if counted is None:
                                 careful.clear()  # nothing due there: back to whole batches
                     if counted is None:
-                        full, unblocked = self._batch(session, group, held, policies, report, claim)
+                        full, unblocked, claimed = self._batch(
+                            session, group, held, policies, report, claim
+                        )
                         more = full or unblocked
                         if budget.over() or (not more and letting_go):
                             if not letting_go:
@@ -280,7 +283,9 @@ class LaneProcessor:
                     busy_since = now
                 if counted is None and not finished and not more:
                     assert linger is not None
-                    found = self._await_rows(group, held, policies, budget, linger)
+                    found = self._await_rows(
+                        group, held, policies, budget, linger, probe_enough=claimed
+                    )
                     if found is None:
                         # Kicks send tasks again from here on; a commit before this is
                         # seen by the last look, one after it kicks a task of its own.
@@ -359,6 +364,7 @@ class LaneProcessor:
         policies: dict[str, _TopicPolicy],
         budget: Budget,
         linger: Linger,
+        probe_enough: bool = False,
     ) -> list[int] | None:
         """Wait for a due row in ``lanes``, or else in lanes nobody holds: the lanes with
         one (``lanes``' own first: an idle task takes on open lanes, a busy one leaves them
@@ -366,7 +372,13 @@ class LaneProcessor:
         workers under load and gathers in one task when it is light), or None when
         ``linger`` stops waiting or the budget ends. A task that ``linger`` says gathers
         also returns, every :data:`GATHER_EVERY_S`, the group's lanes that nobody holds,
-        rows or not, for it to take. The leases of ``lanes`` are renewed meanwhile."""
+        rows or not, for it to take. The leases of ``lanes`` are renewed meanwhile.
+
+        A task that holds every lane of its group, with ``probe_enough`` (its last batch
+        found rows), takes the probe's word that a row is due: its next batch claims in
+        every lane it holds anyway. Rows due but held back behind a failed row of their
+        key also answer the probe; a batch that then finds nothing makes the next wait
+        ask lane by lane again, so they cost no batch every poll."""
         s = self.settings
         scope = lane_scope(group)
         poll_s = s.lane_poll_ms / 1000
@@ -378,11 +390,12 @@ class LaneProcessor:
                 if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
                     return None
                 time.sleep(poll_s)
-                found = (
-                    self._open_lanes(conn, group, scope, policies)
-                    if conn.execute(queries.LANES_ANY_DUE, {"group": group}).scalar_one()
-                    else []
-                )
+                if not conn.execute(queries.LANES_ANY_DUE, {"group": group}).scalar_one():
+                    found = []
+                elif probe_enough and len(lanes) == s.lanes:
+                    return lanes
+                else:
+                    found = self._open_lanes(conn, group, scope, policies)
                 if found:
                     own = [n for n in found if n in lanes]
                     return own or found
@@ -490,12 +503,13 @@ class LaneProcessor:
         policies: dict[str, _TopicPolicy],
         report: LaneReport,
         claim: _Claim | None = None,
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, bool, bool]:
         """Process one locked batch in the session's transaction (``claim``: claimed
         already, with the leases).
 
-        Returns whether a lane filled its share of the batch (it may have more rows), and
-        whether a retried row finished (done or dead), which lets later rows of its key go.
+        Returns whether a lane filled its share of the batch (it may have more rows),
+        whether a retried row finished (done or dead), which lets later rows of its key
+        go, and whether it claimed any row.
         """
         if claim is None:
             per_lane = self._per_lane(lanes)
@@ -505,7 +519,7 @@ class LaneProcessor:
         ended, left = self._process(session, group, rows, policies, report, counted=False)
         unblocked = any(row.attempts > 0 for row in rows if row.id in ended)
         full = max(collections.Counter(row.lane for row in rows).values(), default=0) == per_lane
-        return full or left, unblocked
+        return full or left, unblocked, bool(rows)
 
     @staticmethod
     def _claim(

@@ -583,6 +583,62 @@ def test_a_lingering_lane_task_runs_rows_that_arrive_while_it_waits_then_lets_go
     assert owner is None  # and gave the lane back
 
 
+def test_a_lingering_task_holding_every_lane_runs_a_batch_on_the_probe_alone(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = _topic_with_effects(session)
+    _receive(session, topic, [("k1", {"n": 0})])
+    seen: list[str] = []
+    event.listen(effects, "before_cursor_execute", lambda *a: seen.append(a[2]))
+
+    class OneAtATime(_RecordingLinger):
+        def keep_waiting(self, idle_s: float) -> bool:
+            if self.waits > 47:  # a row on each of the first three waits
+                _receive(Session(effects), topic, [("k1", {"n": 50 - self.waits})])
+            return super().keep_waiting(idle_s)
+
+    processor = LaneProcessor(
+        settings.replace(lane_poll_ms=1), make_sessionmaker(effects), "worker-a"
+    )
+    every_lane = list(range(settings.lanes))
+    report = processor.run(GROUP, every_lane, linger=OneAtATime(None, waits=50))
+
+    assert report.done == 4
+    # Each row that came while it waited was found by the probe of the due rows' index
+    # alone: the task holds every lane, and its batch claims in each of them.
+    assert not [sql for sql in seen if "lane_count" in sql]  # LANES_OPEN_WITH_WORK
+
+
+def test_a_row_held_back_by_its_key_does_not_cost_a_batch_every_poll(
+    settings: Settings, effects: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic, ordered=True, retry_base_s=60.0)
+
+    @consumer.handler(topic)
+    def first_fails(message: consumer.Message, tx: Session) -> None:
+        if message.payload["n"] == 0:
+            raise ConnectionError("downstream down")
+
+    # The second row is due, but waits behind the first's backoff: the probe of due rows
+    # sees it on every poll.
+    _receive(session, topic, [("k1", {"n": 0}), ("k1", {"n": 1})])
+    seen: list[str] = []
+    event.listen(effects, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    processor = LaneProcessor(
+        settings.replace(lane_poll_ms=1), make_sessionmaker(effects), "worker-a"
+    )
+    linger = _RecordingLinger(None, waits=30)
+    report = processor.run(GROUP, list(range(settings.lanes)), linger=linger)
+
+    assert (report.failed, report.done) == (1, 0)
+    assert linger.waits == 0  # it waited its thirty polls
+    # The batch that failed the first row, the one right after it (the second row might
+    # have been free), and the last look as the task ends: not one per poll.
+    batches = [sql for sql in seen if "set_config" in sql]
+    assert len(batches) == 3
+
+
 def test_a_lingering_lane_task_has_each_batchs_acks_relayed_as_it_commits(
     settings: Settings, effects: Engine, session: Session
 ):
