@@ -479,8 +479,9 @@ CROSS JOIN LATERAL (
 ORDER BY m.id
 """)  # noqa: S608 (composed of constants only)
 
-# A batch's first round trip, when no lane is taken over: the leases of :lanes renewed (or
-# taken, its own first), the batch's statements limited to :timeout_ms from here on, and
+# A batch's first round trip (unless a lane was taken over from a holder that ended
+# mid-batch, which goes the careful way): the leases of :lanes renewed (or taken, its own
+# first), the batch's statements limited to :timeout_ms from here on, and
 # up to :per_lane due rows of each granted lane locked, in id order. A granted lane comes
 # with its rows, or once with no row (id NULL, last), so that every granted lane is known.
 LEASE_CLAIM_LANE = _sql(f"""
@@ -503,7 +504,8 @@ ORDER BY m.id
 
 # A lingering lane task's first look, and most often its only one: whether any of the
 # group's rows is due, in whatever lane (a probe of its due rows' index, a fifth of the
-# cost of LANES_OPEN_WITH_WORK, which follows only when this finds one).
+# cost of LANES_OPEN_WITH_WORK, which follows only when this finds one, and the task does
+# not hold every lane of its group with a last batch that found rows).
 LANES_ANY_DUE = _sql("""
 SELECT EXISTS (
     SELECT 1 FROM inbox_messages m
