@@ -459,46 +459,47 @@ AND (m.key IS NULL OR m.topic = ANY(CAST(:unordered_topics AS text[])) OR (
 """  # noqa: S608 (composed of constants only)
 
 
-# Due rows of the leased lanes, each lane in Kafka order (ids follow the poll order):
-# up to :per_lane rows from each lane, so that a busy lane does not crowd the others out
-# of a batch. Rows are locked for the processing transaction, so even two tasks on one
-# lane (a lease lost to a stall) never run a row twice.
-CLAIM_LANE = _sql(f"""
-SELECT m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts,
-       m.partition, m."offset", m.lane, m.retries
-FROM unnest(CAST(:lanes AS int[])) AS l(lane)
-CROSS JOIN LATERAL (
+# The columns of a claimed inbox row, and a lane's due rows (the lane that ``lane`` names),
+# each lane in Kafka order (ids follow the poll order): up to :per_lane rows from each
+# lane, so that a busy lane does not crowd the others out of a batch. Rows are locked for
+# the processing transaction, so even two tasks on one lane (a lease lost to a stall)
+# never run a row twice.
+_CLAIMED_COLUMNS = """m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts,
+       m.partition, m."offset", m.lane, m.retries"""
+
+
+def _due_rows(lane: str) -> str:
+    return f"""
     SELECT * FROM inbox_messages m
-    WHERE {_lane_row_ready("= l.lane")}
+    WHERE {_lane_row_ready(lane)}
       -- backoff after a failed attempt has elapsed
       AND m.next_attempt_at <= now()
     ORDER BY m.id
     LIMIT :per_lane
     FOR UPDATE SKIP LOCKED
-) m
+"""  # noqa: S608 (composed of constants only)
+
+
+# The due rows of the leased lanes.
+CLAIM_LANE = _sql(f"""
+SELECT {_CLAIMED_COLUMNS}
+FROM unnest(CAST(:lanes AS int[])) AS l(lane)
+CROSS JOIN LATERAL ({_due_rows("= l.lane")}) m
 ORDER BY m.id
 """)  # noqa: S608 (composed of constants only)
 
 # A batch's first round trip (unless a lane was taken over from a holder that ended
 # mid-batch, which goes the careful way): the leases of :lanes renewed (or taken, its own
-# first), the batch's statements limited to :timeout_ms from here on, and
-# up to :per_lane due rows of each granted lane locked, in id order. A granted lane comes
-# with its rows, or once with no row (id NULL, last), so that every granted lane is known.
+# first), the batch's statements limited to :timeout_ms from here on, and the due rows of
+# each granted lane locked, in id order. A granted lane comes with its rows, or once with
+# no row (id NULL, last), so that every granted lane is known.
 LEASE_CLAIM_LANE = _sql(f"""
 WITH {_ACQUIRE.format(candidates="CAST(:lanes AS int[])")},
 limited AS (SELECT set_config('statement_timeout', :timeout_ms, true) AS ms)
-SELECT g.bucket AS held, m.id, m.message_id, m.topic, m.key, m.payload, m.headers,
-       m.attempts, m.partition, m."offset", m.lane, m.retries
+SELECT g.bucket AS held, {_CLAIMED_COLUMNS}
 FROM limited
 LEFT JOIN granted g ON true
-LEFT JOIN LATERAL (
-    SELECT * FROM inbox_messages m
-    WHERE {_lane_row_ready("= g.bucket")}
-      AND m.next_attempt_at <= now()
-    ORDER BY m.id
-    LIMIT :per_lane
-    FOR UPDATE SKIP LOCKED
-) m ON true
+LEFT JOIN LATERAL ({_due_rows("= g.bucket")}) m ON true
 ORDER BY m.id
 """)  # noqa: S608 (composed of constants only)
 
