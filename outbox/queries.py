@@ -160,6 +160,13 @@ SELECT EXISTS (
 
 # Whether a row is sendable now in a bucket no other relay holds: what a lingering relay
 # looks for (read only; rows of another relay's buckets are that relay's to send).
+#
+# The looks bucket by bucket (or lane by lane) here and below ask for each one's first
+# row with a scalar subquery and LIMIT 1, which PostgreSQL runs once per bucket and
+# ends at the first row it finds. Written as EXISTS, the probe may be planned as a hash
+# semi join, which reads every waiting row of the table: the plan PostgreSQL picks when
+# its statistics were taken with few rows waiting, and then each look costs a scan of
+# the whole backlog (a test checks the plan).
 RELAY_HAS_WORK = _sql("""
 SELECT EXISTS (
     SELECT 1 FROM generate_series(0, :buckets - 1) AS b
@@ -168,9 +175,10 @@ SELECT EXISTS (
         WHERE l.scope = :scope AND l.bucket = b AND l.owner <> :owner
           AND l.expires_at > now()
     )
-    AND EXISTS (
-        SELECT 1 FROM outbox_messages m
+    AND (
+        SELECT true FROM outbox_messages m
         WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+        LIMIT 1
     )
 )
 """)
@@ -276,9 +284,10 @@ SELECT bucket, fencing_token, taken_over FROM granted
 RELAY_LEASE = _sql(f"""
 WITH with_work AS (
     SELECT b FROM generate_series(0, :buckets - 1) AS b
-    WHERE EXISTS (
-        SELECT 1 FROM outbox_messages m
+    WHERE (
+        SELECT true FROM outbox_messages m
         WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+        LIMIT 1
     )
 ),
 {_ACQUIRE.format(candidates="ARRAY(SELECT b FROM with_work)")}
@@ -526,10 +535,11 @@ WHERE NOT EXISTS (
     WHERE x.scope = :scope AND x.bucket = l.lane AND x.owner IS DISTINCT FROM :owner
       AND x.expires_at > now()
 )
-AND EXISTS (
-    SELECT 1 FROM inbox_messages m
+AND (
+    SELECT true FROM inbox_messages m
     WHERE {_lane_row_ready("= l.lane")}
       AND m.next_attempt_at <= now() - make_interval(secs => :waited_s)
+    LIMIT 1
 )
 """)  # noqa: S608 (composed of constants only)
 

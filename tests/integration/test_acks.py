@@ -21,6 +21,7 @@ from outbox.relay import Relay
 from outbox.settings import Settings
 from outbox.wire import ACK_TOPIC
 from tests.inbox import receive
+from tests.plans import rows_read
 
 
 def _topic_with_groups(session: Session, topic: str) -> None:
@@ -290,17 +291,6 @@ def test_a_lane_batch_of_acks_moves_each_delivery_as_one_by_one_would(
     }
 
 
-def _rows_read(plan: dict, table: str) -> float:
-    """Rows of ``table`` that a plan's scans read (returned or dropped by a filter), and
-    the rows that its joins dropped, over every loop."""
-    node = plan.get("Plan", plan)
-    fields = ["Rows Removed by Join Filter"]
-    if node.get("Relation Name") == table and "Scan" in node["Node Type"]:
-        fields += ["Actual Rows", "Rows Removed by Filter"]
-    read = sum(node.get(field, 0) * node.get("Actual Loops", 1) for field in fields)
-    return read + sum(_rows_read(child, table) for child in node.get("Plans", []))
-
-
 def test_a_burst_of_acks_reads_each_delivery_once_whatever_the_statistics_say(
     engine, session: Session, topic: str
 ):
@@ -331,6 +321,6 @@ def test_a_burst_of_acks_reads_each_delivery_once_whatever_the_statistics_say(
 
     # Each ack finds its delivery by index: a few rows read per ack, not a scan of the
     # waiting deliveries per ack (or of the acks per delivery)
-    assert _rows_read(plan, "deliveries") <= 3 * len(acks)
+    assert rows_read(plan, "deliveries") <= 3 * len(acks)
     acked = select(func.count()).select_from(Delivery).where(Delivery.instance_id == "w1")
     assert session.scalar(acked) == 500

@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session
 import consumer
 from consumer import Consumer
 from consumer.lanes import LaneProcessor, lane_scope
-from outbox import leases
+from outbox import leases, queries
 from outbox.db import make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.models import ConsumerGroup, InboxMessage, Topic
 from outbox.settings import Settings
 from tests.inbox import receive
+from tests.plans import rows_read
 
 GROUP = "billing"
 LANE = 3
@@ -470,6 +471,39 @@ class _RecordingLinger:
 
     def hand_off(self, group: str, lanes: Any) -> None:
         raise AssertionError("no lane is handed off while no pool process is free")
+
+
+def test_the_look_for_lanes_with_work_reads_a_row_per_lane_whatever_the_statistics_say(
+    settings: Settings, engine: Engine, session: Session
+):
+    topic = f"t.{uuid.uuid4().hex[:8]}"
+    _register(session, topic)
+    # Statistics taken in a quiet moment: every row done
+    receive(session, GROUP, topic, [(f"k{i}", {"n": i}) for i in range(200)], status="done")
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE inbox_messages"))
+    # then a backlog: 3,000 rows wait over the group's lanes
+    per_lane = 3000 // settings.lanes
+    for lane in range(settings.lanes):
+        messages = [(f"k{lane}.{i % 50}", {"n": i}) for i in range(per_lane)]
+        receive(session, GROUP, topic, messages, lane=lane)
+    params = {
+        "group": GROUP,
+        "scope": lane_scope(GROUP),
+        "owner": "lanes-under-test",
+        "lane_count": settings.lanes,
+        "waited_s": 0.0,
+        "unordered_topics": [],
+        "holding_topics": [],
+    }
+
+    (plan,) = session.execute(
+        text("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.LANES_OPEN_WITH_WORK.text), params
+    ).scalar_one()
+    session.rollback()
+
+    # Each lane's probe reads its first row: not a scan of the whole backlog
+    assert rows_read(plan, "inbox_messages") <= settings.lanes
 
 
 def test_a_lingering_lane_task_looks_for_rows_on_one_connection_one_statement_each(

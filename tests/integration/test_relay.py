@@ -13,7 +13,7 @@ from confluent_kafka.admin import NewTopic
 from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
-from outbox import Message, Publisher
+from outbox import Message, Publisher, leases, queries
 from outbox import producer as producer_module
 from outbox.db import make_sessionmaker
 from outbox.errors import SettingsError
@@ -24,6 +24,7 @@ from outbox.registry import register_topic
 from outbox.relay import Relay
 from outbox.settings import Settings
 from tests.kafka_helpers import consume_all
+from tests.plans import rows_read
 
 
 @pytest.fixture
@@ -227,6 +228,39 @@ def test_a_trickle_over_every_bucket_goes_out_in_one_pass_and_a_backlog_is_share
     held_b = _lease(other, {})
     assert len(held_a) == len(held_b) == 8
     assert not set(held_a) & set(held_b)
+
+
+def test_the_looks_for_buckets_with_work_read_a_row_per_bucket_whatever_the_statistics_say(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    # Statistics taken in a quiet moment: every row sent
+    publisher.publish_batch(session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(200)])
+    session.execute(text("UPDATE outbox_messages SET status = 'sent', sent_at = now()"))
+    session.commit()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE outbox_messages"))
+    # then a backlog: 3,000 rows wait over the 16 buckets
+    publisher.publish_batch(
+        session, [Message(topic, {"n": i}, key=f"k{i % 100}") for i in range(3000)]
+    )
+    session.commit()
+    params = {
+        "scope": leases.RELAY_SCOPE,
+        "owner": "relay-under-test",
+        "buckets": relay_settings.buckets,
+        "limit": relay_settings.buckets,
+        "lease_s": 30,
+    }
+
+    for query in (queries.RELAY_LEASE, queries.RELAY_HAS_WORK):
+        (plan,) = session.execute(
+            text("EXPLAIN (ANALYZE, FORMAT JSON) " + query.text), params
+        ).scalar_one()
+        session.rollback()
+        # Each bucket's probe reads its first row: not a scan of the whole backlog
+        assert rows_read(plan, "outbox_messages") <= relay_settings.buckets
 
 
 def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
