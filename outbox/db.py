@@ -40,12 +40,33 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 @contextlib.contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """One of ``engine``'s pooled connections in autocommit while the block runs: each
+    statement commits on its own, with no BEGIN or COMMIT.
+
+    The driver's own switch is turned, and turned back before the connection goes back to
+    the pool, as SQLAlchemy's pool does for its ping. SQLAlchemy's ``isolation_level=
+    "AUTOCOMMIT"`` option would leave psycopg2 with an explicit isolation level once the
+    pool reset it, and every later transaction on that connection would cost one more
+    round trip (``SET default_transaction_isolation TO DEFAULT`` before its BEGIN)."""
+    with engine.connect() as conn:
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        driver.autocommit = True
+        try:
+            yield conn
+        finally:
+            if not driver.closed:
+                driver.autocommit = False
+
+
+@contextlib.contextmanager
 def polling(sessions: sessionmaker[Session]) -> Iterator[Connection]:
     """One connection of ``sessions``' engine, in autocommit, for a loop of read-only looks
     (a lingering task's polls): each look is one round trip, where a session of its own
     costs four (the pool's ping as it is checked out, BEGIN, the look, ROLLBACK)."""
-    with sessions.kw["bind"].connect() as conn:
-        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+    with autocommit(sessions.kw["bind"]) as conn:
+        yield conn
 
 
 def int_array(values: Iterable[int | None]) -> str:

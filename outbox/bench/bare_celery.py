@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 
 import celeryconfig
 from outbox.bench import bare
-from outbox.db import make_engine
+from outbox.db import autocommit, make_engine
 from outbox.health import redis_client
 from outbox.settings import Settings
 
@@ -158,7 +158,7 @@ def exclusively(engine: Engine, lock: int, work: Callable[[], int], more: TextCl
     once more (``more``): a task that found the lock held ended, and left its rows to this
     look. Returns what ``work`` did; 0 when another task holds the lock."""
     done = 0
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with autocommit(engine) as conn:
         while conn.execute(TRY_LOCK, {"lock": lock}).scalar_one():
             try:
                 while found := work():

@@ -42,7 +42,7 @@ from outbox.bench.env import fresh_broker
 from outbox.bench.handlers import SCHEMA, TOPIC, TOPIC_ACKED
 from outbox.bench.latency import PUBLISHERS, offer_load, percentile
 from outbox.bench.report import Report, progress
-from outbox.db import make_engine, make_sessionmaker
+from outbox.db import autocommit, make_engine, make_sessionmaker
 from outbox.devstack import processes
 from outbox.kafka import admin_client, ensure_topics
 from outbox.publishing import Message, Publisher
@@ -125,7 +125,7 @@ class Side:
         deadline = time.monotonic() + timeout_s
         while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.1)
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with autocommit(self.engine) as conn:
             conn.execute(text("VACUUM (ANALYZE)"))
 
     def _in_flight(self) -> int:

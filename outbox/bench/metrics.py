@@ -20,7 +20,7 @@ from sqlalchemy import Engine, text
 
 from outbox.bench.latency import percentile
 from outbox.bench.report import Report, progress
-from outbox.db import make_engine, make_sessionmaker
+from outbox.db import autocommit, make_engine, make_sessionmaker
 from outbox.devstack import processes
 from outbox.devstack.server import free_port
 from outbox.heartbeat import record_heartbeat
@@ -73,8 +73,8 @@ def fill(settings: Settings, engine: Engine, rows: int) -> None:
             )
     with engine.begin() as conn:
         conn.execute(_FILL_INBOX, {"group": GROUP, "count": rows // 10})
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+    with autocommit(engine) as conn:
+        conn.execute(text("VACUUM ANALYZE"))
 
 
 def _gunicorn(settings: Settings) -> tuple[processes.Process, str]:

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, text
 
 from outbox.bench import bare
 from outbox.bench.report import Report, progress
-from outbox.db import make_engine, make_sessionmaker
+from outbox.db import autocommit, make_engine, make_sessionmaker
 from outbox.devstack import processes
 from outbox.kafka import admin_client, ensure_topics
 from outbox.publishing import Message, Publisher
@@ -45,8 +45,8 @@ def fill(settings: Settings, rows: int, payload_bytes: int, keys: int) -> float:
         session.execute(text("TRUNCATE outbox_messages"))
         session.execute(text("DELETE FROM leases"))
         register_topic(session, TOPIC)
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+    with autocommit(engine) as conn:
+        conn.execute(text("VACUUM ANALYZE"))
     publisher = Publisher(settings)
     started = time.perf_counter()
     for start in range(0, rows, 1000):
@@ -146,8 +146,8 @@ def bare_fill(settings: Settings, rows: int, payload_bytes: int, keys: int) -> f
     engine = make_engine(settings)
     bare.create_schema(engine)
     bare.truncate(engine)
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+    with autocommit(engine) as conn:
+        conn.execute(text("VACUUM ANALYZE"))
     started = time.perf_counter()
     for start in range(0, rows, 1000):
         with engine.begin() as conn:

@@ -40,7 +40,7 @@ from outbox.bench.latency import PUBLISHERS, offer_load, percentile
 from outbox.bench.relay import drain, fill
 from outbox.bench.report import Report, progress
 from outbox.bench.retry_handlers import TOPIC_NONE, TOPIC_SOME
-from outbox.db import make_engine, make_sessionmaker
+from outbox.db import autocommit, make_engine, make_sessionmaker
 from outbox.devstack import processes
 from outbox.kafka import admin_client, ensure_topics
 from outbox.publishing import Publisher
@@ -159,9 +159,9 @@ def run(
     alone, together = _relay_rounds(s, engine, rows, rounds)
     with engine.begin() as conn:
         conn.execute(text("TRUNCATE outbox_messages, deliveries"))
-    with engine.connect() as conn:
+    with autocommit(engine) as conn:
         # leaves autovacuum nothing to do: its transactions would count as background
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+        conn.execute(text("VACUUM ANALYZE"))
     specs = [
         processes.worker(s, "bench", concurrency=workers).with_env(
             OUTBOX_BENCH_FAIL_PERCENT=str(fail_percent)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher, leases, queries
 from outbox import producer as producer_module
-from outbox.db import make_sessionmaker
+from outbox.db import make_engine, make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
@@ -461,6 +461,48 @@ def test_a_lingering_relay_looks_for_new_rows_on_one_connection_one_statement_ea
     # due anywhere, the look is the cheap one, and the one per bucket or lane never runs.
     assert len(during) == 19
     assert all("outbox_messages" in sql and "generate_series" not in sql for sql in during)
+
+
+def test_a_connection_that_served_a_lingering_relays_looks_goes_back_to_the_pool_as_it_came(
+    relay_settings, topic
+):
+    # One connection, so the relay's transactions and its looks all use it
+    engine = make_engine(relay_settings, pool_size=1, max_overflow=0)
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        _register(session, topic)
+        Publisher(relay_settings).publish(session, topic, {"n": 1}, key="k")
+        session.commit()
+    with engine.connect() as conn:
+        driver = conn.connection.dbapi_connection
+        before = (driver.autocommit, driver.isolation_level)
+
+    class Twice:
+        waits = 3
+
+        def hold(self) -> bool:
+            return True
+
+        def keep_waiting(self, idle_s: float) -> bool:
+            self.waits -= 1
+            return self.waits > 0
+
+        def let_go(self) -> None:
+            pass
+
+        def backlog(self, found: bool) -> None:
+            pass
+
+    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=sessions)
+    assert relay.run(budget_s=30, linger=Twice()).sent == 1
+
+    # The looks ran in autocommit, and the connection went back with the driver's own
+    # settings: its next transaction starts with a plain BEGIN, not with a reset of the
+    # isolation level first (a round trip more for every transaction after the looks)
+    with engine.connect() as conn:
+        driver = conn.connection.dbapi_connection
+        assert (driver.autocommit, driver.isolation_level) == before == (False, None)
+    engine.dispose()
 
 
 def test_a_lingering_relay_lets_kicks_through_while_its_claims_find_a_backlog(
