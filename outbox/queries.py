@@ -149,17 +149,27 @@ SELECT EXISTS (
 )
 """)
 
+# An outbox row ``m`` that per-key order lets go: no earlier row of its key waits after
+# an error (to be retried, or for its topic).
+_NOT_HELD_BACK = """NOT EXISTS (
+    SELECT 1 FROM outbox_messages f
+    WHERE f.status = 'pending' AND f.last_error IS NOT NULL
+      AND f.bucket = m.bucket AND f.key = m.key AND f.id < m.id
+)"""
+
 # A lingering relay's first look, and most often its only one: whether any row could be
 # sent now, wherever it is (a probe of the claim index, cheaper to plan and run than
-# RELAY_HAS_WORK, which follows only when this finds one).
+# RELAY_HAS_WORK, which follows only when this finds one and the relay's last pass did
+# not find rows in nearly empty buckets).
 RELAY_ANY_DUE = _sql("""
 SELECT EXISTS (
     SELECT 1 FROM outbox_messages m WHERE m.status = 'pending' AND m.available_at <= now()
 )
 """)
 
-# Whether a row is sendable now in a bucket no other relay holds: what a lingering relay
-# looks for (read only; rows of another relay's buckets are that relay's to send).
+# Whether a row is sendable now (due, and not held back behind a failed row of its key)
+# in a bucket no other relay holds: what a lingering relay looks for (read only; rows of
+# another relay's buckets are that relay's to send).
 #
 # The looks bucket by bucket (or lane by lane) here and below ask for each one's first
 # row with a scalar subquery and LIMIT 1, which PostgreSQL runs once per bucket and
@@ -167,7 +177,7 @@ SELECT EXISTS (
 # semi join, which reads every waiting row of the table: the plan PostgreSQL picks when
 # its statistics were taken with few rows waiting, and then each look costs a scan of
 # the whole backlog (a test checks the plan).
-RELAY_HAS_WORK = _sql("""
+RELAY_HAS_WORK = _sql(f"""
 SELECT EXISTS (
     SELECT 1 FROM generate_series(0, :buckets - 1) AS b
     WHERE NOT EXISTS (
@@ -178,10 +188,12 @@ SELECT EXISTS (
     AND (
         SELECT true FROM outbox_messages m
         WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+          -- a row held back behind a failed row of its key is no work until that is sent
+          AND {_NOT_HELD_BACK}
         LIMIT 1
     )
 )
-""")
+""")  # noqa: S608 (composed of constants only)
 
 # A process that stops cleanly leaves at once rather than when it goes silent.
 AGENT_GONE = _sql("UPDATE agents SET active = false WHERE instance_id = :instance")
@@ -307,7 +319,7 @@ RELEASE_LEASES = _sql(_RELEASE_LEASES)
 # bucket's lease is checked and renewed in the same statement, and records the claim:
 # a row claim never outlives its bucket's lease, and no relay claims in a bucket while
 # rows of an earlier claim there (a relay that stalled, died or let go) are unsettled.
-CLAIM_BATCH = _sql("""
+CLAIM_BATCH = _sql(f"""
 WITH held AS (
     SELECT l.bucket FROM leases l
     WHERE l.scope = :scope AND l.bucket = ANY(CAST(:buckets AS int[]))
@@ -337,11 +349,7 @@ claimable AS (
                   AND (m.lease_expires_at IS NULL OR m.lease_expires_at < now())
                   -- per-key order: while an earlier row of the key waits after an error
                   -- (to be retried, or for its topic), later ones wait
-                  AND NOT EXISTS (
-                      SELECT 1 FROM outbox_messages f
-                      WHERE f.status = 'pending' AND f.last_error IS NOT NULL
-                        AND f.bucket = m.bucket AND f.key = m.key AND f.id < m.id
-                  )
+                  AND {_NOT_HELD_BACK}
                 ORDER BY m.id
                 LIMIT :per_bucket
                 FOR UPDATE SKIP LOCKED
@@ -369,7 +377,7 @@ claimed AS (
 )
 -- in id order: the order they are produced in
 SELECT * FROM claimed ORDER BY id
-""")
+""")  # noqa: S608 (composed of constants only)
 
 # A claim's rows are settled (marked or given back): its buckets take claims again; the
 # buckets in :release (the relay's, when it ends its pass) are given back with it.

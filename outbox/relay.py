@@ -175,8 +175,11 @@ class Relay:
                 watched = linger if lingering else None
                 try:
                     self._drain(budget, report, helping=lingering, linger=watched)
-                    while lingering and self._await_rows(budget, linger):
+                    found = report.batches > 0
+                    while lingering and self._await_rows(budget, linger, found and self._light):
+                        before = report.batches
                         self._drain(budget, report, linger=watched)
+                        found = report.batches > before
                 finally:
                     # A commit before this is seen by the last look; one after it kicks.
                     linger.let_go()
@@ -189,9 +192,16 @@ class Relay:
             log.info("relay %s: %s", self.owner, report.as_dict())
         return report
 
-    def _await_rows(self, budget: Budget, linger: Linger) -> bool:
+    def _await_rows(self, budget: Budget, linger: Linger, probe_enough: bool = False) -> bool:
         """Wait for a sendable row: True once there is one, False when ``linger`` stops
-        waiting, the budget ends or the circuit opens."""
+        waiting, the budget ends or the circuit opens.
+
+        ``probe_enough``: the last pass found rows, and its buckets were nearly empty, so
+        the next lease takes every bucket with work. Then the probe's word that a row is
+        due anywhere is enough, without the look bucket by bucket for one that no other
+        relay holds. A row in another relay's bucket, or one held back behind a failed
+        row of its key, also answers the probe: a pass that then sends nothing makes the
+        next wait look bucket by bucket again, so such rows cost no lease every poll."""
         poll_s = self.settings.relay_poll_ms / 1000
         params = {"scope": SCOPE, "owner": self.owner, "buckets": self.settings.buckets}
         idle_since = time.monotonic()
@@ -201,9 +211,8 @@ class Relay:
                 if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
                     return False
                 time.sleep(poll_s)
-                if (
-                    conn.execute(queries.RELAY_ANY_DUE).scalar_one()
-                    and conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
+                if conn.execute(queries.RELAY_ANY_DUE).scalar_one() and (
+                    probe_enough or conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
                 ):
                     return True
         return False

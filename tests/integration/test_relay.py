@@ -463,6 +463,89 @@ def test_a_lingering_relay_looks_for_new_rows_on_one_connection_one_statement_ea
     assert all("outbox_messages" in sql and "generate_series" not in sql for sql in during)
 
 
+class _Arriving:
+    """A relay's linger that commits a row on each of its first ``arrivals`` waits."""
+
+    def __init__(self, engine, publisher: Publisher, topic: str, arrivals: int, waits: int):
+        self.engine, self.publisher, self.topic = engine, publisher, topic
+        self.arrivals, self.waits = arrivals, waits
+
+    def hold(self) -> bool:
+        return True
+
+    def keep_waiting(self, idle_s: float) -> bool:
+        if self.arrivals:
+            self.arrivals -= 1
+            with Session(self.engine) as other:
+                self.publisher.publish(other, self.topic, {"n": self.arrivals}, key="k")
+                other.commit()
+        self.waits -= 1
+        return self.waits > 0
+
+    def let_go(self) -> None:
+        pass
+
+    def backlog(self, found: bool) -> None:
+        pass
+
+
+def _is_bucket_by_bucket_look(sql: str) -> bool:
+    return "l.owner <>" in sql  # RELAY_HAS_WORK
+
+
+def test_a_lingering_relay_goes_from_the_probe_to_its_pass_after_a_pass_that_found_rows(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    publisher.publish(session, topic, {"n": 9}, key="k")
+    session.commit()
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
+
+    report = relay.run(budget_s=30, linger=_Arriving(engine, publisher, topic, 3, waits=50))
+
+    assert report.sent == 4
+    # Each row that came while it waited was found by the probe of the claim index alone:
+    # its last pass found rows in nearly empty buckets, and its next lease takes every
+    # bucket with work.
+    assert not [sql for sql in seen if _is_bucket_by_bucket_look(sql)]
+
+
+def test_a_row_held_back_by_its_key_costs_a_lingering_relay_no_lease_every_poll(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    first, second = (publisher.publish(session, topic, {"n": n}, key="k") for n in (0, 1))
+    # The first row failed and backs off for a minute; the second is due, but waits
+    # behind it: the probe of the claim index sees it on every poll.
+    session.execute(
+        text(
+            "UPDATE outbox_messages SET attempts = 1, last_error = 'boom', "
+            "available_at = now() + interval '60 seconds' WHERE message_id = :id"
+        ),
+        {"id": first},
+    )
+    session.commit()
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
+
+    linger = _Arriving(engine, publisher, topic, 0, waits=30)
+    report = relay.run(budget_s=30, linger=linger)
+
+    assert report.sent == 0 and linger.waits == 0  # it waited its thirty polls
+    # The lease of the first pass and of the last look as the task ends: not one per poll
+    # (each a write to the lease rows, and a claim that finds nothing)
+    leases_taken = [sql for sql in seen if "WITH with_work" in sql]  # RELAY_LEASE
+    assert len(leases_taken) == 2
+    session.expire_all()
+    waiting = session.scalars(select(OutboxMessage).where(OutboxMessage.message_id == second))
+    assert waiting.one().status == "pending"  # and the later row still waits its turn
+
+
 def test_a_connection_that_served_a_lingering_relays_looks_goes_back_to_the_pool_as_it_came(
     relay_settings, topic
 ):
