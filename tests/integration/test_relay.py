@@ -560,24 +560,9 @@ def test_a_connection_that_served_a_lingering_relays_looks_goes_back_to_the_pool
         driver = conn.connection.dbapi_connection
         before = (driver.autocommit, driver.isolation_level)
 
-    class Twice:
-        waits = 3
-
-        def hold(self) -> bool:
-            return True
-
-        def keep_waiting(self, idle_s: float) -> bool:
-            self.waits -= 1
-            return self.waits > 0
-
-        def let_go(self) -> None:
-            pass
-
-        def backlog(self, found: bool) -> None:
-            pass
-
     relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=sessions)
-    assert relay.run(budget_s=30, linger=Twice()).sent == 1
+    linger = _Arriving(engine, Publisher(relay_settings), topic, 0, waits=3)
+    assert relay.run(budget_s=30, linger=linger).sent == 1
 
     # The looks ran in autocommit, and the connection went back with the driver's own
     # settings: its next transaction starts with a plain BEGIN, not with a reset of the
