@@ -290,15 +290,16 @@ SELECT bucket, fencing_token, taken_over FROM granted
 """)  # noqa: S608 (composed of constants only)
 
 # The relay's lease in one round trip: the buckets holding rows it could send now (a probe
-# of the claim index per bucket), and up to :limit of them taken or renewed, its own
-# first. Returns each granted bucket with its fencing token, and on every row (one at
-# least) the buckets with work.
+# of the claim index per bucket; a row held back behind a failed row of its key is none),
+# and up to :limit of them taken or renewed, its own first. Returns each granted bucket
+# with its fencing token, and on every row (one at least) the buckets with work.
 RELAY_LEASE = _sql(f"""
 WITH with_work AS (
     SELECT b FROM generate_series(0, :buckets - 1) AS b
     WHERE (
         SELECT true FROM outbox_messages m
         WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+          AND {_NOT_HELD_BACK}
         LIMIT 1
     )
 ),

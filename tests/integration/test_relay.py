@@ -513,6 +513,18 @@ def test_a_lingering_relay_goes_from_the_probe_to_its_pass_after_a_pass_that_fou
     assert not [sql for sql in seen if _is_bucket_by_bucket_look(sql)]
 
 
+def _failed(session: Session, message_id: uuid.UUID, retry_in_s: float) -> None:
+    """Make a row one whose delivery failed, to be retried in ``retry_in_s``."""
+    session.execute(
+        text(
+            "UPDATE outbox_messages SET attempts = 1, last_error = 'boom', "
+            "available_at = now() + make_interval(secs => :s) WHERE message_id = :id"
+        ),
+        {"id": message_id, "s": retry_in_s},
+    )
+    session.commit()
+
+
 def test_a_row_held_back_by_its_key_costs_a_lingering_relay_no_lease_every_poll(
     relay_settings, engine, session, topic
 ):
@@ -521,14 +533,7 @@ def test_a_row_held_back_by_its_key_costs_a_lingering_relay_no_lease_every_poll(
     first, second = (publisher.publish(session, topic, {"n": n}, key="k") for n in (0, 1))
     # The first row failed and backs off for a minute; the second is due, but waits
     # behind it: the probe of the claim index sees it on every poll.
-    session.execute(
-        text(
-            "UPDATE outbox_messages SET attempts = 1, last_error = 'boom', "
-            "available_at = now() + interval '60 seconds' WHERE message_id = :id"
-        ),
-        {"id": first},
-    )
-    session.commit()
+    _failed(session, first, retry_in_s=60)
     seen: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
     relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
@@ -544,6 +549,26 @@ def test_a_row_held_back_by_its_key_costs_a_lingering_relay_no_lease_every_poll(
     session.expire_all()
     waiting = session.scalars(select(OutboxMessage).where(OutboxMessage.message_id == second))
     assert waiting.one().status == "pending"  # and the later row still waits its turn
+
+
+def test_a_bucket_whose_due_rows_all_wait_behind_a_failed_row_of_their_key_is_not_leased(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    first, _ = (publisher.publish(session, topic, {"n": n}, key="k") for n in (0, 1))
+    _failed(session, first, retry_in_s=60)
+    relay = Relay(relay_settings, sessions=make_sessionmaker(engine))
+
+    # The second row is due, but nothing in its bucket can be sent: no lease, and no
+    # work seen elsewhere
+    with relay.sessions.begin() as tx:
+        assert relay._lease(tx, {}) == ({}, False)
+    # Once the failed row is due again, the bucket has work
+    _failed(session, first, retry_in_s=0)
+    with relay.sessions.begin() as tx:
+        granted, _ = relay._lease(tx, {})
+    assert len(granted) == 1
 
 
 def test_a_connection_that_served_a_lingering_relays_looks_goes_back_to_the_pool_as_it_came(
