@@ -525,15 +525,21 @@ def _failed(session: Session, message_id: uuid.UUID, retry_in_s: float) -> None:
     session.commit()
 
 
+def _held_back(session: Session, publisher: Publisher, topic: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two rows of one key; the first failed and is retried in a minute."""
+    _register(session, topic)
+    first, second = (publisher.publish(session, topic, {"n": n}, key="k") for n in (0, 1))
+    _failed(session, first, retry_in_s=60)
+    return first, second
+
+
 def test_a_row_held_back_by_its_key_costs_a_lingering_relay_no_lease_every_poll(
     relay_settings, engine, session, topic
 ):
-    _register(session, topic)
     publisher = Publisher(relay_settings)
-    first, second = (publisher.publish(session, topic, {"n": n}, key="k") for n in (0, 1))
     # The first row failed and backs off for a minute; the second is due, but waits
     # behind it: the probe of the claim index sees it on every poll.
-    _failed(session, first, retry_in_s=60)
+    _, second = _held_back(session, publisher, topic)
     seen: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
     relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
@@ -554,10 +560,7 @@ def test_a_row_held_back_by_its_key_costs_a_lingering_relay_no_lease_every_poll(
 def test_a_bucket_whose_due_rows_all_wait_behind_a_failed_row_of_their_key_is_not_leased(
     relay_settings, engine, session, topic
 ):
-    _register(session, topic)
-    publisher = Publisher(relay_settings)
-    first, _ = (publisher.publish(session, topic, {"n": n}, key="k") for n in (0, 1))
-    _failed(session, first, retry_in_s=60)
+    first, _ = _held_back(session, Publisher(relay_settings), topic)
     relay = Relay(relay_settings, sessions=make_sessionmaker(engine))
 
     # The second row is due, but nothing in its bucket can be sent: no lease, and no
