@@ -60,13 +60,11 @@ def autocommit(engine: Engine) -> Iterator[Connection]:
                 driver.autocommit = False
 
 
-@contextlib.contextmanager
-def polling(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+def polling(sessions: sessionmaker[Session]) -> contextlib.AbstractContextManager[Connection]:
     """One connection of ``sessions``' engine, in autocommit, for a loop of read-only looks
     (a lingering task's polls): each look is one round trip, where a session of its own
     costs four (the pool's ping as it is checked out, BEGIN, the look, ROLLBACK)."""
-    with autocommit(sessions.kw["bind"]) as conn:
-        yield conn
+    return autocommit(sessions.kw["bind"])
 
 
 def int_array(values: Iterable[int | None]) -> str:

@@ -157,6 +157,15 @@ _NOT_HELD_BACK = """NOT EXISTS (
       AND f.bucket = m.bucket AND f.key = m.key AND f.id < m.id
 )"""
 
+# Whether bucket ``b`` holds a row to send now: due, and not held back behind a failed row
+# of its key (see RELAY_HAS_WORK for why a scalar subquery).
+_BUCKET_HAS_WORK = f"""(
+    SELECT true FROM outbox_messages m
+    WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+      AND {_NOT_HELD_BACK}
+    LIMIT 1
+)"""  # noqa: S608 (composed of constants only)
+
 # A lingering relay's first look, and most often its only one: whether any row could be
 # sent now, wherever it is (a probe of the claim index, cheaper to plan and run than
 # RELAY_HAS_WORK, which follows only when this finds one and the relay's last pass did
@@ -185,13 +194,7 @@ SELECT EXISTS (
         WHERE l.scope = :scope AND l.bucket = b AND l.owner <> :owner
           AND l.expires_at > now()
     )
-    AND (
-        SELECT true FROM outbox_messages m
-        WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
-          -- a row held back behind a failed row of its key is no work until that is sent
-          AND {_NOT_HELD_BACK}
-        LIMIT 1
-    )
+    AND {_BUCKET_HAS_WORK}
 )
 """)  # noqa: S608 (composed of constants only)
 
@@ -296,12 +299,7 @@ SELECT bucket, fencing_token, taken_over FROM granted
 RELAY_LEASE = _sql(f"""
 WITH with_work AS (
     SELECT b FROM generate_series(0, :buckets - 1) AS b
-    WHERE (
-        SELECT true FROM outbox_messages m
-        WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
-          AND {_NOT_HELD_BACK}
-        LIMIT 1
-    )
+    WHERE {_BUCKET_HAS_WORK}
 ),
 {_ACQUIRE.format(candidates="ARRAY(SELECT b FROM with_work)")}
 SELECT g.bucket, g.fencing_token, w.with_work
