@@ -187,8 +187,6 @@ class OutboxMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     available_at: Mapped[datetime] = _created()
     bucket: Mapped[int] = mapped_column(SmallInteger)
-    claim_token: Mapped[uuid.UUID | None] = mapped_column()
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
     kafka_partition: Mapped[int | None] = mapped_column(Integer)
     kafka_offset: Mapped[int | None] = mapped_column(BigInteger)
@@ -365,7 +363,8 @@ class Lease(Base):
     owner: Mapped[str | None] = mapped_column(String(255))
     fencing_token: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     expires_at: Mapped[datetime] = _created()
-    # Relay buckets: the batch whose row claims are outstanding, and until when they hold.
+    # Relay buckets: the claim whose rows are unsettled (sent, not marked yet), and until
+    # when it holds; the relay's marks change rows only while it does.
     claim_token: Mapped[uuid.UUID | None] = mapped_column()
     claims_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

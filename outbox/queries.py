@@ -315,9 +315,12 @@ RELEASE_LEASES = _sql(_RELEASE_LEASES)
 
 # Rows are taken per bucket in id order: a key lives in one bucket, so that is all
 # per-key order needs, and each bucket is a short range scan of the claim index. The
-# bucket's lease is checked and renewed in the same statement, and records the claim:
-# a row claim never outlives its bucket's lease, and no relay claims in a bucket while
-# rows of an earlier claim there (a relay that stalled, died or let go) are unsettled.
+# claim is recorded on the buckets' leases, not on the rows: the statement checks and
+# renews each bucket's lease and stamps it with the claim's token until the lease's end.
+# No relay claims in a bucket while a claim there is unsettled (a relay that stalled,
+# died or let go), a claim never outlives its bucket's lease, and the marks change rows
+# only while the leases still hold their claim's token (_CLAIM_STANDS). The rows are
+# locked, not rewritten: a claim costs each row a lock, not a new version of it.
 CLAIM_BATCH = _sql(f"""
 WITH held AS (
     SELECT l.bucket FROM leases l
@@ -326,31 +329,37 @@ WITH held AS (
       AND l.owner = :owner AND l.expires_at > now()
       -- no earlier claim in the bucket is unsettled: a later row never overtakes it
       AND (l.claims_until IS NULL OR l.claims_until < now())
+    -- lease rows are locked in bucket order here and by the marks: no deadlock between them
+    ORDER BY l.bucket
     FOR UPDATE
 ),
-claimable AS (
-    SELECT c.id, h.bucket, c.full
+claimed AS (
+    SELECT c.*
     FROM held h
     CROSS JOIN LATERAL (
         -- the first rows of the bucket up to its share of the batch's bytes (at least
         -- one): a claim never holds more than about OUTBOX_RELAY_BATCH_BYTES of payloads
-        SELECT w.id, w.ahead + w.size >= :bytes_per_bucket AS full
+        SELECT w.id, w.message_id, w.topic, w.key, w.payload, w.headers, w.attempts,
+               w.bucket, w.ahead + w.size >= :bytes_per_bucket AS full
         FROM (
-            SELECT r.id, r.size, sum(r.size) OVER (ORDER BY r.id) - r.size AS ahead
+            SELECT r.*, sum(r.size) OVER (ORDER BY r.id) - r.size AS ahead
             FROM (
-                SELECT m.id, pg_column_size(m.payload) + pg_column_size(m.headers) AS size
+                SELECT m.id, CAST(m.message_id AS text) AS message_id, m.topic, m.key,
+                       CAST(m.payload AS text) AS payload, CAST(m.headers AS text) AS headers,
+                       m.attempts, m.bucket,
+                       pg_column_size(m.payload) + pg_column_size(m.headers) AS size
                 FROM outbox_messages m
                 WHERE m.status = 'pending'
                   AND m.bucket = h.bucket
                   -- backoff after a failed delivery has elapsed
                   AND m.available_at <= now()
-                  -- not claimed by a relay whose claim is still live
-                  AND (m.lease_expires_at IS NULL OR m.lease_expires_at < now())
                   -- per-key order: while an earlier row of the key waits after an error
                   -- (to be retried, or for its topic), later ones wait
                   AND {_NOT_HELD_BACK}
                 ORDER BY m.id
                 LIMIT :per_bucket
+                -- a row that a relay's mark changed after this statement began is
+                -- read again, and left out once it is no longer pending
                 FOR UPDATE SKIP LOCKED
             ) AS r
         ) AS w
@@ -363,24 +372,26 @@ stamped AS (
     SET expires_at = now() + make_interval(secs => :lease_s), claim_token = :token,
         claims_until = now() + make_interval(secs => :lease_s)
     -- the buckets that gave rows, found once (not a scan of the claim per lease row)
-    WHERE l.scope = :scope AND l.bucket = ANY(ARRAY(SELECT DISTINCT bucket FROM claimable))
-),
-claimed AS (
-    UPDATE outbox_messages m
-    SET claim_token = :token, lease_expires_at = now() + make_interval(secs => :lease_s)
-    FROM claimable c
-    WHERE m.id = c.id
-    RETURNING m.id, CAST(m.message_id AS text) AS message_id, m.topic, m.key,
-              CAST(m.payload AS text) AS payload, CAST(m.headers AS text) AS headers,
-              m.attempts, m.bucket, c.full
+    WHERE l.scope = :scope AND l.bucket = ANY(ARRAY(SELECT DISTINCT bucket FROM claimed))
 )
 -- in id order: the order they are produced in
 SELECT * FROM claimed ORDER BY id
 """)  # noqa: S608 (composed of constants only)
 
-# A claim's rows are settled (marked or given back): its buckets take claims again; the
-# buckets in :release (the relay's, when it ends its pass) are given back with it.
-_SETTLE_CLAIM = """
+# The buckets whose leases still hold the claim's token, locked (in bucket order, as the
+# claim locks them) for the rest of the transaction: a relay whose claim lapsed and was
+# taken over finds none, and changes nothing; while it marks, no claim takes them over.
+_CLAIM_STANDS = """
+SELECT bucket FROM leases
+WHERE scope = :scope AND claim_token = :token
+ORDER BY bucket
+FOR UPDATE
+"""
+
+# A claim's rows are settled (marked, or left as they are): its buckets take claims
+# again; the buckets in :release (the relay's, when it ends its pass) are given back with
+# it. ``{claimed}`` picks out the claim's buckets.
+_SETTLE = """
 UPDATE leases
 SET claim_token = CASE WHEN claim_token = :token THEN NULL ELSE claim_token END,
     claims_until = CASE WHEN claim_token = :token THEN NULL ELSE claims_until END,
@@ -389,27 +400,28 @@ SET claim_token = CASE WHEN claim_token = :token THEN NULL ELSE claim_token END,
     expires_at = CASE WHEN owner = :owner AND bucket = ANY(CAST(:release AS int[]))
                       THEN now() ELSE expires_at END
 WHERE scope = :scope
-  AND (claim_token = :token OR (owner = :owner AND bucket = ANY(CAST(:release AS int[]))))
+  AND ({claimed} OR (owner = :owner AND bucket = ANY(CAST(:release AS int[]))))
 """
-SETTLE_CLAIM = _sql(_SETTLE_CLAIM)
+SETTLE_CLAIM = _sql(_SETTLE.format(claimed="claim_token = :token"))
 
 # Marking rows sent also opens their deliveries: one per active group of the topic that
 # requires acks, awaiting its ack until the group's ack timeout (database clock), and
 # settles the claim (as SETTLE_CLAIM), all in one round trip. It returns each row's topic
 # and seconds from its commit to now, after the broker's ack.
 MARK_SENT = _sql(f"""
-WITH marked AS (
+WITH stands AS ({_CLAIM_STANDS}),
+marked AS (
     UPDATE outbox_messages m
     SET status = 'sent', sent_at = clock_timestamp(),
         kafka_partition = CAST(p.placed -> CAST(m.id AS text) ->> 0 AS int),
         kafka_offset = CAST(p.placed -> CAST(m.id AS text) ->> 1 AS bigint),
-        last_error = NULL, claim_token = NULL, lease_expires_at = NULL
+        last_error = NULL
     -- each row's partition and offset, looked up by its id: no join for the planner to
     -- misjudge (it takes a claim's rows for one, and a loop over both sides for cheap)
     FROM (SELECT CAST(:placed AS jsonb) AS placed) AS p
-    WHERE m.id = ANY(CAST(:ids AS bigint[]))
+    WHERE m.id = ANY(CAST(:ids AS bigint[])) AND m.status = 'pending'
       -- fencing: a relay whose claim was taken over changes nothing
-      AND m.claim_token = :token
+      AND m.bucket IN (SELECT bucket FROM stands)
     RETURNING m.message_id, m.topic, m.is_retry,
               CAST(EXTRACT(EPOCH FROM m.sent_at - m.created_at) AS float8) AS latency_s
 ), opened AS (
@@ -420,35 +432,30 @@ WITH marked AS (
     -- a retry re-sends a message whose deliveries exist already
     WHERE NOT k.is_retry
     ON CONFLICT (message_id, consumer_group_id) DO NOTHING
-), settled AS ({_SETTLE_CLAIM})
+    -- the claim's leases are locked (stands) before they are settled
+), settled AS ({_SETTLE.format(claimed="bucket IN (SELECT bucket FROM stands)")})
 SELECT topic, latency_s FROM marked
 """)  # noqa: S608 (composed of constants only)
 
 # Rows that failed back off and end dead after the last attempt. A row whose topic or
 # partition alone was unavailable (no leader, say; v.always false) spends its attempt
-# only once it has waited past the grace.
+# only once it has waited past the grace. The claim is settled after this, by MARK_SENT
+# or SETTLE_CLAIM in the same transaction.
 _SPENT = """(CASE WHEN v.always OR m.created_at < now() - make_interval(secs => :grace_s)
        THEN 1 ELSE 0 END)"""
 MARK_FAILED = _sql(f"""
+WITH stands AS ({_CLAIM_STANDS})
 UPDATE outbox_messages m
 SET attempts = m.attempts + {_SPENT},
     status = CASE WHEN m.attempts + {_SPENT} >= :max_attempts THEN 'dead' ELSE 'pending' END,
     available_at = now() + make_interval(secs => v.delay_s),
-    last_error = v.error, claim_token = NULL, lease_expires_at = NULL
+    last_error = v.error
 FROM unnest(CAST(:ids AS bigint[]), CAST(:delays AS float8[]), CAST(:errors AS text[]),
             CAST(:always AS boolean[])) AS v(id, delay_s, error, always)
-WHERE m.id = v.id
+WHERE m.id = v.id AND m.status = 'pending'
   -- fencing: a relay whose claim was taken over changes nothing
-  AND m.claim_token = :token
+  AND m.bucket IN (SELECT bucket FROM stands)
 """)  # noqa: S608 (composed of constants only)
-
-# Give rows back untouched (broker unreachable): no attempt is spent.
-RELEASE_CLAIMS = _sql("""
-UPDATE outbox_messages SET claim_token = NULL, lease_expires_at = NULL
-WHERE id = ANY(CAST(:ids AS bigint[]))
-  -- fencing: a relay whose claim was taken over changes nothing
-  AND claim_token = :token
-""")
 
 
 # Consumer lanes. In an ordered topic a key's later rows wait while an earlier one waits
@@ -791,8 +798,7 @@ DEAD_LETTERS_TO_REQUEUE = _sql(
 # A requeued message keeps its id, payload and headers, with a fresh attempt budget.
 REQUEUE_OUTBOX = _sql("""
 UPDATE outbox_messages
-SET status = 'pending', attempts = 0, available_at = now(), claim_token = NULL,
-    lease_expires_at = NULL
+SET status = 'pending', attempts = 0, available_at = now()
 WHERE id = ANY(CAST(:ids AS bigint[]))
   -- only dead rows: requeueing never disturbs a message in flight
   AND status = 'dead'

@@ -4,21 +4,22 @@ One pass of :meth:`Relay.run`:
 
 1. lease key buckets that have claimable rows (at most ``relay_buckets_per_task``),
    so concurrent relays share the buckets and never hold the same one;
-2. claim a batch of their rows in id order with ``FOR UPDATE SKIP LOCKED``,
-   stamping a claim token and lease expiry, and commit; the same statement checks
-   and renews the bucket leases by the database clock and records the claim on
-   them, so a row claim never outlives its bucket's lease and no relay claims in a
-   bucket while an earlier claim there is unsettled;
+2. claim a batch of their rows in id order, locking them with ``FOR UPDATE SKIP
+   LOCKED``, and commit; the same statement checks and renews the bucket leases by
+   the database clock and stamps them with the claim's token until the lease's end,
+   so no relay claims in a bucket while an earlier claim there is unsettled, and a
+   claim never outlives its bucket's lease (the rows themselves are not rewritten);
 3. produce outside any transaction and wait for the delivery reports;
-4. mark rows sent (with partition and offset) only ``WHERE claim_token`` is
-   still ours; failed rows back off and end dead after the last attempt; rows
-   that met a broker outage are released untouched and the circuit opens; rows
-   whose topic or partition alone is unavailable back off, spending attempts
-   only once they have waited past ``relay_topic_error_grace_s``.
+4. mark rows sent (with partition and offset) only while the claim's bucket leases
+   still hold its token; failed rows back off and end dead after the last attempt;
+   rows that met a broker outage are left as they are and the circuit opens; rows
+   whose topic or partition alone is unavailable back off, spending attempts only
+   once they have waited past ``relay_topic_error_grace_s``. The same transaction
+   settles the claim.
 
-A relay that dies stops renewing: its bucket leases and row claims expire and
-another relay takes them over. Rows are never chosen by an id cursor, since
-ids are not commit order.
+A relay that dies stops renewing: its bucket leases and claims expire and another
+relay takes them over. Rows are never chosen by an id cursor, since ids are not
+commit order.
 
 Per-key order: a key maps to one bucket, one relay holds a bucket, and rows go
 out in id order; a row that failed holds back later rows of its key until it
@@ -240,7 +241,7 @@ class Relay:
         ``linger``: the lingering task's, told after each claim whether it found a
         backlog."""
         held: dict[int, int] = {}
-        unsettled: tuple[uuid.UUID, list[int]] | None = None  # a claim not marked yet
+        unsettled: uuid.UUID | None = None  # the token of a claim not marked yet
         relet_at = 0.0  # when to renew the leases and look for buckets with new work
         work_elsewhere = True  # the last lease saw work in buckets it could not take
         s = self.settings
@@ -263,7 +264,7 @@ class Relay:
                     relet_at = 0.0  # ours are drained: look for others with work
                     continue
                 report.batches += 1
-                unsettled = (claim.token, [row.id for row in claim.rows])
+                unsettled = claim.token
                 deliveries = self.producer.send(claim.rows)
                 # Every held bucket came back short and every row went out: they are
                 # empty. A row committed since this task began queued a kick of its own
@@ -284,9 +285,9 @@ class Relay:
             if held or unsettled:
                 with self.sessions.begin() as session:
                     if unsettled:
-                        # Interrupted between claim and mark: the rows go back untouched
+                        # Interrupted between claim and mark: the rows stay as they are
                         # (they may be in Kafka already: a harmless repeat).
-                        self._settle(session, *unsettled, release=list(held))
+                        self._settle(session, unsettled, release=list(held))
                     else:
                         leases.release(session, SCOPE, self.owner, held)
 
@@ -387,14 +388,10 @@ class Relay:
                 failed.append(d)
         token, attempts = claim.token, claim.attempts
         marked: Sequence[Any] = ()
-        # The claim is settled, and a finishing pass's buckets given back, with the mark.
+        # The claim is settled, and a finishing pass's buckets given back, last: the
+        # marks change rows only while the claim stands. Released rows need no change.
         settle = {"scope": SCOPE, "owner": self.owner, "token": token, "release": release or []}
         with self.sessions.begin() as session:
-            if sent:
-                marked = session.execute(
-                    queries.MARK_SENT,
-                    {"ids": int_array(d.id for d in sent), "placed": _placements(sent), **settle},
-                ).all()
             if failed or deferred:
                 # A row whose topic or partition alone is unavailable waits, spending
                 # attempts only once it has waited past the grace, so that it ends dead
@@ -403,6 +400,7 @@ class Relay:
                 session.execute(
                     queries.MARK_FAILED,
                     {
+                        "scope": SCOPE,
                         "token": token,
                         "max_attempts": self.policy.max_attempts,
                         "grace_s": self.settings.relay_topic_error_grace_s,
@@ -412,11 +410,12 @@ class Relay:
                         "always": [not d.topic_unavailable for d in erred],
                     },
                 )
-            if released:
-                session.execute(
-                    queries.RELEASE_CLAIMS, {"token": token, "ids": [d.id for d in released]}
-                )
-            if not sent:
+            if sent:
+                marked = session.execute(
+                    queries.MARK_SENT,
+                    {"ids": int_array(d.id for d in sent), "placed": _placements(sent), **settle},
+                ).all()
+            else:
                 session.execute(queries.SETTLE_CLAIM, settle)
         topics = {row.id: row.topic for row in claim.rows} if failed else {}
         self.metrics.relay_batch(marked, (topics[d.id] for d in failed))
@@ -443,13 +442,9 @@ class Relay:
         report.deferred += len(deferred)
         report.released += len(released)
 
-    def _settle(
-        self, session: Session, token: uuid.UUID, give_back: list[int], release: list[int]
-    ) -> None:
-        """Give ``give_back`` back untouched, free the claim's buckets for new claims, and
-        give the buckets in ``release`` back."""
-        if give_back:
-            session.execute(queries.RELEASE_CLAIMS, {"token": token, "ids": give_back})
+    def _settle(self, session: Session, token: uuid.UUID, release: list[int]) -> None:
+        """Free the claim's buckets for new claims (its rows stay as they are), and give
+        the buckets in ``release`` back."""
         session.execute(
             queries.SETTLE_CLAIM,
             {"scope": SCOPE, "owner": self.owner, "token": token, "release": release},

@@ -17,7 +17,11 @@ _mark = Relay._mark
 
 def _paused_mark(self: Relay, claim: Claim, *args: Any, **kw: Any) -> None:
     if not _marker.exists():
-        _marker.write_text(json.dumps({"owner": self.owner, "ids": sorted(claim.attempts)}))
+        _marker.write_text(
+            json.dumps(
+                {"owner": self.owner, "ids": sorted(claim.attempts), "token": str(claim.token)}
+            )
+        )
         time.sleep(600)
     _mark(self, claim, *args, **kw)
 

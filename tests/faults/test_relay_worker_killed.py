@@ -74,10 +74,21 @@ def test_nothing_is_lost_only_the_killed_batch_repeats_and_its_leases_move_in_ti
         assert len(consume_all(s.kafka_bootstrap, topic, len(in_flight), timeout_s=30)) >= len(
             in_flight
         )
-        claimed = set(
-            session.scalars(select(OutboxMessage.id).where(OutboxMessage.claim_token.is_not(None)))
+        # and its claim stands on the leases of exactly its rows' buckets
+        rows = session.execute(
+            select(OutboxMessage.status, OutboxMessage.bucket).where(
+                OutboxMessage.id.in_(in_flight)
+            )
+        ).all()
+        assert {status for status, _ in rows} == {"pending"}
+        claimed = session.scalars(
+            text(
+                "SELECT bucket FROM leases WHERE scope = 'relay' AND claim_token = :token "
+                "AND claims_until > now()"
+            ),
+            {"token": paused["token"]},
         )
-        assert claimed == in_flight
+        assert set(claimed) == {bucket for _, bucket in rows}
 
         # When it is killed and another worker relays
         first.kill()

@@ -21,7 +21,7 @@ from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
 from outbox.producer import DeliveryReport
 from outbox.registry import register_topic
-from outbox.relay import Relay
+from outbox.relay import Relay, RelayReport
 from outbox.settings import Settings
 from tests.kafka_helpers import consume_all
 from tests.plans import rows_read
@@ -56,7 +56,8 @@ def test_committed_rows_reach_kafka_once_in_order_per_key_with_their_position(
 
     rows = {r.message_id: r for r in session.scalars(select(OutboxMessage))}
     assert {r.status for r in rows.values()} == {"sent"}
-    assert all(r.sent_at is not None and r.claim_token is None for r in rows.values())
+    assert all(r.sent_at is not None for r in rows.values())
+    assert not session.scalars(select(Lease).where(Lease.claim_token.is_not(None))).all()
     received = consume_all(relay_settings.kafka_bootstrap, topic, 2000)
     counts = collections.Counter(m.message_id for m in received)
     assert set(counts) == {str(i) for i in ids}
@@ -700,3 +701,97 @@ def test_a_claim_takes_at_most_its_share_of_the_batch_bytes_and_one_row_over_it(
         assert (report.sent, report.batches) == (10, claims)
     received = consume_all(relay_settings.kafka_bootstrap, topic, 20)
     assert [m.message_id for m in received] == sent  # in key order, none left behind
+
+
+def test_a_relay_whose_claim_lapsed_and_was_taken_over_changes_nothing_with_its_mark(
+    relay_settings, engine, session, topic
+):
+    """A relay stalls between its claim and its mark, past its leases; another relay
+    claims the same rows. The stale relay's mark, whether it says its rows were sent or
+    failed, changes neither the rows nor the new claim; the new relay's mark stands."""
+    _register(session, topic)
+    ids = Publisher(relay_settings).publish_batch(
+        session, [Message(topic, {"n": n}, key="k") for n in range(6)]
+    )
+    session.commit()
+    sessions = make_sessionmaker(engine)
+    stale = Relay(
+        relay_settings.replace(relay_lease_s=1.0, relay_delivery_timeout_ms=500), sessions=sessions
+    )
+    other = Relay(relay_settings, sessions=sessions)
+
+    def claim(relay: Relay):
+        with sessions.begin() as s:
+            held, _ = relay._lease(s, {})
+            return held, relay._claim(s, list(held))
+
+    held, stale_claim = claim(stale)
+    assert len(stale_claim.rows) == 6
+    # Given the stale relay's leases and claim lapse, and the other relay claims the rows
+    time.sleep(1.2)
+    other_held, other_claim = claim(other)
+    assert set(other_held) == set(held)
+    assert [r.id for r in other_claim.rows] == [r.id for r in stale_claim.rows]
+
+    # When the stale relay marks half its rows sent and the other half failed
+    refused = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large", fatal=False)
+    rows = stale_claim.rows
+    reports = [DeliveryReport(r.id, partition=0, offset=1_000 + n) for n, r in enumerate(rows[:3])]
+    reports += [DeliveryReport(r.id, error=refused) for r in rows[3:]]
+    stale._mark(stale_claim, reports, RelayReport())
+
+    # Then the rows are untouched and the other relay's claim still stands
+    session.rollback()
+    state = session.execute(
+        select(OutboxMessage.status, OutboxMessage.attempts, OutboxMessage.last_error)
+    ).all()
+    assert set(state) == {("pending", 0, None)}
+    claims = session.scalars(select(Lease.claim_token).where(Lease.owner == other.owner))
+    assert set(claims) - {None} == {other_claim.token}
+
+    # and the other relay's own mark settles the rows where it placed them
+    other._mark(other_claim, other.producer.send(other_claim.rows), RelayReport())
+    session.rollback()
+    placed = session.execute(
+        select(OutboxMessage.message_id, OutboxMessage.status, OutboxMessage.kafka_offset)
+    ).all()
+    received = {
+        m.message_id: m.offset for m in consume_all(relay_settings.kafka_bootstrap, topic, 6)
+    }
+    assert {(str(m), status, offset) for m, status, offset in placed} == {
+        (str(i), "sent", received[str(i)]) for i in ids
+    }
+    assert not session.scalars(
+        select(Lease.claim_token).where(Lease.claim_token.is_not(None))
+    ).all()
+    stale.close()
+    other.close()
+
+
+def test_a_claim_records_itself_on_its_buckets_leases_and_rewrites_none_of_its_rows(
+    relay_settings, engine, session, topic
+):
+    """A claim costs each row a lock, not a new version of it: the rows keep their
+    versions (ctid, xmin) until the mark; the claim's token is on its buckets' leases."""
+    _register(session, topic)
+    Publisher(relay_settings).publish_batch(
+        session, [Message(topic, {"n": n}, key=f"k{n}") for n in range(50)]
+    )
+    session.commit()
+    versions = text("SELECT id, CAST(ctid AS text), CAST(xmin AS text) FROM outbox_messages")
+    before = set(session.execute(versions).all())
+    session.rollback()
+    every_bucket = relay_settings.replace(relay_buckets_per_task=relay_settings.buckets)
+    relay = Relay(every_bucket, sessions=make_sessionmaker(engine))
+    with relay.sessions.begin() as s:
+        held, _ = relay._lease(s, {})
+        claim = relay._claim(s, list(held))
+
+    assert len(claim.rows) == 50
+    assert set(session.execute(versions).all()) == before
+    buckets = session.scalars(
+        select(OutboxMessage.bucket).where(OutboxMessage.id.in_(claim.attempts))
+    ).all()
+    stamped = session.scalars(select(Lease.bucket).where(Lease.claim_token == claim.token))
+    assert set(stamped) == set(buckets)
+    relay.close()
