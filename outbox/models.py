@@ -167,8 +167,9 @@ class OutboxMessage(Base):
             "id",
             postgresql_where=text("status = 'pending' AND last_error IS NOT NULL"),
         ),
-        # Room on each page lets the claim (which changes no indexed column) update in
-        # place (HOT), so it writes no index entries; every row is updated twice.
+        # Room on each page keeps about half of the marks' new row versions on their own
+        # page (a mark changes indexed columns, so it is never HOT): a mark whose version
+        # moves to another page costs more than one that stays.
         {"postgresql_with": {"fillfactor": 80}},
     )
 
