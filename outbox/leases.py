@@ -101,7 +101,7 @@ def take(
     return {bucket: token for bucket, token, _ in rows}, {b for b, _, lapsed in rows if lapsed}
 
 
-def release(session: Session | Connection, scope: str, owner: str, buckets: Iterable[int]) -> None:
+def release(session: Session, scope: str, owner: str, buckets: Iterable[int]) -> None:
     """Give back ``buckets`` held by ``owner`` so that others may take them at once."""
     held = sorted(set(buckets))
     if held:

@@ -39,14 +39,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
 from outbox.circuit import Circuit
-from outbox.db import autocommit, int_array, make_engine, make_sessionmaker
+from outbox.db import int_array, make_engine, make_sessionmaker, polling
 from outbox.metrics import MetricsRecorder
 from outbox.models import MAX_ERROR_CHARS
 from outbox.producer import DeliveryReport, Outgoing, RelayProducer
@@ -136,7 +135,6 @@ class Relay:
                 settings, pool_size=2, connect_args={"options": "-c synchronous_commit=off"}
             )
         )
-        self.engine: Engine = self.sessions.kw["bind"]
         self.producer = producer or RelayProducer(settings)
         self.owner = owner_id("relay")
         self.policy = RetryPolicy(
@@ -169,14 +167,25 @@ class Relay:
         budget = Budget(self.settings.relay_drain_s if budget_s is None else budget_s, stopping)
         report = RelayReport()
         if self._broker_available():
-            self._fit_lease_rows()
-            # The run's statements share one connection, each committing on its own: a
-            # lease, a claim, a mark is each one statement, atomic and fenced by itself,
-            # so a pass costs no BEGIN, COMMIT or checkout (with the pool's ping) of its
-            # own. Under load, when every process waits for a core, each round trip
-            # saved is a wait saved.
-            with autocommit(self.engine) as conn:
-                self._relay(conn, budget, report, linger)
+            if linger is None:
+                self._drain(budget, report)
+            else:
+                lingering = linger.hold()
+                # Beside a lingering task, one sends what its buckets hold and ends: the
+                # lingering one sees the rest.
+                watched = linger if lingering else None
+                try:
+                    self._drain(budget, report, helping=lingering, linger=watched)
+                    found = report.batches > 0
+                    while lingering and self._await_rows(budget, linger, found and self._light):
+                        before = report.batches
+                        self._drain(budget, report, linger=watched)
+                        found = report.batches > before
+                finally:
+                    # A commit before this is seen by the last look; one after it kicks.
+                    linger.let_go()
+                if not budget.over() and self.circuit.state != "open":
+                    self._drain(budget, report, helping=lingering)
         report.circuit = self.circuit.state
         self.metrics.circuit(self.owner, self.circuit.state)
         report.elapsed_s = round(time.monotonic() - started, 4)
@@ -184,32 +193,7 @@ class Relay:
             log.info("relay %s: %s", self.owner, report.as_dict())
         return report
 
-    def _relay(
-        self, conn: Connection, budget: Budget, report: RelayReport, linger: Linger | None
-    ) -> None:
-        if linger is None:
-            self._drain(conn, budget, report)
-            return
-        lingering = linger.hold()
-        # Beside a lingering task, one sends what its buckets hold and ends: the lingering
-        # one sees the rest.
-        watched = linger if lingering else None
-        try:
-            self._drain(conn, budget, report, helping=lingering, linger=watched)
-            found = report.batches > 0
-            while lingering and self._await_rows(conn, budget, linger, found and self._light):
-                before = report.batches
-                self._drain(conn, budget, report, linger=watched)
-                found = report.batches > before
-        finally:
-            # A commit before this is seen by the last look; one after it kicks.
-            linger.let_go()
-        if not budget.over() and self.circuit.state != "open":
-            self._drain(conn, budget, report, helping=lingering)
-
-    def _await_rows(
-        self, conn: Connection, budget: Budget, linger: Linger, probe_enough: bool = False
-    ) -> bool:
+    def _await_rows(self, budget: Budget, linger: Linger, probe_enough: bool = False) -> bool:
         """Wait for a sendable row: True once there is one, False when ``linger`` stops
         waiting, the budget ends or the circuit opens.
 
@@ -222,15 +206,16 @@ class Relay:
         poll_s = self.settings.relay_poll_ms / 1000
         params = {"scope": SCOPE, "owner": self.owner, "buckets": self.settings.buckets}
         idle_since = time.monotonic()
-        while self.circuit.state != "open":
-            idle_s = time.monotonic() - idle_since
-            if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
-                return False
-            time.sleep(poll_s)
-            if conn.execute(queries.RELAY_ANY_DUE).scalar_one() and (
-                probe_enough or conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
-            ):
-                return True
+        with polling(self.sessions) as conn:
+            while self.circuit.state != "open":
+                idle_s = time.monotonic() - idle_since
+                if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
+                    return False
+                time.sleep(poll_s)
+                if conn.execute(queries.RELAY_ANY_DUE).scalar_one() and (
+                    probe_enough or conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
+                ):
+                    return True
         return False
 
     def _broker_available(self) -> bool:
@@ -246,7 +231,6 @@ class Relay:
 
     def _drain(
         self,
-        conn: Connection,
         budget: Budget,
         report: RelayReport,
         helping: bool = True,
@@ -264,13 +248,14 @@ class Relay:
         try:
             while not budget.over() and self.circuit.state != "open":
                 relet = not held or time.monotonic() >= relet_at
-                if relet:
-                    held, work_elsewhere = self._lease(conn, held)
-                    relet_at = time.monotonic() + s.relay_lease_s / 3
-                    report.buckets = max(report.buckets, len(held))
-                if not held:
-                    return
-                claim = self._claim(conn, list(held))
+                with self.sessions.begin() as session:
+                    if relet:
+                        held, work_elsewhere = self._lease(session, held)
+                        relet_at = time.monotonic() + s.relay_lease_s / 3
+                        report.buckets = max(report.buckets, len(held))
+                    if not held:
+                        return
+                    claim = self._claim(session, list(held))
                 if linger is not None:
                     linger.backlog(not claim.drained)
                 if not claim.rows:
@@ -287,7 +272,7 @@ class Relay:
                 all_sent = all(d.error is None and not d.held for d in deliveries)
                 done = claim.drained and all_sent and not (helping and work_elsewhere)
                 # A finishing pass gives its leases back in the same transaction.
-                self._mark(conn, claim, deliveries, report, release=list(held) if done else [])
+                self._mark(claim, deliveries, report, release=list(held) if done else [])
                 unsettled = None
                 if done:
                     held = {}
@@ -298,42 +283,32 @@ class Relay:
                     relet_at = 0.0
         finally:
             if held or unsettled:
-                # On a connection of its own: the pass's may be what broke.
-                with autocommit(self.engine) as fresh:
+                with self.sessions.begin() as session:
                     if unsettled:
                         # Interrupted between claim and mark: the rows stay as they are
                         # (they may be in Kafka already: a harmless repeat).
-                        self._settle(fresh, unsettled, release=list(held))
+                        self._settle(session, unsettled, release=list(held))
                     else:
-                        leases.release(fresh, SCOPE, self.owner, held)
+                        leases.release(session, SCOPE, self.owner, held)
 
-    def _fit_lease_rows(self) -> None:
-        """Make the relay's lease rows fit ``OUTBOX_BUCKETS``, once per process, in a
-        transaction of its own."""
-        if self._lease_rows_ready:
-            return
-        with self.sessions.begin() as session:
-            leases.fit_rows(
-                session,
-                SCOPE,
-                self.settings.buckets,
-                unfinished=queries.RELAY_UNFINISHED,
-                params={},
-                setting=env_name("buckets"),
-            )
-        self._lease_rows_ready = True
-
-    def _lease(
-        self, conn: Session | Connection, held: dict[int, int]
-    ) -> tuple[dict[int, int], bool]:
+    def _lease(self, session: Session, held: dict[int, int]) -> tuple[dict[int, int], bool]:
         """Renew held buckets that still have work and take others, up to the limit.
 
         Returns the buckets now held, and whether any bucket with work was left unheld.
         """
         s = self.settings
-        self._fit_lease_rows()
+        if not self._lease_rows_ready:
+            leases.fit_rows(
+                session,
+                SCOPE,
+                s.buckets,
+                unfinished=queries.RELAY_UNFINISHED,
+                params={},
+                setting=env_name("buckets"),
+            )
+            self._lease_rows_ready = True
         # Held buckets that still have work are renewed first.
-        rows = conn.execute(
+        rows = session.execute(
             queries.RELAY_LEASE,
             {
                 "scope": SCOPE,
@@ -345,15 +320,15 @@ class Relay:
         ).all()
         granted = {row.bucket: row.fencing_token for row in rows if row.bucket is not None}
         # Drained buckets go back at once, for whichever relay next finds work there.
-        leases.release(conn, SCOPE, self.owner, set(held) - set(granted))
+        leases.release(session, SCOPE, self.owner, set(held) - set(granted))
         return granted, bool(set(rows[0].with_work) - set(granted))
 
-    def _claim(self, conn: Session | Connection, buckets: list[int]) -> Claim:
+    def _claim(self, session: Session, buckets: list[int]) -> Claim:
         """Claim a batch from ``buckets``."""
         token = uuid.uuid4()
         share = max(1, self.settings.relay_batch_size // len(buckets))
         bytes_share = max(1, self.settings.relay_batch_bytes // len(buckets))
-        rows = conn.execute(
+        rows = session.execute(
             queries.CLAIM_BATCH,
             {
                 "scope": SCOPE,
@@ -385,7 +360,6 @@ class Relay:
 
     def _mark(
         self,
-        conn: Session | Connection,
         claim: Claim,
         deliveries: list[DeliveryReport],
         report: RelayReport,
@@ -416,34 +390,33 @@ class Relay:
         marked: Sequence[Any] = ()
         # The claim is settled, and a finishing pass's buckets given back, last: the
         # marks change rows only while the claim stands. Released rows need no change.
-        # Each statement is fenced on its own: should the relay end between them, the
-        # claim lapses and its rows not marked sent go again (a harmless repeat).
         settle = {"scope": SCOPE, "owner": self.owner, "token": token, "release": release or []}
-        if failed or deferred:
-            # A row whose topic or partition alone is unavailable waits, spending
-            # attempts only once it has waited past the grace, so that it ends dead
-            # rather than wait unseen forever.
-            erred = failed + deferred
-            conn.execute(
-                queries.MARK_FAILED,
-                {
-                    "scope": SCOPE,
-                    "token": token,
-                    "max_attempts": self.policy.max_attempts,
-                    "grace_s": self.settings.relay_topic_error_grace_s,
-                    "ids": [d.id for d in erred],
-                    "delays": [self.policy.delay(attempts[d.id] + 1) for d in erred],
-                    "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in erred],
-                    "always": [not d.topic_unavailable for d in erred],
-                },
-            )
-        if sent:
-            marked = conn.execute(
-                queries.MARK_SENT,
-                {"ids": int_array(d.id for d in sent), "placed": _placements(sent), **settle},
-            ).all()
-        else:
-            conn.execute(queries.SETTLE_CLAIM, settle)
+        with self.sessions.begin() as session:
+            if failed or deferred:
+                # A row whose topic or partition alone is unavailable waits, spending
+                # attempts only once it has waited past the grace, so that it ends dead
+                # rather than wait unseen forever.
+                erred = failed + deferred
+                session.execute(
+                    queries.MARK_FAILED,
+                    {
+                        "scope": SCOPE,
+                        "token": token,
+                        "max_attempts": self.policy.max_attempts,
+                        "grace_s": self.settings.relay_topic_error_grace_s,
+                        "ids": [d.id for d in erred],
+                        "delays": [self.policy.delay(attempts[d.id] + 1) for d in erred],
+                        "errors": [str(d.error)[:MAX_ERROR_CHARS] for d in erred],
+                        "always": [not d.topic_unavailable for d in erred],
+                    },
+                )
+            if sent:
+                marked = session.execute(
+                    queries.MARK_SENT,
+                    {"ids": int_array(d.id for d in sent), "placed": _placements(sent), **settle},
+                ).all()
+            else:
+                session.execute(queries.SETTLE_CLAIM, settle)
         topics = {row.id: row.topic for row in claim.rows} if failed else {}
         self.metrics.relay_batch(marked, (topics[d.id] for d in failed))
         if self.producer.replaced:
@@ -469,10 +442,10 @@ class Relay:
         report.deferred += len(deferred)
         report.released += len(released)
 
-    def _settle(self, conn: Session | Connection, token: uuid.UUID, release: list[int]) -> None:
+    def _settle(self, session: Session, token: uuid.UUID, release: list[int]) -> None:
         """Free the claim's buckets for new claims (its rows stay as they are), and give
         the buckets in ``release`` back."""
-        conn.execute(
+        session.execute(
             queries.SETTLE_CLAIM,
             {"scope": SCOPE, "owner": self.owner, "token": token, "release": release},
         )

@@ -15,7 +15,7 @@ _marker = Path(os.environ["OUTBOX_TEST_PAUSE_FILE"])
 _mark = Relay._mark
 
 
-def _paused_mark(self: Relay, conn: Any, claim: Claim, *args: Any, **kw: Any) -> None:
+def _paused_mark(self: Relay, claim: Claim, *args: Any, **kw: Any) -> None:
     if not _marker.exists():
         _marker.write_text(
             json.dumps(
@@ -23,7 +23,7 @@ def _paused_mark(self: Relay, conn: Any, claim: Claim, *args: Any, **kw: Any) ->
             )
         )
         time.sleep(600)
-    _mark(self, conn, claim, *args, **kw)
+    _mark(self, claim, *args, **kw)
 
 
 Relay._mark = _paused_mark  # type: ignore[method-assign]

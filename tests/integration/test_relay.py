@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher, leases, queries
 from outbox import producer as producer_module
-from outbox.db import autocommit, make_engine, make_sessionmaker
+from outbox.db import make_engine, make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
@@ -458,59 +458,10 @@ def test_a_lingering_relay_looks_for_new_rows_on_one_connection_one_statement_ea
     relay.run(budget_s=30, linger=Idle())
 
     # Nineteen looks of one statement each, on a connection checked out for the whole
-    # run: no check-out (with the pool's ping), BEGIN or ROLLBACK per look; with nothing
+    # wait: no check-out (with the pool's ping), BEGIN or ROLLBACK per look; with nothing
     # due anywhere, the look is the cheap one, and the one per bucket or lane never runs.
     assert len(during) == 19
     assert all("outbox_messages" in sql and "generate_series" not in sql for sql in during)
-
-
-def test_a_lingering_relays_pass_is_a_lease_a_claim_and_a_mark_each_committing_alone(
-    relay_settings, engine, session, topic
-):
-    """Each pass of a lingering relay costs three round trips after its look: no
-    check-out of a connection (with the pool's ping), no BEGIN, no COMMIT."""
-    _register(session, topic)
-    statements: list[tuple[str, bool]] = []
-    checkouts: list[int] = []
-    event.listen(engine, "checkout", lambda *_: checkouts.append(1))
-
-    def record(conn, cursor, sql, *_):
-        statements.append((sql, conn.connection.dbapi_connection.autocommit))
-
-    event.listen(engine, "before_cursor_execute", record)
-    linger = _Arriving(engine, Publisher(relay_settings), topic, arrivals=3, waits=6)
-    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
-    first_look = relay._await_rows
-
-    def watched(*args, **kwargs):
-        if not checkouts or checkouts[0] != 0:
-            statements.clear()
-            checkouts[:] = [0]  # from the first wait on
-        return first_look(*args, **kwargs)
-
-    relay._await_rows = watched  # type: ignore[method-assign]
-    report = relay.run(budget_s=30, linger=linger)
-    event.remove(engine, "before_cursor_execute", record)
-
-    assert report.sent == 3 and report.batches == 3
-
-    def kind(sql: str) -> str | None:
-        if "with_work" in sql:
-            return "lease"
-        if "claimed AS" in sql:
-            return "claim"
-        if "marked AS" in sql:
-            return "mark"
-        if "SELECT EXISTS" in sql and "outbox_messages" in sql:
-            return "look"
-        return None  # the publisher's
-
-    relays = [(kind(sql), alone) for sql, alone in statements if kind(sql)]
-    passes = [k for k, _ in relays if k != "look"]
-    # three passes, and the last look's lease (after the linger lets go) that finds nothing
-    assert passes == ["lease", "claim", "mark"] * 3 + ["lease"]
-    assert all(alone for _, alone in relays)
-    assert sum(checkouts) == 3  # the publisher's three commits, none of the relay's
 
 
 class _Arriving:
@@ -787,8 +738,7 @@ def test_a_relay_whose_claim_lapsed_and_was_taken_over_changes_nothing_with_its_
     rows = stale_claim.rows
     reports = [DeliveryReport(r.id, partition=0, offset=1_000 + n) for n, r in enumerate(rows[:3])]
     reports += [DeliveryReport(r.id, error=refused) for r in rows[3:]]
-    with autocommit(engine) as conn:
-        stale._mark(conn, stale_claim, reports, RelayReport())
+    stale._mark(stale_claim, reports, RelayReport())
 
     # Then the rows are untouched and the other relay's claim still stands
     session.rollback()
@@ -800,8 +750,7 @@ def test_a_relay_whose_claim_lapsed_and_was_taken_over_changes_nothing_with_its_
     assert set(claims) - {None} == {other_claim.token}
 
     # and the other relay's own mark settles the rows where it placed them
-    with autocommit(engine) as conn:
-        other._mark(conn, other_claim, other.producer.send(other_claim.rows), RelayReport())
+    other._mark(other_claim, other.producer.send(other_claim.rows), RelayReport())
     session.rollback()
     placed = session.execute(
         select(OutboxMessage.message_id, OutboxMessage.status, OutboxMessage.kafka_offset)
