@@ -432,8 +432,9 @@ marked AS (
     -- a retry re-sends a message whose deliveries exist already
     WHERE NOT k.is_retry
     ON CONFLICT (message_id, consumer_group_id) DO NOTHING
-    -- the claim's leases are locked (stands) before they are settled
-), settled AS ({_SETTLE.format(claimed="bucket IN (SELECT bucket FROM stands)")})
+),
+-- the claim's buckets as stands locked them: settled only where the claim still stands
+settled AS ({_SETTLE.format(claimed="bucket IN (SELECT bucket FROM stands)")})
 SELECT topic, latency_s FROM marked
 """)  # noqa: S608 (composed of constants only)
 
