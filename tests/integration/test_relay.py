@@ -21,7 +21,7 @@ from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
 from outbox.producer import DeliveryReport
 from outbox.registry import register_topic
-from outbox.relay import Relay, RelayReport
+from outbox.relay import Claim, Relay, RelayReport
 from outbox.settings import Settings
 from tests.kafka_helpers import consume_all
 from tests.plans import rows_read
@@ -197,6 +197,13 @@ def _lease(relay: Relay, held: dict[int, int]) -> dict[int, int]:
     with relay.sessions.begin() as session:
         granted, _ = relay._lease(session, held)
     return granted
+
+
+def _lease_and_claim(relay: Relay) -> tuple[dict[int, int], Claim]:
+    """A relay's first lease and its claim, as a pass takes them."""
+    with relay.sessions.begin() as session:
+        held, _ = relay._lease(session, {})
+        return held, relay._claim(session, list(held))
 
 
 def test_a_trickle_over_every_bucket_goes_out_in_one_pass_and_a_backlog_is_shared(
@@ -720,16 +727,11 @@ def test_a_relay_whose_claim_lapsed_and_was_taken_over_changes_nothing_with_its_
     )
     other = Relay(relay_settings, sessions=sessions)
 
-    def claim(relay: Relay):
-        with sessions.begin() as s:
-            held, _ = relay._lease(s, {})
-            return held, relay._claim(s, list(held))
-
-    held, stale_claim = claim(stale)
+    held, stale_claim = _lease_and_claim(stale)
     assert len(stale_claim.rows) == 6
     # Given the stale relay's leases and claim lapse, and the other relay claims the rows
     time.sleep(1.2)
-    other_held, other_claim = claim(other)
+    other_held, other_claim = _lease_and_claim(other)
     assert set(other_held) == set(held)
     assert [r.id for r in other_claim.rows] == [r.id for r in stale_claim.rows]
 
@@ -783,9 +785,7 @@ def test_a_claim_records_itself_on_its_buckets_leases_and_rewrites_none_of_its_r
     session.rollback()
     every_bucket = relay_settings.replace(relay_buckets_per_task=relay_settings.buckets)
     relay = Relay(every_bucket, sessions=make_sessionmaker(engine))
-    with relay.sessions.begin() as s:
-        held, _ = relay._lease(s, {})
-        claim = relay._claim(s, list(held))
+    _, claim = _lease_and_claim(relay)
 
     assert len(claim.rows) == 50
     assert set(session.execute(versions).all()) == before
