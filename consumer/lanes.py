@@ -153,6 +153,9 @@ class LaneProcessor:
         self._scopes_ready: set[str] = set()
         self.publisher = Publisher(settings)
         self._ack_topic_ready = False
+        # When a gathering task next looks for free lanes (kept across its waits: a busy
+        # task waits once per batch).
+        self._gather_at = 0.0
 
     def run(
         self,
@@ -185,6 +188,7 @@ class LaneProcessor:
         handed: dict[int, float] = {}  # lanes handed off: not taken back before then
         acks_told = 0  # acks committed that ``linger`` was told of
         claimed = False  # whether the last batch found rows
+        self._gather_at = 0.0
         try:
             # The leases are taken in a transaction of their own, so that a process that
             # ends in the middle of its first batch leaves them held: whoever takes them
@@ -371,8 +375,9 @@ class LaneProcessor:
         to the tasks their kicks start unless they starve, so that work spreads over the
         workers under load and gathers in one task when it is light), or None when
         ``linger`` stops waiting or the budget ends. A task that ``linger`` says gathers
-        also returns, every :data:`GATHER_EVERY_S`, the group's lanes that nobody holds,
-        rows or not, for it to take. The leases of ``lanes`` are renewed meanwhile.
+        also returns, every :data:`GATHER_EVERY_S` (whether or not a look found rows), the
+        group's lanes that nobody holds, rows or not, for it to take. The leases of
+        ``lanes`` are renewed meanwhile.
 
         A task that holds every lane of its group, with ``probe_enough`` (its last batch
         found rows), takes the probe's word that a row is due: its next batch claims in
@@ -383,7 +388,6 @@ class LaneProcessor:
         scope = lane_scope(group)
         poll_s = s.lane_poll_ms / 1000
         idle_since = renewed = time.monotonic()
-        gather_at = 0.0
         with polling(self.sessions) as conn:
             while True:
                 idle_s = time.monotonic() - idle_since
@@ -396,17 +400,21 @@ class LaneProcessor:
                     return lanes
                 else:
                     found = self._open_lanes(conn, group, scope, policies)
-                if found:
-                    own = [n for n in found if n in lanes]
-                    return own or found
-                if linger.gathers() and time.monotonic() >= gather_at:
-                    # The group's lanes that nobody holds, rows or not: taken with their kicks,
-                    # so that the group's rows need no other task while this one lingers.
-                    gather_at = time.monotonic() + GATHER_EVERY_S
+                gathered: list[int] = []
+                if linger.gathers() and time.monotonic() >= self._gather_at:
+                    # The group's lanes that nobody holds, rows or not: taken with their
+                    # kicks, so that the group's rows need no other task while this one
+                    # lingers. Also when rows are found: lanes worked by kicked tasks that
+                    # found no lingering place are free between two of them, and would
+                    # otherwise be kicked again by every commit while this task stays busy.
+                    self._gather_at = time.monotonic() + GATHER_EVERY_S
                     free = conn.execute(queries.LANES_FREE, {"scope": scope}).scalars()
                     gathered = [n for n in free if n not in lanes]
-                    if gathered:
-                        return gathered
+                if found:
+                    own = [n for n in found if n in lanes]
+                    return sorted(set(own or found) | set(gathered))
+                if gathered:
+                    return gathered
                 if time.monotonic() - renewed >= s.lane_lease_s / 3:
                     with self.sessions.begin() as session:
                         kept = leases.acquire(

@@ -827,6 +827,54 @@ def test_a_lingering_lane_task_in_a_place_of_its_own_gathers_every_free_lane_of_
     assert set(owners.values()) == {None}  # it gave every lane back
 
 
+class _BusyGathering(_Gathering):
+    """A gathering linger whose own lane gets a new row at each of its first ``busy``
+    waits (so every look finds a row there), recording at which wait it took more lanes."""
+
+    def __init__(self, arrive: Any, busy: int, waits: int) -> None:
+        super().__init__(None, arrive_on=0, waits=waits)
+        self.each, self.busy, self.wait = arrive, busy, 0
+        self.widened_at: int | None = None
+
+    def hold(self, group: str, lanes: Any) -> None:
+        super().hold(group, lanes)
+        if len(lanes) > 1 and self.widened_at is None:
+            self.widened_at = self.wait
+
+    def keep_waiting(self, idle_s: float) -> bool:
+        self.wait += 1
+        if self.wait <= self.busy:
+            self.each()
+        return _RecordingLinger.keep_waiting(self, idle_s)
+
+
+def test_a_gathering_lane_task_takes_free_lanes_while_its_own_keep_finding_rows(
+    settings: Settings, effects: Engine, session: Session
+):
+    # Lanes worked by kicked tasks that found no lingering place are free between two of
+    # them: a lingering task that finds rows at every look must take them all the same,
+    # or every commit in them keeps kicking a task of its own.
+    topic = _topic_with_effects(session)
+    _receive(session, topic, [("k0", {"n": 0})])
+    arrived: list[uuid.UUID] = []
+    linger = _BusyGathering(
+        lambda: arrived.extend(
+            receive(Session(effects), GROUP, topic, [(f"k{len(arrived)}", {})], lane=LANE)
+        ),
+        busy=60,
+        waits=80,
+    )
+    processor = LaneProcessor(settings, make_sessionmaker(effects), "worker-a")
+
+    report = processor.run(GROUP, LANE, linger=linger)
+
+    assert report.done == 1 + 60
+    # It took every other lane while its own still had a row at every look (60 looks
+    # of at least 5 ms each: it looks for free lanes every 0.1 s).
+    assert ("hold", list(range(settings.lanes))) in linger.calls
+    assert linger.widened_at is not None and linger.widened_at < 60
+
+
 def test_a_busy_lingering_lane_task_hands_half_its_lanes_to_a_task_of_their_own(
     settings: Settings, effects: Engine, session: Session
 ):
