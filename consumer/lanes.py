@@ -383,17 +383,23 @@ class LaneProcessor:
         found rows), takes the probe's word that a row is due: its next batch claims in
         every lane it holds anyway. Rows due but held back behind a failed row of their
         key also answer the probe; a batch that then finds nothing makes the next wait
-        ask lane by lane again, so they cost no batch every poll."""
+        ask lane by lane again, so they cost no batch every poll. After a batch that found
+        rows, the first look comes at once: under steady traffic rows that arrived during
+        a batch run in the next one straight away."""
         s = self.settings
         scope = lane_scope(group)
         poll_s = s.lane_poll_ms / 1000
         idle_since = renewed = time.monotonic()
+        # The first look after a batch that found rows comes without a poll's wait.
+        wait = not probe_enough
         with polling(self.sessions) as conn:
             while True:
                 idle_s = time.monotonic() - idle_since
                 if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
                     return None
-                time.sleep(poll_s)
+                if wait:
+                    time.sleep(poll_s)
+                wait = True
                 if not conn.execute(queries.LANES_ANY_DUE, {"group": group}).scalar_one():
                     found = []
                 elif probe_enough and len(lanes) == s.lanes:

@@ -177,7 +177,9 @@ class Relay:
                 try:
                     self._drain(budget, report, helping=lingering, linger=watched)
                     found = report.batches > 0
-                    while lingering and self._await_rows(budget, linger, found and self._light):
+                    while lingering and self._await_rows(
+                        budget, linger, probe_enough=found and self._light, at_once=found
+                    ):
                         before = report.batches
                         self._drain(budget, report, linger=watched)
                         found = report.batches > before
@@ -193,7 +195,9 @@ class Relay:
             log.info("relay %s: %s", self.owner, report.as_dict())
         return report
 
-    def _await_rows(self, budget: Budget, linger: Linger, probe_enough: bool = False) -> bool:
+    def _await_rows(
+        self, budget: Budget, linger: Linger, probe_enough: bool = False, at_once: bool = False
+    ) -> bool:
         """Wait for a sendable row: True once there is one, False when ``linger`` stops
         waiting, the budget ends or the circuit opens.
 
@@ -202,16 +206,23 @@ class Relay:
         due anywhere is enough, without the look bucket by bucket for one that no other
         relay holds. A row in another relay's bucket, or one held back behind a failed
         row of its key, also answers the probe: a pass that then sends nothing makes the
-        next wait look bucket by bucket again, so such rows cost no lease every poll."""
+        next wait look bucket by bucket again, so such rows cost no lease every poll.
+
+        ``at_once``: the last pass sent rows, so the first look comes without a poll's
+        wait: under steady traffic rows committed during a pass go out in the next one
+        straight away, as a loop that sleeps only once it finds nothing would send them."""
         poll_s = self.settings.relay_poll_ms / 1000
         params = {"scope": SCOPE, "owner": self.owner, "buckets": self.settings.buckets}
         idle_since = time.monotonic()
+        wait = not at_once
         with polling(self.sessions) as conn:
             while self.circuit.state != "open":
                 idle_s = time.monotonic() - idle_since
                 if budget.left() <= poll_s or not linger.keep_waiting(idle_s):
                     return False
-                time.sleep(poll_s)
+                if wait:
+                    time.sleep(poll_s)
+                wait = True
                 if conn.execute(queries.RELAY_ANY_DUE).scalar_one() and (
                     probe_enough or conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
                 ):

@@ -617,6 +617,37 @@ def test_a_lingering_lane_task_runs_rows_that_arrive_while_it_waits_then_lets_go
     assert owner is None  # and gave the lane back
 
 
+def test_after_a_batch_that_found_rows_a_lingering_lane_task_looks_again_without_a_wait(
+    settings: Settings, effects: Engine, session: Session, monkeypatch
+):
+    """A row that arrives during a batch runs in the next one straight away; an idle task
+    waits a poll per look."""
+    topic = _topic_with_effects(session)
+    _receive(session, topic, [("k1", {"n": 1})])
+    events: list[str] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: (events.append("sleep"), real_sleep(s)))
+    processor = LaneProcessor(
+        settings.replace(lane_poll_ms=200), make_sessionmaker(effects), "worker-a"
+    )
+    process = processor._process
+
+    def batch(*args: Any, **kwargs: Any) -> Any:
+        events.append("batch")
+        return process(*args, **kwargs)
+
+    processor._process = batch  # type: ignore[method-assign]
+    # The linger commits a row as it is first asked whether to wait: after the first batch
+    linger = _RecordingLinger(
+        lambda: _receive(Session(effects), topic, [("k1", {"n": 2})]), waits=4
+    )
+
+    report = processor.run(GROUP, LANE, linger=linger)
+
+    assert report.done == 2
+    assert events[:3] == ["batch", "batch", "sleep"]
+
+
 def test_a_lingering_task_holding_every_lane_runs_a_batch_on_the_probe_alone(
     settings: Settings, effects: Engine, session: Session
 ):

@@ -497,6 +497,32 @@ class _Arriving:
         pass
 
 
+def test_after_a_pass_that_sent_rows_a_lingering_relay_looks_again_without_a_polls_wait(
+    relay_settings, engine, session, topic, monkeypatch
+):
+    """A row committed during a pass goes out in the next one straight away, as in a
+    loop that sleeps only once it finds nothing; an idle relay waits a poll per look."""
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    publisher.publish(session, topic, {"n": 0}, key="k")
+    session.commit()
+    relay = Relay(relay_settings.replace(relay_poll_ms=200), sessions=make_sessionmaker(engine))
+    events: list[str] = []
+    real_sleep, mark = time.sleep, relay._mark
+    monkeypatch.setattr(time, "sleep", lambda s: (events.append("sleep"), real_sleep(s)))
+
+    def marked(*args, **kwargs):
+        events.append("mark")
+        return mark(*args, **kwargs)
+
+    relay._mark = marked  # type: ignore[method-assign]
+    # The linger commits a row as it is first asked whether to wait: after the first pass
+    report = relay.run(budget_s=30, linger=_Arriving(engine, publisher, topic, 1, waits=4))
+
+    assert report.sent == 2
+    assert events[:3] == ["mark", "mark", "sleep"]
+
+
 def _is_bucket_by_bucket_look(sql: str) -> bool:
     return "l.owner <>" in sql  # RELAY_HAS_WORK
 
