@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from consumer.acks import register_ack_topic, success_ack, write_acks
 from outbox import queries
-from outbox.db import text_array
+from outbox.db import execute, text_array
 from outbox.publishing import Publisher
 from outbox.storable import MAX_JSON_DEPTH
 from outbox.wire import (
@@ -212,17 +212,18 @@ def _depth_over(value: Any, limit: int) -> bool:
     return any(isinstance(item, (dict, list)) for item in level)
 
 
-def record(session: Session, rows: list[dict[str, Any]]) -> list[int]:
+def record(session: Session, rows: list[dict[str, Any]], *, prepare: bool = True) -> list[int]:
     """Insert rows, skipping any this group already holds (by message id or idempotency key).
 
     Returns the lane of each new row. The caller commits; only then may offsets be stored.
+    ``prepare``: see :func:`outbox.db.execute`.
     """
     if not rows:
         return []
     rows = _not_remembered(session, rows)
     if not rows:
         return []
-    result = session.execute(queries.INSERT_INBOX, {"rows": _document(rows)})
+    result = execute(session, queries.INSERT_INBOX, {"rows": _document(rows)}, prepare=prepare)
     return list(result.scalars())
 
 

@@ -38,7 +38,7 @@ from consumer.handlers import Message, Permanent, batch_handler_for
 from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
-from outbox.db import int_array, polling
+from outbox.db import execute, int_array, polling
 from outbox.logs import log_message
 from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Publisher
@@ -359,7 +359,10 @@ class LaneProcessor:
             "waited_s": waited_s,
             **_order_params(policies),
         }
-        return list(session.execute(queries.LANES_OPEN_WITH_WORK, params).scalars())
+        prepare = self.settings.db_prepare_statements
+        return list(
+            execute(session, queries.LANES_OPEN_WITH_WORK, params, prepare=prepare).scalars()
+        )
 
     def _await_rows(
         self,
@@ -389,6 +392,7 @@ class LaneProcessor:
         s = self.settings
         scope = lane_scope(group)
         poll_s = s.lane_poll_ms / 1000
+        prepare = s.db_prepare_statements
         idle_since = renewed = time.monotonic()
         # The first look after a batch that found rows comes without a poll's wait.
         wait = not probe_enough
@@ -400,7 +404,8 @@ class LaneProcessor:
                 if wait:
                     time.sleep(poll_s)
                 wait = True
-                if not conn.execute(queries.LANES_ANY_DUE, {"group": group}).scalar_one():
+                due = execute(conn, queries.LANES_ANY_DUE, {"group": group}, prepare=prepare)
+                if not due.scalar_one():
                     found = []
                 elif probe_enough and len(lanes) == s.lanes:
                     return lanes
@@ -488,7 +493,8 @@ class LaneProcessor:
         handlers' longest timeout, and lock a batch of the granted lanes' due rows: one
         round trip."""
         per_lane = self._per_lane(lanes)
-        result = session.execute(
+        result = execute(
+            session,
             queries.LEASE_CLAIM_LANE,
             {
                 "scope": lane_scope(group),
@@ -501,6 +507,7 @@ class LaneProcessor:
                 **_order_params(policies),
                 "per_lane": per_lane,
             },
+            prepare=self.settings.db_prepare_statements,
         ).all()
         held = sorted({row.held for row in result if row.held is not None})
         return _Claim(held, [row for row in result if row.id is not None], per_lane)
@@ -835,8 +842,11 @@ class _Outcome:
         """Mark the rows and write the acks, in the batch's transaction; ``add`` is 1 to
         count the attempt, 0 when it was counted before it ran."""
         if self.done:
-            session.execute(
-                queries.MARK_INBOX_DONE, {"ids": int_array(self.done), "worker": worker, "add": add}
+            execute(
+                session,
+                queries.MARK_INBOX_DONE,
+                {"ids": int_array(self.done), "worker": worker, "add": add},
+                prepare=publisher.settings.db_prepare_statements,
             )
         if self.failures:
             session.execute(

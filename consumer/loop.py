@@ -28,7 +28,7 @@ from consumer.lanes import lane_scope
 from consumer.partitions import PartitionLeases, scope_prefix
 from outbox import leases, queries
 from outbox.agents import instance_id, upsert_agent
-from outbox.db import make_engine, make_sessionmaker
+from outbox.db import execute, make_engine, make_sessionmaker
 from outbox.errors import OutboxError
 from outbox.kafka import admin_client, consumer_config, ensure_topics
 from outbox.publishing import Publisher
@@ -246,8 +246,10 @@ class Consumer:
         retries = [r for r in rows if HEADER_RETRY_ATTEMPT in r["headers"] and "status" not in r]
         targets: dict[int, str | None] = {}
         places = list(offsets)
+        prepare = self.settings.db_prepare_statements
         with self.sessions.begin() as session:
-            stored = session.execute(
+            stored = execute(
+                session,
                 queries.STORE_INBOX_OFFSETS,
                 {
                     "group": self.group,
@@ -258,11 +260,12 @@ class Consumer:
                     "offsets": [offsets[place] for place in places],
                     "tokens": self.partitions.tokens(places),
                 },
+                prepare=prepare,
             )
             gone = set(places) - {(topic, partition) for topic, partition in stored}
             if gone:
                 raise Fenced(f"no longer holds {_names(gone)}")
-            lanes = record(session, rows)
+            lanes = record(session, rows, prepare=prepare)
             if retries:
                 healthy = set(
                     session.scalars(
@@ -280,7 +283,7 @@ class Consumer:
             for msg, row in pairs:
                 savepoint = session.begin_nested()
                 try:
-                    record(session, [row])
+                    record(session, [row], prepare=self.settings.db_prepare_statements)
                     savepoint.rollback()
                     rows.append(row)
                 except (DBAPIError, ValueError) as exc:

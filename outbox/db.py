@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, Result, TextClause, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from outbox import queries
 from outbox.errors import SettingsError
 from outbox.settings import Settings, env_name
 
@@ -65,6 +67,29 @@ def polling(sessions: sessionmaker[Session]) -> contextlib.AbstractContextManage
     (a lingering task's polls): each look is one round trip, where a session of its own
     costs four (the pool's ping as it is checked out, BEGIN, the look, ROLLBACK)."""
     return autocommit(sessions.kw["bind"])
+
+
+def execute(
+    session: Session | Connection,
+    statement: TextClause,
+    params: dict[str, Any] | None = None,
+    *,
+    prepare: bool,
+) -> Result[*tuple[Any, ...]]:
+    """Run ``statement``. With ``prepare`` (``OUTBOX_DB_PREPARE_STATEMENTS``; off behind
+    PgBouncer in transaction mode), one of :data:`outbox.queries.PREPARED` is prepared on
+    its connection the first time it runs there and executed by name after. A prepared
+    statement outlives a rollback and goes with its connection, as does the connection's
+    ``info`` that remembers it."""
+    named = queries.PREPARED.get(statement) if prepare else None
+    if named is None:
+        return session.execute(statement, params)
+    conn = session.connection() if isinstance(session, Session) else session
+    done: set[str] = conn.info.setdefault("outbox_prepared", set())
+    if named.name not in done:
+        conn.execute(named.prepare)
+        done.add(named.name)
+    return session.execute(named.execute, params)
 
 
 def int_array(values: Iterable[int | None]) -> str:

@@ -20,10 +20,11 @@ from functools import lru_cache
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, TextClause
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from outbox import leases, queries
+from outbox.db import execute
 from outbox.errors import (
     IdempotencyConflict,
     InactiveTopic,
@@ -139,19 +140,6 @@ def new_message_ids(count: int) -> list[uuid.UUID]:
     return ids
 
 
-def _prepared(session: Session | Connection, name: str) -> TextClause:
-    """The EXECUTE of prepared insert ``name``, preparing it first on a connection that
-    has not got it. A prepared statement outlives a rollback and goes with its
-    connection, as does the connection's ``info`` that remembers it."""
-    prepare, execute = queries.PREPARED_INSERTS[name]
-    conn = session.connection() if isinstance(session, Session) else session
-    done: set[str] = conn.info.setdefault("outbox_prepared", set())
-    if name not in done:
-        conn.execute(prepare)
-        done.add(name)
-    return execute
-
-
 class Publisher:
     """Validates messages against the limits in ``settings`` and writes them."""
 
@@ -213,21 +201,13 @@ class Publisher:
                 "request_hash": r.request_hash,
                 "bucket": r.bucket,
             }
-            if self.settings.db_prepare_statements:
-                name = (
-                    "outbox_insert_message"
-                    if r.idempotency_key is None
-                    else "outbox_insert_message_once"
-                )
-                result = session.execute(_prepared(session, name), params)
-            else:
-                result = session.execute(
-                    queries.INSERT_MESSAGE
-                    if r.idempotency_key is None
-                    else queries.INSERT_MESSAGE_ONCE,
-                    params,
-                )
-            return len(result.all())
+            statement = (
+                queries.INSERT_MESSAGE if r.idempotency_key is None else queries.INSERT_MESSAGE_ONCE
+            )
+            written = execute(
+                session, statement, params, prepare=self.settings.db_prepare_statements
+            )
+            return len(written.all())
         once = any(r.idempotency_key is not None for r in rows)
         statement = queries.INSERT_MESSAGES_ONCE if once else queries.INSERT_MESSAGES
         topics = sorted({r.topic for r in rows})

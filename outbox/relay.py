@@ -45,7 +45,7 @@ from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
 from outbox.circuit import Circuit
-from outbox.db import int_array, make_engine, make_sessionmaker, polling
+from outbox.db import execute, int_array, make_engine, make_sessionmaker, polling
 from outbox.metrics import MetricsRecorder
 from outbox.models import MAX_ERROR_CHARS
 from outbox.producer import DeliveryReport, Outgoing, RelayProducer
@@ -212,6 +212,7 @@ class Relay:
         wait: under steady traffic rows committed during a pass go out in the next one
         straight away, as a loop that sleeps only once it finds nothing would send them."""
         poll_s = self.settings.relay_poll_ms / 1000
+        prepare = self.settings.db_prepare_statements
         params = {"scope": SCOPE, "owner": self.owner, "buckets": self.settings.buckets}
         idle_since = time.monotonic()
         wait = not at_once
@@ -223,8 +224,9 @@ class Relay:
                 if wait:
                     time.sleep(poll_s)
                 wait = True
-                if conn.execute(queries.RELAY_ANY_DUE).scalar_one() and (
-                    probe_enough or conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
+                if execute(conn, queries.RELAY_ANY_DUE, prepare=prepare).scalar_one() and (
+                    probe_enough
+                    or execute(conn, queries.RELAY_HAS_WORK, params, prepare=prepare).scalar_one()
                 ):
                     return True
         return False
@@ -319,7 +321,8 @@ class Relay:
             )
             self._lease_rows_ready = True
         # Held buckets that still have work are renewed first.
-        rows = session.execute(
+        rows = execute(
+            session,
             queries.RELAY_LEASE,
             {
                 "scope": SCOPE,
@@ -328,6 +331,7 @@ class Relay:
                 "limit": s.buckets if self._light else s.relay_buckets_per_task,
                 "lease_s": s.relay_lease_s,
             },
+            prepare=s.db_prepare_statements,
         ).all()
         granted = {row.bucket: row.fencing_token for row in rows if row.bucket is not None}
         # Drained buckets go back at once, for whichever relay next finds work there.
@@ -339,7 +343,8 @@ class Relay:
         token = uuid.uuid4()
         share = max(1, self.settings.relay_batch_size // len(buckets))
         bytes_share = max(1, self.settings.relay_batch_bytes // len(buckets))
-        rows = session.execute(
+        rows = execute(
+            session,
             queries.CLAIM_BATCH,
             {
                 "scope": SCOPE,
@@ -350,6 +355,7 @@ class Relay:
                 "per_bucket": share,
                 "bytes_per_bucket": bytes_share,
             },
+            prepare=self.settings.db_prepare_statements,
         ).all()
         # Every row's headers decoded in one call: a call per row was the largest part of
         # the claim's own (Python) time.
@@ -422,12 +428,19 @@ class Relay:
                     },
                 )
             if sent:
-                marked = session.execute(
+                marked = execute(
+                    session,
                     queries.MARK_SENT,
                     {"ids": int_array(d.id for d in sent), "placed": _placements(sent), **settle},
+                    prepare=self.settings.db_prepare_statements,
                 ).all()
             else:
-                session.execute(queries.SETTLE_CLAIM, settle)
+                execute(
+                    session,
+                    queries.SETTLE_CLAIM,
+                    settle,
+                    prepare=self.settings.db_prepare_statements,
+                )
         topics = {row.id: row.topic for row in claim.rows} if failed else {}
         self.metrics.relay_batch(marked, (topics[d.id] for d in failed))
         if self.producer.replaced:
@@ -456,9 +469,11 @@ class Relay:
     def _settle(self, session: Session, token: uuid.UUID, release: list[int]) -> None:
         """Free the claim's buckets for new claims (its rows stay as they are), and give
         the buckets in ``release`` back."""
-        session.execute(
+        execute(
+            session,
             queries.SETTLE_CLAIM,
             {"scope": SCOPE, "owner": self.owner, "token": token, "release": release},
+            prepare=self.settings.db_prepare_statements,
         )
 
     def close(self) -> None:

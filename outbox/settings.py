@@ -47,8 +47,8 @@ class Settings:
     db_pool_size: int = _setting(5, "SQLAlchemy connection pool size per process.", minimum=1)
     db_prepare_statements: bool = _setting(
         True,
-        "Prepare the single-message insert once per connection; off behind PgBouncer in "
-        "transaction mode.",
+        "Prepare the hot statements (the single-message insert, the relay's, the consumer's "
+        "and the lanes') once per connection; off behind PgBouncer in transaction mode.",
     )
 
     api_host: str = _setting("127.0.0.1", "Address the API listens on under `outbox dev`.")

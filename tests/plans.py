@@ -1,8 +1,11 @@
-"""Reading PostgreSQL's plans in tests: what a statement read, whatever plan it got."""
+"""Reading PostgreSQL's plans in tests: what a statement read, whatever plan it got; and
+which statements ran."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from outbox import queries
 
 
 def rows_read(plan: dict[str, Any], table: str) -> float:
@@ -15,3 +18,16 @@ def rows_read(plan: dict[str, Any], table: str) -> float:
         fields += ["Actual Rows", "Rows Removed by Filter"]
     read = sum(node.get(field, 0) * node.get("Actual Loops", 1) for field in fields)
     return read + sum(rows_read(child, table) for child in node.get("Plans", []))
+
+
+def as_written(executed: list[str]) -> list[str]:
+    """The statements that ran, as the hot-path SQL was written: a prepared statement's
+    EXECUTE as the text it was prepared from, and the PREPAREs themselves (one per
+    statement and connection, not per call) left out. Other entries stay as they are."""
+    by_name = {prepared.name: clause.text for clause, prepared in queries.PREPARED.items()}
+    written = []
+    for sql in executed:
+        if sql.startswith("PREPARE "):
+            continue
+        written.append(by_name[sql.split()[1]] if sql.startswith("EXECUTE ") else sql)
+    return written

@@ -24,7 +24,7 @@ from outbox.registry import register_topic
 from outbox.relay import Claim, Relay, RelayReport
 from outbox.settings import Settings
 from tests.kafka_helpers import consume_all
-from tests.plans import rows_read
+from tests.plans import as_written, rows_read
 
 
 @pytest.fixture
@@ -431,6 +431,42 @@ def test_a_lingering_relay_sends_rows_committed_while_it_waits_in_the_same_task(
     assert [m.message_id for m in received] == [str(first), str(later[0])]  # in key order
 
 
+@pytest.mark.parametrize("prepare", [True, False], ids=["prepared", "plain"])
+def test_a_relays_statements_are_prepared_once_per_connection_unless_turned_off(
+    relay_settings, engine, session, topic, prepare
+):
+    # Prepared, PostgreSQL plans the claim and the mark once per connection rather than on
+    # every pass; plain (behind PgBouncer in transaction mode), they go as written.
+    _register(session, topic)
+    ran: list[tuple[int, str]] = []
+    event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, sql, *_: ran.append((id(conn.connection.dbapi_connection), sql)),
+    )
+    publisher = Publisher(relay_settings)
+    relay = Relay(
+        relay_settings.replace(db_prepare_statements=prepare), sessions=make_sessionmaker(engine)
+    )
+    for n in range(6):
+        publisher.publish(session, topic, {"n": n}, key="k")
+        session.commit()
+        assert relay.run(budget_s=30).sent == 1
+
+    received = consume_all(relay_settings.kafka_bootstrap, topic, 6)
+    assert [m.value["n"] for m in received] == list(range(6))
+    for name in ("outbox_claim_batch", "outbox_mark_sent"):
+        mine = [(conn, sql.split()[0]) for conn, sql in ran if sql.split()[:2][-1] == name]
+        if not prepare:
+            assert mine == []
+            continue
+        assert [verb for _, verb in mine].count("EXECUTE") == 6
+        for conn in {c for c, _ in mine}:
+            # On each connection: one PREPARE, before its first EXECUTE.
+            verbs = [verb for c, verb in mine if c == conn]
+            assert verbs[0] == "PREPARE" and verbs.count("PREPARE") == 1
+
+
 def test_a_lingering_relay_looks_for_new_rows_on_one_connection_one_statement_each(
     relay_settings, engine, session, topic
 ):
@@ -467,6 +503,7 @@ def test_a_lingering_relay_looks_for_new_rows_on_one_connection_one_statement_ea
     # Nineteen looks of one statement each, on a connection checked out for the whole
     # wait: no check-out (with the pool's ping), BEGIN or ROLLBACK per look; with nothing
     # due anywhere, the look is the cheap one, and the one per bucket or lane never runs.
+    during[:] = as_written(during)
     assert len(during) == 19
     assert all("outbox_messages" in sql and "generate_series" not in sql for sql in during)
 
@@ -584,7 +621,7 @@ def test_a_row_held_back_by_its_key_costs_a_lingering_relay_no_lease_every_poll(
     assert report.sent == 0 and linger.waits == 0  # it waited its thirty polls
     # The lease of the first pass and of the last look as the task ends: not one per poll
     # (each a write to the lease rows, and a claim that finds nothing)
-    leases_taken = [sql for sql in seen if "WITH with_work" in sql]  # RELAY_LEASE
+    leases_taken = [sql for sql in as_written(seen) if "WITH with_work" in sql]  # RELAY_LEASE
     assert len(leases_taken) == 2
     session.expire_all()
     waiting = session.scalars(select(OutboxMessage).where(OutboxMessage.message_id == second))
