@@ -359,10 +359,7 @@ class LaneProcessor:
             "waited_s": waited_s,
             **_order_params(policies),
         }
-        prepare = self.settings.db_prepare_statements
-        return list(
-            execute(session, queries.LANES_OPEN_WITH_WORK, params, prepare=prepare).scalars()
-        )
+        return list(session.execute(queries.LANES_OPEN_WITH_WORK, params).scalars())
 
     def _await_rows(
         self,

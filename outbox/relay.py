@@ -225,8 +225,7 @@ class Relay:
                     time.sleep(poll_s)
                 wait = True
                 if execute(conn, queries.RELAY_ANY_DUE, prepare=prepare).scalar_one() and (
-                    probe_enough
-                    or execute(conn, queries.RELAY_HAS_WORK, params, prepare=prepare).scalar_one()
+                    probe_enough or conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
                 ):
                     return True
         return False

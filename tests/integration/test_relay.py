@@ -503,7 +503,7 @@ def test_a_lingering_relay_looks_for_new_rows_on_one_connection_one_statement_ea
     # Nineteen looks of one statement each, on a connection checked out for the whole
     # wait: no check-out (with the pool's ping), BEGIN or ROLLBACK per look; with nothing
     # due anywhere, the look is the cheap one, and the one per bucket or lane never runs.
-    during[:] = as_written(during)
+    during[:] = as_written(during)  # a prepared look: its EXECUTE, not its PREPARE
     assert len(during) == 19
     assert all("outbox_messages" in sql and "generate_series" not in sql for sql in during)
 
