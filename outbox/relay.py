@@ -434,12 +434,7 @@ class Relay:
                     prepare=self.settings.db_prepare_statements,
                 ).all()
             else:
-                execute(
-                    session,
-                    queries.SETTLE_CLAIM,
-                    settle,
-                    prepare=self.settings.db_prepare_statements,
-                )
+                self._settle(session, token, release or [])
         topics = {row.id: row.topic for row in claim.rows} if failed else {}
         self.metrics.relay_batch(marked, (topics[d.id] for d in failed))
         if self.producer.replaced:
