@@ -22,10 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -50,6 +49,17 @@ CIRCUIT_REFRESH_S = 1.0
 RETRY_AFTER_S = 5.0
 
 
+class Sent(NamedTuple):
+    """Rows of a topic marked sent whose commit-to-ack latency fell in one bucket: the
+    first of :data:`LATENCY_BUCKETS` at or above it (its index; ``len(LATENCY_BUCKETS)``
+    past the last), how many rows, and their latencies' sum in seconds."""
+
+    topic: str
+    bucket: int
+    rows: int
+    latency_s: float
+
+
 class MetricsRecorder:
     """Adds to the counters; one per process. A Redis error is logged, never raised, and
     what fails to be counted is dropped: metrics never hold up the relay."""
@@ -65,33 +75,34 @@ class MetricsRecorder:
         self._circuits: dict[str, tuple[str, float]] = {}
         self._circuit_refresh_s = min(CIRCUIT_REFRESH_S, settings.agent_inactive_after_s / 2)
 
-    def relay_batch(self, sent: Iterable[tuple[str, float]], failed: Iterable[str]) -> None:
-        """Rows marked sent, as ``(topic, commit-to-ack seconds)``, and topics of failed rows."""
+    def relay_batch(self, sent: Iterable[Sent], failed: Iterable[str]) -> None:
+        """Rows marked sent, counted per topic and latency bucket (:class:`Sent`), and
+        topics of failed rows."""
         if not self.enabled:
             return
-        sent = list(sent)
         fields: Counter[str] = Counter()
-        for topic, _ in sent:
-            fields[f"published|{topic}"] += 1
+        count = 0
+        latency_sum = 0.0
+        for topic, bucket, n, seconds in sent:
+            fields[f"published|{topic}"] += n
+            if bucket < len(LATENCY_BUCKETS):
+                fields[f"latency|{LATENCY_BUCKETS[bucket]}"] += n
+            count += n
+            latency_sum += seconds
         for topic in failed:
             fields[f"failed|{topic}"] += 1
         if not fields:
             return
-        latencies = [latency for _, latency in sent]
-        for latency in latencies:
-            index = bisect_left(LATENCY_BUCKETS, latency)
-            if index < len(LATENCY_BUCKETS):
-                fields[f"latency|{LATENCY_BUCKETS[index]}"] += 1
-        if latencies:
-            fields["latency_count"] += len(latencies)
+        if count:
+            fields["latency_count"] += count
 
         def write(pipe: Any) -> None:
             for name, n in fields.items():
                 pipe.hincrby(COUNTERS, name, n)
-            if latencies:
-                pipe.hincrbyfloat(COUNTERS, "latency_sum", sum(latencies))
+            if count:
+                pipe.hincrbyfloat(COUNTERS, "latency_sum", latency_sum)
                 step = int(time.time()) // SERIES_STEP_S * SERIES_STEP_S
-                pipe.incrby(f"{SERIES}{step}", len(latencies))
+                pipe.incrby(f"{SERIES}{step}", count)
                 pipe.expire(f"{SERIES}{step}", SERIES_KEEP_S)
 
         self._pipeline(write)

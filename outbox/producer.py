@@ -273,7 +273,8 @@ class RelayProducer:
         if limit is None:
             return None
         size = len(row.value) + len(row.key or "") + RECORD_OVERHEAD_BYTES
-        size += sum(len(name) + len(value or "") for name, value in row.headers)
+        for name, value in row.headers:  # a loop, not sum() of a generator: once per row
+            size += len(name) + len(value or "")
         if size <= limit:
             return None
         return KafkaError(

@@ -440,10 +440,21 @@ WHERE scope = :scope
 """
 SETTLE_CLAIM = _prepared("outbox_settle_claim", _SETTLE.format(claimed="claim_token = :token"))
 
+# The latency bucket of {seconds}: the first of :latency_bounds (ascending) it does not
+# exceed, numbered from 0; past the last, len(:latency_bounds) (as bisect_left numbers
+# them). width_bucket counts the bounds at or below a value, so it is given the bounds
+# negated and reversed, and counts those at or above the latency.
+LATENCY_BUCKET_OF = """
+cardinality(CAST(:latency_bounds AS float8[])) - width_bucket(
+    -({seconds}),
+    ARRAY(SELECT -b FROM unnest(CAST(:latency_bounds AS float8[])) AS b ORDER BY b DESC)
+)"""
+
 # Marking rows sent also opens their deliveries: one per active group of the topic that
 # requires acks, awaiting its ack until the group's ack timeout (database clock), and
-# settles the claim (as SETTLE_CLAIM), all in one round trip. It returns each row's topic
-# and seconds from its commit to now, after the broker's ack.
+# settles the claim (as SETTLE_CLAIM), all in one round trip. It returns what the metrics
+# count, summed per topic and latency bucket (LATENCY_BUCKET_OF) rather than a row per
+# message: the seconds from each row's commit to now, after the broker's ack.
 MARK_SENT = _prepared(
     "outbox_mark_sent",
     f"""
@@ -473,7 +484,10 @@ marked AS (
 ),
 -- the claim's buckets as stands locked them: settled only where the claim still stands
 settled AS ({_SETTLE.format(claimed="bucket IN (SELECT bucket FROM stands)")})
-SELECT topic, latency_s FROM marked
+SELECT topic, {LATENCY_BUCKET_OF.format(seconds="latency_s")} AS bucket,
+       CAST(count(*) AS int) AS sent, sum(latency_s) AS latency_s
+FROM marked
+GROUP BY 1, 2
 """,  # noqa: S608 (composed of constants only)
 )
 

@@ -46,12 +46,12 @@ from outbox.agents import owner_id
 from outbox.budget import Budget
 from outbox.circuit import Circuit
 from outbox.db import execute, int_array, make_engine, make_sessionmaker, polling
-from outbox.metrics import MetricsRecorder
+from outbox.metrics import LATENCY_BUCKETS, MetricsRecorder, Sent
 from outbox.models import MAX_ERROR_CHARS
 from outbox.producer import DeliveryReport, Outgoing, RelayProducer
 from outbox.retry import RetryPolicy
 from outbox.settings import Settings, env_name
-from outbox.wire import message_headers
+from outbox.wire import HEADER_CORRELATION_ID, HEADER_MESSAGE_ID, message_headers
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,24 @@ class Linger(Protocol):
 def _placements(sent: list[DeliveryReport]) -> str:
     """``{"<row id>": [partition, offset], ...}`` of the delivered rows, as JSON."""
     return "{" + ",".join(f'"{d.id}":[{d.partition},{d.offset}]' for d in sent) + "}"
+
+
+def _wire_headers(rows: Sequence[Any]) -> list[list[tuple[str, str | bytes | None]]]:
+    """Each claimed row's Kafka headers (:func:`outbox.wire.message_headers`). Most rows
+    store none (``{}``): theirs are the message id twice, made without JSON. The others'
+    are decoded in one call: a call per row was the largest part of the claim's own
+    (Python) time."""
+    stored = [row.headers for row in rows]
+    given = [n for n, text in enumerate(stored) if text != "{}"]
+    decoded = json.loads("[" + ",".join([stored[n] for n in given]) + "]") if given else []
+    wire: list[list[tuple[str, str | bytes | None]]] = []
+    for row in rows:
+        message_id = row.message_id.encode()
+        wire.append([(HEADER_CORRELATION_ID, message_id), (HEADER_MESSAGE_ID, message_id)])
+    for n, headers in zip(given, decoded, strict=True):
+        message_id = rows[n].message_id
+        wire[n] = [(k, v.encode()) for k, v in message_headers(message_id, headers).items()]
+    return wire
 
 
 class Relay:
@@ -356,18 +374,9 @@ class Relay:
             },
             prepare=self.settings.db_prepare_statements,
         ).all()
-        # Every row's headers decoded in one call: a call per row was the largest part of
-        # the claim's own (Python) time.
-        headers = json.loads("[" + ",".join([row.headers for row in rows]) + "]")
         outgoing = [
-            Outgoing(
-                row.id,
-                row.topic,
-                row.key,
-                row.payload.encode(),
-                [(k, v.encode()) for k, v in message_headers(row.message_id, h).items()],
-            )
-            for row, h in zip(rows, headers, strict=True)
+            Outgoing(row.id, row.topic, row.key, row.payload.encode(), headers)
+            for row, headers in zip(rows, _wire_headers(rows), strict=True)
         ]
         per_bucket = Counter(row.bucket for row in rows)
         drained = all(n < share for n in per_bucket.values()) and not any(r.full for r in rows)
@@ -403,7 +412,7 @@ class Relay:
             else:
                 failed.append(d)
         token, attempts = claim.token, claim.attempts
-        marked: Sequence[Any] = ()
+        marked: Sequence[Sent] = ()
         # The claim is settled, and a finishing pass's buckets given back, last: the
         # marks change rows only while the claim stands. Released rows need no change.
         settle = {"scope": SCOPE, "owner": self.owner, "token": token, "release": release or []}
@@ -427,12 +436,20 @@ class Relay:
                     },
                 )
             if sent:
-                marked = execute(
-                    session,
-                    queries.MARK_SENT,
-                    {"ids": int_array(d.id for d in sent), "placed": _placements(sent), **settle},
-                    prepare=self.settings.db_prepare_statements,
-                ).all()
+                marked = [
+                    Sent(*row)  # a row per topic and latency bucket
+                    for row in execute(
+                        session,
+                        queries.MARK_SENT,
+                        {
+                            "ids": int_array(d.id for d in sent),
+                            "placed": _placements(sent),
+                            "latency_bounds": list(LATENCY_BUCKETS),
+                            **settle,
+                        },
+                        prepare=self.settings.db_prepare_statements,
+                    )
+                ]
             else:
                 self._settle(session, token, release or [])
         topics = {row.id: row.topic for row in claim.rows} if failed else {}

@@ -5,6 +5,7 @@ exposition parses as Prometheus reads it."""
 from __future__ import annotations
 
 import base64
+import bisect
 import time
 import uuid
 
@@ -13,10 +14,10 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from api import create_app
-from outbox import Message, Publisher
+from outbox import Message, Publisher, queries
 from outbox.db import make_sessionmaker
 from outbox.heartbeat import record_heartbeat
-from outbox.metrics import MetricsRecorder
+from outbox.metrics import LATENCY_BUCKETS, MetricsRecorder
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.relay import Relay
 from outbox.settings import Settings
@@ -160,3 +161,56 @@ def test_run_now_names_only_the_beat_tasks(settings: Settings):
     assert response.status_code == 422
     assert [f["field"] for f in response.get_json()["error"]["details"]["fields"]] == ["name"]
     assert client.post("/v1/tasks/heartbeat/run").status_code == 401
+
+
+def test_a_latency_falls_in_the_first_bucket_at_or_above_it_as_prometheus_reads_le(
+    engine: Engine,
+):
+    # the relay's marks count latencies per bucket in PostgreSQL: a bound itself is in its
+    # own bucket (le), anything past the last bound only in +Inf
+    latencies = [0.0, 0.001, 0.005, 0.0050001, 0.01, 2.4999, 2.5, 59.9, 60.0, 60.0001, 3600.0]
+    bounds = list(LATENCY_BUCKETS)
+    with engine.connect() as conn:
+        placed = conn.execute(
+            text(
+                f"SELECT {queries.LATENCY_BUCKET_OF.format(seconds='s')}"
+                " FROM unnest(CAST(:seconds AS float8[])) WITH ORDINALITY AS u(s, n) ORDER BY n"
+            ),
+            {"seconds": latencies, "latency_bounds": bounds},
+        ).scalars()
+        assert list(placed) == [bisect.bisect_left(bounds, s) for s in latencies]
+
+
+def test_the_relay_counts_each_row_in_its_commit_to_ack_bucket(
+    settings: Settings, engine: Engine, session: Session, topic: str
+):
+    s = settings.replace(api_tokens=(TOKEN,))
+    register_topic(session, topic)
+    session.commit()
+    ages = [0, 0, 3, 7, 20, 45, 120]  # seconds since commit when the relay takes them
+    Publisher(s).publish_batch(session, [Message(topic, {"n": n}) for n in range(len(ages))])
+    session.commit()
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE outbox_messages m SET created_at = now() - make_interval(secs => a.age)"
+                " FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM outbox_messages"
+                "       WHERE topic = :t) AS r,"
+                " unnest(CAST(:ages AS float8[])) WITH ORDINALITY AS a(age, n)"
+                " WHERE m.id = r.id AND r.n = a.n"
+            ),
+            {"t": topic, "ages": ages},
+        )
+    assert Relay(s, sessions=make_sessionmaker(engine)).run(budget_s=30).sent == len(ages)
+    samples = _samples(_scrape(create_app(s).test_client(), Authorization=f"Bearer {TOKEN}"))
+
+    def bucket(le: str) -> float:
+        return samples[("outbox_relay_commit_to_ack_seconds_bucket", (("le", le),))]
+
+    # cumulative, with two seconds to spare for the relay's own time
+    cumulative = {le: bucket(le) for le in ("2.5", "5.0", "10.0", "30.0", "60.0", "+Inf")}
+    assert cumulative == {"2.5": 2, "5.0": 3, "10.0": 4, "30.0": 5, "60.0": 6, "+Inf": 7}
+    assert samples[("outbox_relay_commit_to_ack_seconds_count", ())] == 7
+    total = samples[("outbox_relay_commit_to_ack_seconds_sum", ())]
+    assert sum(ages) <= total < sum(ages) + 7 * 2
+    assert samples[("outbox_relay_published_total", (("topic", topic),))] == 7

@@ -71,6 +71,26 @@ def test_committed_rows_reach_kafka_once_in_order_per_key_with_their_position(
     assert len(by_key) == 20
 
 
+def test_each_record_carries_its_id_its_correlation_id_and_the_caller_s_headers(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    given = {"correlation_id": "req-9", "causation_id": "evt-1"}
+    # rows with and without headers of the caller's, mixed in one claim
+    messages = [Message(topic, {"n": n}, headers=given if n % 3 == 1 else None) for n in range(9)]
+    ids = Publisher(relay_settings).publish_batch(session, messages)
+    session.commit()
+    assert Relay(relay_settings, sessions=make_sessionmaker(engine)).run(budget_s=30).sent == 9
+    received = {
+        m.value["n"]: m.headers for m in consume_all(relay_settings.kafka_bootstrap, topic, 9)
+    }
+    assert received == {
+        n: {"message_id": str(ids[n]), "correlation_id": str(ids[n])}
+        | (given if n % 3 == 1 else {})
+        for n in range(9)
+    }
+
+
 def test_rows_of_an_open_transaction_are_not_relayed_until_it_commits(
     relay_settings, engine, session, topic
 ):

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from outbox.metrics import COUNTERS, MetricsRecorder, circuit_summary
+from outbox.metrics import COUNTERS, LATENCY_BUCKETS, MetricsRecorder, Sent, circuit_summary
 from outbox.settings import Settings
 
 
@@ -45,27 +45,32 @@ def _recorder(client: FakeRedis, **settings: Any) -> MetricsRecorder:
 def test_a_relay_batch_is_one_round_trip_of_counts_and_histogram_buckets():
     client = FakeRedis()
     _recorder(client).relay_batch(
-        [("orders", 0.004), ("orders", 0.03), ("billing", 120.0)], ["orders"]
+        [
+            Sent("orders", 0, 1, 0.004),
+            Sent("orders", 3, 4, 0.12),  # four rows between 25 and 50 ms
+            Sent("billing", len(LATENCY_BUCKETS), 1, 120.0),
+        ],
+        ["orders"],
     )
     assert client.pipelines == 1
     increments = {c[2]: c[3] for c in client.calls if c[0] == "hincrby"}
     assert {c[1] for c in client.calls if c[0] == "hincrby"} == {COUNTERS}
     assert increments == {
-        "published|orders": 2,
+        "published|orders": 5,
         "published|billing": 1,
         "failed|orders": 1,
         "latency|0.005": 1,
-        "latency|0.05": 1,  # 120 s is above every bound: only in the count (+Inf)
-        "latency_count": 3,
+        "latency|0.05": 4,  # 120 s is above every bound: only in the count (+Inf)
+        "latency_count": 6,
     }
     [(_, _, name, total)] = [c for c in client.calls if c[0] == "hincrbyfloat"]
-    assert name == "latency_sum" and abs(total - 120.034) < 1e-9
+    assert name == "latency_sum" and abs(total - 120.124) < 1e-9
 
 
 def test_metrics_off_write_nothing():
     client = FakeRedis()
     recorder = _recorder(client, metrics=False)
-    recorder.relay_batch([("orders", 0.01)], [])
+    recorder.relay_batch([Sent("orders", 1, 1, 0.01)], [])
     recorder.retries(["billing"])
     recorder.circuit("relay@a", "open")
     assert client.pipelines == 0
@@ -74,8 +79,8 @@ def test_metrics_off_write_nothing():
 def test_a_redis_failure_is_swallowed_and_not_retried_at_once():
     client = FakeRedis(fail=True)
     recorder = _recorder(client)
-    recorder.relay_batch([("orders", 0.01)], [])  # no exception reaches the relay
-    recorder.relay_batch([("orders", 0.01)], [])
+    recorder.relay_batch([Sent("orders", 1, 1, 0.01)], [])  # no exception reaches the relay
+    recorder.relay_batch([Sent("orders", 1, 1, 0.01)], [])
     recorder.retries(["billing"])
     assert client.pipelines == 1  # the later counts were dropped without a round trip
 
