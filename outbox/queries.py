@@ -540,9 +540,11 @@ AND (m.key IS NULL OR m.topic = ANY(CAST(:unordered_topics AS text[])) OR (
 # each lane in Kafka order (ids follow the poll order): up to :per_lane rows from each
 # lane, so that a busy lane does not crowd the others out of a batch. Rows are locked for
 # the processing transaction, so even two tasks on one lane (a lease lost to a stall)
-# never run a row twice.
-_CLAIMED_COLUMNS = """m.id, m.message_id, m.topic, m.key, m.payload, m.headers, m.attempts,
-       m.partition, m."offset", m.lane, m.retries"""
+# never run a row twice. Payloads and headers come as JSON text, which the lane task
+# decodes a batch at a time (consumer.lanes).
+_CLAIMED_COLUMNS = """m.id, m.message_id, m.topic, m.key, CAST(m.payload AS text) AS payload,
+       CAST(m.headers AS text) AS headers, m.attempts, m.partition, m."offset", m.lane,
+       m.retries"""
 
 
 def _due_rows(lane: str) -> str:
