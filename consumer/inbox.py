@@ -45,7 +45,7 @@ def inbox_row(group: str, msg: Message, lanes: int) -> dict[str, Any]:
     try:
         headers: dict[str, str] = {}
         for name, value in _header_pairs(msg):
-            text = _strict_text(value, f"header {name!r}")
+            text = _strict_text(value, "header", name)
             if text is not None:
                 headers[_strict_text(name, "a header name") or ""] = text
         idempotency_key = headers.get(HEADER_IDEMPOTENCY_KEY)
@@ -91,10 +91,7 @@ def _row(
 ) -> dict[str, Any]:
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     assert topic is not None and partition is not None and offset is not None
-    try:
-        message_id = uuid.UUID(headers[HEADER_MESSAGE_ID])
-    except (KeyError, ValueError):
-        message_id = foreign_message_id(topic, partition, offset)
+    message_id = _message_id(headers.get(HEADER_MESSAGE_ID), topic, partition, offset)
     return {
         "consumer_group": group,
         "message_id": message_id,
@@ -109,6 +106,23 @@ def _row(
     }
 
 
+# A message id as this project writes it (str(uuid.UUID)): taken as it is, without parsing.
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _message_id(header: str | None, topic: str, partition: int, offset: int) -> str:
+    """The row's message id, in canonical form: the ``message_id`` header's UUID, or for a
+    record without a valid one, an id derived from its position."""
+    if header is not None:
+        if _CANONICAL_ID.fullmatch(header):
+            return header
+        try:
+            return str(uuid.UUID(header))
+        except ValueError:
+            pass
+    return str(foreign_message_id(topic, partition, offset))
+
+
 def _header_pairs(msg: Message) -> list[tuple[str | bytes, str | bytes | None]]:
     try:
         raw = msg.headers() or []
@@ -117,18 +131,28 @@ def _header_pairs(msg: Message) -> list[tuple[str | bytes, str | bytes | None]]:
     return list(raw.items() if isinstance(raw, dict) else raw)
 
 
-def _strict_text(value: str | bytes | None, what: str) -> str | None:
-    """UTF-8 text without NUL (PostgreSQL's text and JSON take no NUL), or Unstorable."""
+def _strict_text(
+    value: str | bytes | None, what: str, name: str | bytes | None = None
+) -> str | None:
+    """UTF-8 text without NUL (PostgreSQL's text and JSON take no NUL), or Unstorable
+    saying what was wrong with ``what`` (and ``name``: a header's)."""
     if value is None:
         return None
     try:
-        text = value.decode() if isinstance(value, bytes) else value
-        text.encode()
+        if isinstance(value, bytes):
+            text = value.decode()
+        else:
+            text = value
+            text.encode()  # a lone surrogate
     except UnicodeError as exc:
-        raise Unstorable(f"{what} is not UTF-8 text: {exc}") from exc
+        raise Unstorable(f"{_what(what, name)} is not UTF-8 text: {exc}") from exc
     if "\x00" in text:
-        raise Unstorable(f"{what} holds a NUL character")
+        raise Unstorable(f"{_what(what, name)} holds a NUL character")
     return text
+
+
+def _what(what: str, name: str | bytes | None) -> str:
+    return what if name is None else f"{what} {name!r}"
 
 
 def _readable(value: str | bytes | None) -> str:
@@ -161,7 +185,9 @@ def _payload(value: bytes | None) -> tuple[dict[str, Any], str]:
         raise Unstorable(f"payload nests deeper than {MAX_JSON_DEPTH} levels") from exc
     except ValueError as exc:
         raise Unstorable(f"payload is not JSON: {exc}") from exc
-    if _depth_over(payload, MAX_JSON_DEPTH):
+    # Nesting deeper takes more opening brackets than that (counted in strings too).
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    if deep and _depth_over(payload, MAX_JSON_DEPTH):
         raise Unstorable(f"payload nests deeper than {MAX_JSON_DEPTH} levels")
     # Decoded UTF-8 holds neither NUL (the decoder refuses control characters in strings)
     # nor a lone surrogate: only a \u escape can put one in.
@@ -239,14 +265,20 @@ def _document(rows: list[dict[str, Any]]) -> str:
 
 def _entry(n: int, r: dict[str, Any]) -> str:
     payload = r.get("payload_json") or _compact(r["payload"])
-    optional = "".join(
-        f',"{name}":{encode_basestring(r[name])}' for name in _OPTIONAL if r.get(name) is not None
+    optional = ""
+    for name in _OPTIONAL:
+        if (value := r.get(name)) is not None:
+            optional += f',"{name}":{encode_basestring(value)}'
+    # Header names and values are text: each encoded as a JSON string, as _compact
+    # would write the object (which costs a new encoder per call).
+    headers = ",".join(
+        [f"{encode_basestring(k)}:{encode_basestring(v)}" for k, v in r["headers"].items()]
     )
     return (
         f'{{"n":{n},"consumer_group":{encode_basestring(r["consumer_group"])},'
         f'"message_id":"{r["message_id"]}","topic":{encode_basestring(r["topic"])},'
         f'"partition":{int(r["partition"])},"offset":{int(r["offset"])},"lane":{int(r["lane"])},'
-        f'"payload":{payload},"headers":{_compact(r["headers"])}{optional}}}'
+        f'"payload":{payload},"headers":{{{headers}}}{optional}}}'
     )
 
 

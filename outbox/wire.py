@@ -38,10 +38,13 @@ RESERVED_HEADERS = frozenset(
 _FOREIGN_NAMESPACE = uuid.UUID("6f1c2f43-52a4-4b0e-9a8f-3f4a1f0e2b7d")
 
 
-def bucket_for(key: str | None, message_id: uuid.UUID, buckets: int) -> int:
+def bucket_for(key: str | None, message_id: uuid.UUID | str, buckets: int) -> int:
     """The bucket (relay side) or lane (consumer side) of a key; keyless messages spread by id."""
-    data = key.encode() if key is not None else message_id.bytes
-    return zlib.crc32(data) % buckets
+    if key is not None:
+        return zlib.crc32(key.encode()) % buckets
+    if isinstance(message_id, str):
+        message_id = uuid.UUID(message_id)
+    return zlib.crc32(message_id.bytes) % buckets
 
 
 def message_headers(message_id: str, stored: Mapping[str, str]) -> dict[str, str]:

@@ -24,7 +24,7 @@ from outbox.db import autocommit, make_engine, make_sessionmaker
 from outbox.devstack import processes
 from outbox.devstack.server import free_port
 from outbox.heartbeat import record_heartbeat
-from outbox.metrics import MetricsRecorder
+from outbox.metrics import MetricsRecorder, Sent
 from outbox.registry import GroupSpec, put_group, register_topic
 from outbox.settings import Settings
 
@@ -122,7 +122,8 @@ def run(settings: Settings, *, rows: int, scrapes: int, command: str) -> Report:
         )
         recorder = MetricsRecorder(s)
         for n in range(TOPICS):
-            recorder.relay_batch([(f"bench.metrics.{n}", 0.02)] * 100, [])
+            # 100 rows sent 20 ms after their commits (bucket 2: at most 25 ms)
+            recorder.relay_batch([Sent(f"bench.metrics.{n}", 2, 100, 100 * 0.02)], [])
         recorder.circuit("relay@bench", "closed")
 
         server, url = _gunicorn(s)

@@ -25,6 +25,7 @@ from outbox.errors import (
 )
 from outbox.publishing import Message, Publisher, new_message_ids
 from outbox.settings import Settings
+from outbox.storable import MAX_JSON_DEPTH
 from outbox.targeted_retry import choose_target
 from outbox.wire import bucket_for, foreign_message_id, message_headers
 from tasks.lanes import BUSY_FIRST_S, IDLE_RETRY_S, busy_wait, rekick_countdown
@@ -86,7 +87,7 @@ def test_a_record_of_ours_keeps_its_id_key_headers_and_lane():
     message_id = uuid.uuid4()
     headers = [("message_id", str(message_id).encode()), ("idempotency_key", b"pay-1")]
     row = inbox_row("billing", _record(b'{"total": 5}', headers=headers), lanes=16)
-    assert row["message_id"] == message_id
+    assert row["message_id"] == str(message_id)
     assert (row["consumer_group"], row["topic"], row["partition"], row["offset"]) == (
         "billing",
         "orders",
@@ -104,9 +105,37 @@ def test_a_record_of_ours_keeps_its_id_key_headers_and_lane():
 
 def test_a_foreign_record_gets_an_id_from_where_it_lies_so_a_redelivery_dedupes():
     row = inbox_row("billing", _record(b"[1, 2]"), lanes=16)
-    assert row["message_id"] == foreign_message_id("orders", 2, 41)
+    assert row["message_id"] == str(foreign_message_id("orders", 2, 41))
     assert row["payload"] == {"value": [1, 2]}  # a value that is not an object, wrapped
-    assert inbox_row("billing", _record(None, key=None), lanes=16)["payload"] == {"value": None}
+    keyless = inbox_row("billing", _record(None, key=None), lanes=16)
+    assert keyless["payload"] == {"value": None}
+    # a keyless message's lane comes from its id
+    assert keyless["lane"] == bucket_for(None, foreign_message_id("orders", 2, 41), 16)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "0193A3C4-1111-7222-8333-444455556666",
+        "{0193a3c4-1111-7222-8333-444455556666}",
+        "0193a3c4111172228333444455556666",
+        "urn:uuid:0193a3c4-1111-7222-8333-444455556666",
+    ],
+)
+def test_a_message_id_header_in_another_form_of_the_uuid_is_kept_in_its_canonical_form(
+    written: str,
+):
+    headers = [("message_id", written.encode())]
+    row = inbox_row("billing", _record(b"{}", key=None, headers=headers), lanes=16)
+    assert row["message_id"] == "0193a3c4-1111-7222-8333-444455556666"
+    assert row["lane"] == bucket_for(None, uuid.UUID(row["message_id"]), 16)
+
+
+def test_a_message_id_header_that_is_no_uuid_gives_the_record_an_id_from_where_it_lies():
+    headers = [("message_id", b"0193a3c4-1111-7222-8333-44445555666g")]
+    row = inbox_row("billing", _record(b"{}", headers=headers), lanes=16)
+    assert row["message_id"] == str(foreign_message_id("orders", 2, 41))
+    assert "status" not in row
 
 
 def test_a_record_whose_text_only_looks_like_a_nul_escape_is_stored_as_it_is():
@@ -232,3 +261,29 @@ def test_a_task_that_finds_its_lanes_held_looks_again_soon_then_less_often():
     assert waits[0] == BUSY_FIRST_S <= 0.05
     assert waits == sorted(waits) and waits[-1] == IDLE_RETRY_S == busy_wait(IDLE_RETRY_S)
     assert all(b == min(2 * a, IDLE_RETRY_S) for a, b in itertools.pairwise(waits))
+
+
+@pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        ([("h", b"a\x00b")], "header 'h' holds a NUL character"),
+        ([("h", b"\xc3\x28")], "header 'h' is not UTF-8 text"),
+        ([("a\x00b", b"v")], "a header name holds a NUL character"),
+    ],
+)
+def test_a_header_the_inbox_cannot_hold_is_named_in_the_dead_row_s_error(headers, says: str):
+    row = inbox_row("billing", _record(b"{}", headers=headers), lanes=16)
+    assert row["status"] == "dead"
+    assert says in row["last_error"]
+
+
+def test_a_payload_nesting_to_the_limit_is_stored_and_one_level_deeper_is_dead():
+    assert MAX_JSON_DEPTH == 512
+    # the outermost value and 512 levels inside it
+    at_limit = inbox_row("billing", _record(b"[" * 512 + b"{}" + b"]" * 512), lanes=16)
+    assert "status" not in at_limit
+    deeper = inbox_row("billing", _record(b"[" * 513 + b"{}" + b"]" * 513), lanes=16)
+    assert deeper["status"] == "dead" and "nests deeper than 512" in deeper["last_error"]
+    # brackets in strings are not nesting, however many
+    many = b'{"a": "' + b"[{" * 600 + b'", "b": [[1]]}'
+    assert "status" not in inbox_row("billing", _record(many), lanes=16)
