@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -75,12 +76,19 @@ def _handler_call(
         with time_limits():
             _handler_call(handle, argument, session, timeout_s)
         return
-    _limit_s[0] = timeout_s
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    started = time.monotonic()
+    deadline = started + timeout_s
+    # The timer stays armed from call to call within time_limits(): arming and disarming
+    # it around each call cost more than a short handler (a couple of microseconds, after
+    # the process waited for PostgreSQL). It is armed anew only for a call that must end
+    # before it goes off; when it goes off early, _expire arms it for the rest.
+    if not _armed_until[0] or _armed_until[0] > deadline:
+        _arm(timeout_s, deadline)
+    _running[0] = (deadline, timeout_s)
     try:
         _run(handle, argument, session)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        _running[0] = None
 
 
 def _run(handle: Callable[[Any, Session], None], argument: Any, session: Session) -> None:
@@ -101,20 +109,42 @@ def _process_ending() -> bool:
     return bool(fired is not None and fired())
 
 
-# The limit of the call running now, for the message of its timeout.
-_limit_s = [0.0]
+# The call running now: its deadline (monotonic) and limit; None between calls.
+_running: list[tuple[float, float] | None] = [None]
+# When the armed timer goes off (monotonic); 0.0 when none is armed.
+_armed_until = [0.0]
 _installed = [False]
+# A timer may go off this much before its deadline by the monotonic clock (the two clocks
+# are read apart): that is the deadline.
+_EARLY_S = 0.001
+
+
+def _arm(seconds: float, until: float) -> None:
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    _armed_until[0] = until
 
 
 def _expire(_signum: int, _frame: FrameType | None) -> None:
-    raise HandlerTimeout(f"the handler took longer than {_limit_s[0]:g} s")
+    """The timer went off: the call running now fails if it is past its deadline; if it
+    started later than the timer was armed for, the timer is armed for the rest of its
+    time; between calls, nothing is limited."""
+    _armed_until[0] = 0.0
+    running = _running[0]
+    if running is None:
+        return
+    deadline, limit_s = running
+    left_s = deadline - time.monotonic()
+    if left_s > _EARLY_S:
+        _arm(left_s, deadline)
+        return
+    raise HandlerTimeout(f"the handler took longer than {limit_s:g} s")
 
 
 @contextlib.contextmanager
 def time_limits() -> Iterator[None]:
-    """Keep the ``SIGALRM`` handler of the calls' time limits installed for a run of
-    calls (a batch), rather than install it for each: installing costs more than the
-    timer. The previous handler is put back at the end."""
+    """Keep the ``SIGALRM`` handler of the calls' time limits installed, and its timer
+    armed, for a run of calls (a batch), rather than install and arm them for each. The
+    timer is disarmed and the previous handler put back at the end."""
     if _installed[0] or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -123,5 +153,7 @@ def time_limits() -> Iterator[None]:
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _armed_until[0] = 0.0
         _installed[0] = False
         signal.signal(signal.SIGALRM, previous)
