@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -506,9 +507,13 @@ class LaneProcessor:
                 "per_lane": per_lane,
             },
             prepare=self.settings.db_prepare_statements,
-        ).all()
-        held = sorted({row.held for row in result if row.held is not None})
-        return _Claim(held, [row for row in result if row.id is not None], per_lane)
+        )
+        # Each granted lane once, with its rows (none: a lane whose rows are not due).
+        rows = result.all()
+        held = sorted({row[0] for row in rows if row[0] is not None})
+        return _Claim(
+            held, _claimed(result, [row[1:] for row in rows if row[1] is not None]), per_lane
+        )
 
     def _per_lane(self, lanes: list[int]) -> int:
         """Each lane's share of a batch."""
@@ -536,8 +541,8 @@ class LaneProcessor:
         else:
             per_lane, rows = claim.per_lane, claim.rows
         ended, left = self._process(session, group, rows, policies, report, counted=False)
-        unblocked = any(row.attempts > 0 for row in rows if row.id in ended)
-        full = max(collections.Counter(row.lane for row in rows).values(), default=0) == per_lane
+        unblocked = any(row.attempts > 0 and row.id in ended for row in rows)
+        full = max(collections.Counter([row.lane for row in rows]).values(), default=0) == per_lane
         return full or left, unblocked, bool(rows)
 
     @staticmethod
@@ -548,18 +553,12 @@ class LaneProcessor:
         policies: dict[str, _TopicPolicy],
         per_lane: int,
     ) -> list[Any]:
-        # .all() fetches the rows at once; iterating the result fetches them one by one.
-        return list(
-            session.execute(
-                queries.CLAIM_LANE,
-                {
-                    "group": group,
-                    "lanes": lanes,
-                    **_order_params(policies),
-                    "per_lane": per_lane,
-                },
-            ).all()
+        result = session.execute(
+            queries.CLAIM_LANE,
+            {"group": group, "lanes": lanes, **_order_params(policies), "per_lane": per_lane},
         )
+        # .all() fetches the rows at once; iterating the result fetches them one by one.
+        return _claimed(result, result.all())
 
     def _count_next(
         self, session: Session, group: str, lanes: list[int], policies: dict[str, _TopicPolicy]
@@ -627,9 +626,9 @@ class LaneProcessor:
         for row in rows:
             payload, headers = next(decoded), next(decoded)
             policy = policies.get(row.topic, UNREGISTERED)
-            if (row.topic, row.key) in parked:
+            if parked and (row.topic, row.key) in parked:
                 continue  # an earlier row of its key just went dead: it stays held
-            if not counted and policy.retry.exhausted(row.attempts):
+            if row.attempts and not counted and policy.retry.exhausted(row.attempts):
                 # Its last attempt was counted and never finished: it does not run again.
                 spent.failures += _never_finished(row, policy).failures
                 if policy.holds_key and row.key is not None:
@@ -768,6 +767,32 @@ class LaneProcessor:
                     error,
                 )
         return outcome
+
+
+class _Claimed(NamedTuple):
+    """A claimed inbox row: the columns of :data:`outbox.queries.CLAIM_LANE`, in their
+    order (a tuple: reading a column of a driver's row by name cost more than the rest of
+    the row's own work in a batch). Payload and headers are JSON text."""
+
+    id: int
+    message_id: uuid.UUID
+    topic: str
+    key: str | None
+    payload: str
+    headers: str
+    attempts: int
+    partition: int
+    offset: int
+    lane: int
+    retries: int
+
+
+def _claimed(result: Any, rows: Sequence[Sequence[Any]]) -> list[_Claimed]:
+    """``rows`` (of ``result``, whose last columns are the claimed ones) as tuples."""
+    columns = tuple(result.keys())[-len(_Claimed._fields) :]
+    if columns != _Claimed._fields:
+        raise RuntimeError(f"a lane claim returned {columns}, not {_Claimed._fields}")
+    return [_Claimed._make(row) for row in rows]
 
 
 class _Row(NamedTuple):
