@@ -40,7 +40,7 @@ from consumer.handlers import Message, Permanent, batch_handler_for
 from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
-from outbox.db import execute, int_array, polling
+from outbox.db import as_tuples, execute, int_array, polling
 from outbox.logs import log_message
 from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Publisher
@@ -512,7 +512,9 @@ class LaneProcessor:
         rows = result.all()
         held = sorted({row[0] for row in rows if row[0] is not None})
         return _Claim(
-            held, _claimed(result, [row[1:] for row in rows if row[1] is not None]), per_lane
+            held,
+            as_tuples(result, _Claimed, [row for row in rows if row[1] is not None]),
+            per_lane,
         )
 
     def _per_lane(self, lanes: list[int]) -> int:
@@ -558,7 +560,7 @@ class LaneProcessor:
             {"group": group, "lanes": lanes, **_order_params(policies), "per_lane": per_lane},
         )
         # .all() fetches the rows at once; iterating the result fetches them one by one.
-        return _claimed(result, result.all())
+        return as_tuples(result, _Claimed)
 
     def _count_next(
         self, session: Session, group: str, lanes: list[int], policies: dict[str, _TopicPolicy]
@@ -785,14 +787,6 @@ class _Claimed(NamedTuple):
     offset: int
     lane: int
     retries: int
-
-
-def _claimed(result: Any, rows: Sequence[Sequence[Any]]) -> list[_Claimed]:
-    """``rows`` (of ``result``, whose last columns are the claimed ones) as tuples."""
-    columns = tuple(result.keys())[-len(_Claimed._fields) :]
-    if columns != _Claimed._fields:
-        raise RuntimeError(f"a lane claim returned {columns}, not {_Claimed._fields}")
-    return [_Claimed._make(row) for row in rows]
 
 
 class _Row(NamedTuple):

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,7 +45,7 @@ from outbox import leases, queries
 from outbox.agents import owner_id
 from outbox.budget import Budget
 from outbox.circuit import Circuit
-from outbox.db import execute, int_array, make_engine, make_sessionmaker, polling
+from outbox.db import as_tuples, execute, int_array, make_engine, make_sessionmaker, polling
 from outbox.metrics import LATENCY_BUCKETS, MetricsRecorder, Sent
 from outbox.models import MAX_ERROR_CHARS
 from outbox.producer import DeliveryReport, Outgoing, RelayProducer
@@ -115,7 +115,22 @@ def _placements(sent: list[DeliveryReport]) -> str:
     return "{" + ",".join(f'"{d.id}":[{d.partition},{d.offset}]' for d in sent) + "}"
 
 
-def _wire_headers(rows: Sequence[Any]) -> list[list[tuple[str, str | bytes | None]]]:
+class _Claimed(NamedTuple):
+    """A claimed outbox row: the columns of :data:`outbox.queries.CLAIM_BATCH`, in their
+    order; message id, payload and headers as text."""
+
+    id: int
+    message_id: str
+    topic: str
+    key: str | None
+    payload: str
+    headers: str
+    attempts: int
+    bucket: int
+    full: bool
+
+
+def _wire_headers(rows: Sequence[_Claimed]) -> list[list[tuple[str, str | bytes | None]]]:
     """Each claimed row's Kafka headers (:func:`outbox.wire.message_headers`). Most rows
     store none (``{}``): theirs are the message id twice, made without JSON. The others'
     are decoded in one call: a call per row was the largest part of the claim's own
@@ -125,11 +140,11 @@ def _wire_headers(rows: Sequence[Any]) -> list[list[tuple[str, str | bytes | Non
     decoded = json.loads("[" + ",".join([stored[n] for n in given]) + "]") if given else []
     wire: list[list[tuple[str, str | bytes | None]]] = []
     for row in rows:
-        message_id = row.message_id.encode()
-        wire.append([(HEADER_CORRELATION_ID, message_id), (HEADER_MESSAGE_ID, message_id)])
+        encoded = row.message_id.encode()
+        wire.append([(HEADER_CORRELATION_ID, encoded), (HEADER_MESSAGE_ID, encoded)])
     for n, headers in zip(given, decoded, strict=True):
-        message_id = rows[n].message_id
-        wire[n] = [(k, v.encode()) for k, v in message_headers(message_id, headers).items()]
+        stated = message_headers(rows[n].message_id, headers)
+        wire[n] = [(k, v.encode()) for k, v in stated.items()]
     return wire
 
 
@@ -360,7 +375,7 @@ class Relay:
         token = uuid.uuid4()
         share = max(1, self.settings.relay_batch_size // len(buckets))
         bytes_share = max(1, self.settings.relay_batch_bytes // len(buckets))
-        rows = execute(
+        result = execute(
             session,
             queries.CLAIM_BATCH,
             {
@@ -373,12 +388,13 @@ class Relay:
                 "bytes_per_bucket": bytes_share,
             },
             prepare=self.settings.db_prepare_statements,
-        ).all()
+        )
+        rows = as_tuples(result, _Claimed)
         outgoing = [
             Outgoing(row.id, row.topic, row.key, row.payload.encode(), headers)
             for row, headers in zip(rows, _wire_headers(rows), strict=True)
         ]
-        per_bucket = Counter(row.bucket for row in rows)
+        per_bucket = Counter([row.bucket for row in rows])
         drained = all(n < share for n in per_bucket.values()) and not any(r.full for r in rows)
         self._light = drained
         return Claim(token, outgoing, {row.id: row.attempts for row in rows}, drained=drained)

@@ -6,6 +6,7 @@ import collections
 import threading
 import time
 import uuid
+from typing import NamedTuple
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher, leases, queries
 from outbox import producer as producer_module
-from outbox.db import make_engine, make_sessionmaker
+from outbox.db import as_tuples, make_engine, make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
@@ -878,3 +879,16 @@ def test_a_claim_records_itself_on_its_buckets_leases_and_rewrites_none_of_its_r
     stamped = session.scalars(select(Lease.bucket).where(Lease.claim_token == claim.token))
     assert set(stamped) == set(buckets)
     relay.close()
+
+
+class _Pair(NamedTuple):
+    a: int
+    b: str
+
+
+def test_rows_read_as_named_tuples_must_end_with_the_tuple_s_columns_in_order(session):
+    # how the relay and the lanes read the rows they claim
+    rows = as_tuples(session.execute(text("SELECT 0 AS before, 1 AS a, 'x' AS b")), _Pair)
+    assert rows == [_Pair(1, "x")] and rows[0].b == "x"
+    with pytest.raises(RuntimeError, match="not _Pair's"):
+        as_tuples(session.execute(text("SELECT 'x' AS b, 1 AS a")), _Pair)
