@@ -76,15 +76,15 @@ def _handler_call(
         with time_limits():
             _handler_call(handle, argument, session, timeout_s)
         return
-    started = time.monotonic()
-    deadline = started + timeout_s
+    deadline = time.monotonic() + timeout_s
     # The timer stays armed from call to call within time_limits(): arming and disarming
     # it around each call cost more than a short handler (a couple of microseconds, after
     # the process waited for PostgreSQL). It is armed anew only for a call that must end
-    # before it goes off; when it goes off early, _expire arms it for the rest.
+    # before it goes off; when it goes off early, _expire arms it for the rest. The call
+    # is made known first: a timer that goes off between the two then arms itself for it.
+    _running[0] = (deadline, timeout_s)
     if not _armed_until[0] or _armed_until[0] > deadline:
         _arm(timeout_s, deadline)
-    _running[0] = (deadline, timeout_s)
     try:
         _run(handle, argument, session)
     finally:

@@ -39,7 +39,8 @@ _FOREIGN_NAMESPACE = uuid.UUID("6f1c2f43-52a4-4b0e-9a8f-3f4a1f0e2b7d")
 
 
 def bucket_for(key: str | None, message_id: uuid.UUID | str, buckets: int) -> int:
-    """The bucket (relay side) or lane (consumer side) of a key; keyless messages spread by id."""
+    """The bucket (relay side) or lane (consumer side) of a key; keyless messages spread by
+    id (a UUID, or its text)."""
     if key is not None:
         return zlib.crc32(key.encode()) % buckets
     if isinstance(message_id, str):
