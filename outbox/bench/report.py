@@ -106,7 +106,8 @@ class Report:
             ax.text(f.value, i, f" {f.value:,.0f}", va="center", fontsize=8)
         if self.series:
             ax2 = axes[0][1]
-            for name, values in self.series.items():
+            # In name order, as the breakdowns' groups: a side has one colour in both.
+            for name, values in sorted(self.series.items()):
                 ordered = sorted(values)
                 n = len(ordered)
                 ax2.plot(ordered, [(i + 1) / n for i in range(n)], label=name)
