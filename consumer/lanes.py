@@ -554,12 +554,11 @@ class LaneProcessor:
         lanes: list[int],
         policies: dict[str, _TopicPolicy],
         per_lane: int,
-    ) -> list[Any]:
+    ) -> list[_Claimed]:
         result = session.execute(
             queries.CLAIM_LANE,
             {"group": group, "lanes": lanes, **_order_params(policies), "per_lane": per_lane},
         )
-        # .all() fetches the rows at once; iterating the result fetches them one by one.
         return as_tuples(result, _Claimed)
 
     def _count_next(
@@ -607,7 +606,7 @@ class LaneProcessor:
         self,
         session: Session,
         group: str,
-        rows: Sequence[Any],
+        rows: Sequence[_Claimed],
         policies: dict[str, _TopicPolicy],
         report: LaneReport,
         *,
@@ -804,7 +803,7 @@ class _Claim(NamedTuple):
     """The lanes granted to a batch, its rows, and each lane's share it was claimed with."""
 
     held: list[int]
-    rows: list[Any]
+    rows: list[_Claimed]
     per_lane: int
 
 
@@ -812,11 +811,11 @@ class _Claim(NamedTuple):
 class _Counted:
     """A claimed row whose attempt was counted before it runs, and its group's policies."""
 
-    row: Any
+    row: _Claimed
     policies: dict[str, _TopicPolicy]
 
 
-def _never_finished(row: Any, policy: _TopicPolicy) -> _Outcome:
+def _never_finished(row: _Claimed, policy: _TopicPolicy) -> _Outcome:
     """A row whose counted attempts are spent, the last one never finished: dead."""
     error = (
         f"dead after {row.attempts} attempts; the last one never finished (the worker "
