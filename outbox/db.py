@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Result, TextClause, create_engine
+from sqlalchemy import Connection, Engine, Result, TextClause, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import queries
@@ -26,16 +28,55 @@ def database_url(settings: Settings) -> str:
 
 
 def make_engine(settings: Settings, **kwargs: object) -> Engine:
-    """An engine with pre-ping on, sized from settings. Statement parameters (payloads,
-    headers, keys) never go into its errors or log lines."""
+    """An engine sized from settings that pings a connection idle for
+    ``OUTBOX_DB_PING_AFTER_IDLE_S`` before use (:func:`ping_idle_connections`). Statement
+    parameters (payloads, headers, keys) never go into its errors or log lines."""
     options: dict[str, object] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_pool_size,
-        "pool_pre_ping": True,
         "hide_parameters": True,
     }
     options.update(kwargs)
-    return create_engine(database_url(settings), **options)
+    engine = create_engine(database_url(settings), **options)
+    if not options.get("pool_pre_ping"):
+        ping_idle_connections(engine, settings.db_ping_after_idle_s)
+    return engine
+
+
+# When a pooled connection went back to the pool, in its record's info.
+_IDLE_SINCE = "outbox_idle_since"
+
+
+def ping_idle_connections(engine: Engine, idle_s: float) -> None:
+    """Ping (``SELECT 1``) a connection checked out of ``engine``'s pool after ``idle_s`` or
+    more in it, and replace it when the server has gone (a restart, a failover, a
+    connection cut while idle); with ``idle_s`` 0, every checkout, as SQLAlchemy's
+    ``pool_pre_ping``.
+
+    A busy process checks a connection out for every transaction, milliseconds apart:
+    a ping each time would cost a round trip and a statement of the server's per
+    transaction, on the path of every message. A connection whose server went away in the last
+    ``idle_s`` fails its next statement instead, as the statements in flight at that
+    moment fail anyway; SQLAlchemy then reconnects every connection of the pool that is
+    older than the failure, and the caller's retry finds a fresh one."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        if since is None or time.monotonic() - since < idle_s:
+            return  # a new connection, or one in use a moment ago
+        dialect = engine.dialect
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as exc:
+            if dialect.is_disconnect(exc, dbapi_connection, None):
+                # The pool drops this connection and checks out a new one.
+                raise DisconnectionError(str(exc)) from exc
+            raise
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
@@ -67,7 +108,7 @@ def autocommit(engine: Engine) -> Iterator[Connection]:
 def polling(sessions: sessionmaker[Session]) -> contextlib.AbstractContextManager[Connection]:
     """One connection of ``sessions``' engine, in autocommit, for a loop of read-only looks
     (a lingering task's polls): each look is one round trip, where a session of its own
-    costs four (the pool's ping as it is checked out, BEGIN, the look, ROLLBACK)."""
+    costs three or four (BEGIN, the look, ROLLBACK, and the pool's ping after a pause)."""
     return autocommit(sessions.kw["bind"])
 
 

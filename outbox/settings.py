@@ -45,6 +45,14 @@ class Settings:
         None, "Kafka bootstrap servers (host:port,...). Unset: an embedded broker is started."
     )
     db_pool_size: int = _setting(5, "SQLAlchemy connection pool size per process.", minimum=1)
+    db_ping_after_idle_s: float = _setting(
+        1.0,
+        "A pooled connection idle this long is pinged (SELECT 1) before use, and replaced if "
+        "the server has gone; one used more recently is not (0: ping on every checkout). A "
+        "restart then fails the next statement of a busy connection once, as it fails the "
+        "statements in flight, and the pool reconnects.",
+        minimum=0.0,
+    )
     db_prepare_statements: bool = _setting(
         True,
         "Prepare the hot statements (the single-message insert, the relay's, the consumer's "
