@@ -44,6 +44,9 @@ DB_RETRY_FIRST_S = 0.2
 DB_RETRY_MAX_S = 5.0
 # A paused broker holds a metadata look this long at most; the leases are renewed anyway.
 METADATA_TIMEOUT_S = 2.0
+# The stored offsets go to Kafka (for the tools that read a group's lag there) at most this
+# often under traffic, and at the first poll that finds nothing new.
+KAFKA_COMMIT_INTERVAL_S = 1.0
 
 
 class Fenced(OutboxError):
@@ -81,6 +84,9 @@ class Consumer:
         self._partition_counts: dict[str, int] = {}
         self._next_refresh = 0.0
         self._next_metadata = 0.0
+        # Offsets stored in the inbox and not yet committed to Kafka, by partition.
+        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._committed_at = 0.0
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish its batch, commit and close."""
@@ -133,9 +139,12 @@ class Consumer:
                     if batch:
                         batch += kafka.consume(POLL_BATCH - 1, 0)
                 self._ingest_until_stored(kafka, batch)
+                if not batch:
+                    self._commit_to_kafka(kafka, now=True)
                 self._refresh(kafka)
         finally:
             log.info("consumer %s: closing after %d messages", self.instance, self.received)
+            self._commit_to_kafka(kafka, now=True)
             self._leave()
             kafka.close()
             self._kafka = None
@@ -194,9 +203,11 @@ class Consumer:
             log.warning("consumer %s: %s; reading from the stored offsets", self.instance, exc)
             kafka.unassign()
             self.partitions.held = {}
+            self._uncommitted = {}
             self._next_refresh = 0.0
             return
-        self._commit_to_kafka(kafka, offsets)
+        self._uncommitted.update(offsets)
+        self._commit_to_kafka(kafka)
         self.received += len(messages)
         routed = {lane: worker for lane, worker in targets.items() if worker is not None}
         plain = (set(lanes) | set(targets)) - set(routed)
@@ -212,9 +223,18 @@ class Consumer:
             log.exception("consumer %s: could not kick lanes; the sweep will", self.instance)
         log.debug("consumer %s: %d messages, %d new", self.instance, len(messages), len(lanes))
 
-    def _commit_to_kafka(self, kafka: KafkaConsumer, offsets: dict[tuple[str, int], int]) -> None:
-        """Tell Kafka the offsets just stored, for tools that read a group's lag there.
-        Where the consumer reads from is the database's word, never this one."""
+    def _commit_to_kafka(self, kafka: KafkaConsumer, now: bool = False) -> None:
+        """Tell Kafka the offsets stored since the last time, for tools that read a group's
+        lag there: at most every :data:`KAFKA_COMMIT_INTERVAL_S`, or ``now``. Where the
+        consumer reads from is the database's word, never this one, so a commit a second
+        late costs nothing but a second of the lag's freshness; a commit per poll cost the
+        broker a request per poll."""
+        if not self._uncommitted:
+            return
+        moment = time.monotonic()
+        if not now and moment - self._committed_at < KAFKA_COMMIT_INTERVAL_S:
+            return
+        offsets, self._uncommitted, self._committed_at = self._uncommitted, {}, moment
         try:
             kafka.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
@@ -330,6 +350,9 @@ class Consumer:
             return
         if change.lost:
             log.info("consumer %s: gave up %s", self.instance, _names(change.lost))
+            # Their next holder commits them from now on.
+            for place in change.lost:
+                self._uncommitted.pop(place, None)
             kafka.incremental_unassign([TopicPartition(t, p) for t, p in change.lost])
         if change.gained:
             log.info("consumer %s: assigned %s", self.instance, _names(change.gained))

@@ -137,6 +137,29 @@ def test_each_message_is_recorded_once_and_offsets_follow_the_commit(
     assert agent.consumer_group == group and not agent.active
 
 
+def test_kafka_has_the_stored_offsets_soon_after_each_burst_while_the_consumer_runs(
+    settings: Settings, engine, session: Session, topic: str
+):
+    ensure_topics(admin_client(settings), [topic], 2)
+    with _consuming(settings, engine, topic) as (group, consumer):
+        for burst in (1, 2):
+            _produce(
+                settings,
+                topic,
+                [(f"k{n}".encode(), b"{}", {"message_id": str(uuid.uuid4())}) for n in range(100)],
+            )
+            assert len(_wait_rows(session, group, 100 * burst)) == 100 * burst
+            session.rollback()
+            stored = stored_offsets(session, group, topic)
+            assert sum(stored.values()) == 100 * burst
+            # The consumer runs on, idle: Kafka's offsets (what lag tools read) catch up
+            deadline = time.monotonic() + 5
+            while _kafka_committed(settings, group, topic, 2) != stored:
+                assert time.monotonic() < deadline, "Kafka's offsets lag the inbox's"
+                time.sleep(0.1)
+            assert not consumer.stopping.is_set()
+
+
 def test_a_second_consumer_of_the_same_group_records_nothing_twice(
     settings: Settings, engine, session: Session, topic: str
 ):
