@@ -210,6 +210,22 @@ SELECT (
 """,
 )
 
+# The same look at rows newer than :after (the newest a relay claimed), through the
+# primary key: they are the rows committed since, which a sent row's leftover entries do
+# not stand before, however many there are. A relay takes it between its looks at the
+# whole index (RELAY_ANY_DUE), which find what this one cannot: a row that committed after
+# a newer one (its id was taken first), and one whose backoff has ended.
+RELAY_ANY_NEW = _prepared(
+    "outbox_relay_any_new",
+    """
+SELECT (
+    SELECT 1 FROM outbox_messages m
+    WHERE m.id > :after AND m.status = 'pending' AND m.available_at <= now()
+    ORDER BY m.id LIMIT 1
+) IS NOT NULL
+""",
+)
+
 # Whether a row is sendable now (due, and not held back behind a failed row of its key)
 # in a bucket no other relay holds: what a lingering relay looks for (read only; rows of
 # another relay's buckets are that relay's to send).

@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox import leases, queries
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 SCOPE = leases.RELAY_SCOPE
 # With no delivery for this long, check that a broker answers before claiming.
 IDLE_PROBE_S = 5.0
+# A lingering relay looks at the whole index of waiting rows (RELAY_ANY_DUE) at most this
+# often once it has claimed rows; between those looks, at rows newer than the newest it
+# claimed (RELAY_ANY_NEW), which costs the same however many sent rows wait for vacuum.
+FULL_LOOK_S = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +190,10 @@ class Relay:
         # one pass rather than one per that many buckets. Under a backlog the claims fill
         # their shares, and concurrent relays share the buckets again.
         self._light = False
+        # The newest row this relay claimed, and when its next look at every waiting row
+        # is due (see FULL_LOOK_S).
+        self._newest: int | None = None
+        self._full_look_at = 0.0
 
     def run(
         self,
@@ -257,11 +266,21 @@ class Relay:
                 if wait:
                     time.sleep(poll_s)
                 wait = True
-                if execute(conn, queries.RELAY_ANY_DUE, prepare=prepare).scalar_one() and (
+                if self._any_due(conn, prepare) and (
                     probe_enough or conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
                 ):
                     return True
         return False
+
+    def _any_due(self, conn: Connection, prepare: bool) -> bool:
+        """Whether any row could be sent now: a look at rows newer than the newest this
+        relay claimed, and at every waiting row at most every :data:`FULL_LOOK_S`."""
+        now = time.monotonic()
+        if self._newest is None or now >= self._full_look_at:
+            self._full_look_at = now + FULL_LOOK_S
+            return bool(execute(conn, queries.RELAY_ANY_DUE, prepare=prepare).scalar_one())
+        params = {"after": self._newest}
+        return bool(execute(conn, queries.RELAY_ANY_NEW, params, prepare=prepare).scalar_one())
 
     def _broker_available(self) -> bool:
         if not self.circuit.allows():
@@ -395,6 +414,8 @@ class Relay:
             for row, headers in zip(rows, _wire_headers(rows), strict=True)
         ]
         per_bucket = Counter([row.bucket for row in rows])
+        if rows:  # in id order
+            self._newest = max(self._newest or 0, rows[-1].id)
         drained = all(n < share for n in per_bucket.values()) and not any(r.full for r in rows)
         self._light = drained
         return Claim(token, outgoing, {row.id: row.attempts for row in rows}, drained=drained)

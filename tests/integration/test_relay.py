@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher, leases, queries
 from outbox import producer as producer_module
+from outbox import relay as relay_module
 from outbox.db import as_tuples, make_engine, make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.kafka import admin_client
@@ -246,13 +247,14 @@ def test_a_trickle_over_every_bucket_goes_out_in_one_pass_and_a_backlog_is_share
     report = relay.run()
     assert (report.sent, report.batches, report.buckets) == (64, 1, 16)
     # And under a backlog a relay takes its share, leaving the rest to another
+    # (500 rows a bucket: more than a few passes take from one, however fast they run)
     publisher.publish_batch(
-        session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(64, 2064)]
+        session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(64, 8064)]
     )
     session.commit()
     other = Relay(relay_settings, sessions=sessions)
     report = relay.run(budget_s=0.05)  # a few passes of 100, each filling its shares
-    assert 0 < report.sent < 2000
+    assert 0 < report.sent < 8000
     held_a = _lease(relay, {})
     held_b = _lease(other, {})
     assert len(held_a) == len(held_b) == 8
@@ -633,6 +635,56 @@ def test_a_lingering_relay_goes_from_the_probe_to_its_pass_after_a_pass_that_fou
     # its last pass found rows in nearly empty buckets, and its next lease takes every
     # bucket with work.
     assert not [sql for sql in seen if _is_bucket_by_bucket_look(sql)]
+
+
+def test_a_lingering_relay_sends_a_row_that_committed_after_a_newer_one_it_sent(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    # The first row takes its id, and its transaction stays open while a second row, with
+    # a higher id, commits
+    late = Session(engine)
+    first = publisher.publish(late, topic, {"n": 0}, key="a")
+    second = publisher.publish(session, topic, {"n": 1}, key="b")
+    session.commit()
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+
+    class Linger(_Arriving):
+        def keep_waiting(self, idle_s: float) -> bool:
+            if self.waits == 395 and late.in_transaction():
+                # after the relay sent the second row, and looked at every waiting row
+                late.commit()
+                late.close()
+            return super().keep_waiting(idle_s)
+
+    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
+    linger = Linger(engine, publisher, topic, 0, waits=400)
+    marked_at: list[int] = []  # the waits left at each mark
+    mark = relay._mark
+
+    def marked(*args, **kwargs):
+        marked_at.append(linger.waits)
+        return mark(*args, **kwargs)
+
+    relay._mark = marked  # type: ignore[method-assign]
+    started = time.monotonic()
+    report = relay.run(budget_s=30, linger=linger)
+    elapsed = time.monotonic() - started
+
+    assert report.sent == 2
+    # The late row went out while the relay lingered, not in the pass as its task ended
+    assert len(marked_at) == 2 and marked_at[1] > 0
+    received = consume_all(relay_settings.kafka_bootstrap, topic, 2)
+    assert {m.message_id for m in received} == {str(first), str(second)}
+    # Between its looks at every waiting row, at most one each FULL_LOOK_S, it looked at
+    # the rows newer than the newest it claimed
+    looks = as_written(seen)
+    full = [sql for sql in looks if sql == queries.RELAY_ANY_DUE.text]
+    newer = [sql for sql in looks if sql == queries.RELAY_ANY_NEW.text]
+    assert 1 <= len(full) <= elapsed / relay_module.FULL_LOOK_S + 1
+    assert len(newer) > len(full)
 
 
 def _failed(session: Session, message_id: uuid.UUID, retry_in_s: float) -> None:
