@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from outbox import Message, Publisher, leases, queries
 from outbox import producer as producer_module
 from outbox import relay as relay_module
-from outbox.db import as_tuples, make_engine, make_sessionmaker
+from outbox.db import as_tuples, execute, make_engine, make_sessionmaker
 from outbox.errors import SettingsError
 from outbox.kafka import admin_client
 from outbox.models import Lease, OutboxMessage
@@ -322,6 +322,47 @@ def test_the_lingering_relay_s_look_for_due_rows_skips_what_a_backlog_left_behin
     # of sent rows first (a page of the index holds a few hundred)
     top = plan["Plan"]
     assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] <= 10, top
+
+
+def test_the_look_at_rows_newer_than_a_relay_claimed_skips_what_was_sent_before(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    publisher.publish_batch(session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(3000)])
+    session.commit()
+    newest = session.execute(text("SELECT max(id) FROM outbox_messages")).scalar_one()
+    with engine.connect() as elsewhere, engine.connect() as conn:
+        # The sent rows' old versions stay, as an open transaction keeps them
+        elsewhere.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        elsewhere.execute(text("SELECT count(*) FROM outbox_messages")).scalar_one()
+        session.execute(text("UPDATE outbox_messages SET status = 'sent', sent_at = now()"))
+        session.commit()
+        # Prepared and run as the relay runs them, past the plans PostgreSQL tries first
+        for _ in range(6):
+            execute(conn, queries.RELAY_ANY_NEW, {"after": newest}, prepare=True).scalar_one()
+            execute(conn, queries.RELAY_ANY_DUE, prepare=True).scalar_one()
+
+        def look(name: str, args: str = "") -> tuple[bool, int]:
+            found = conn.execute(text(f"EXECUTE {name}{args}"), {"a": newest}).scalar_one()
+            (plan,) = conn.execute(
+                text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}{args}"),
+                {"a": newest},
+            ).scalar_one()
+            conn.rollback()
+            return found, plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"]
+
+        # Nothing new: the look at newer rows says so without the 3,000 sent rows' entries
+        # (at most a page or two for each bucket), which the look at every row walks
+        found, pages = look("outbox_relay_any_new", " (:a)")
+        found_all, pages_all = look("outbox_relay_any_due")
+        assert found is found_all is False
+        assert pages <= 2 * relay_settings.buckets + 5 and pages * 3 < pages_all
+        # A new row: found
+        publisher.publish(session, topic, {"n": -1}, key="k")
+        session.commit()
+        found, pages = look("outbox_relay_any_new", " (:a)")
+        assert found is True and pages <= 2 * relay_settings.buckets + 5
 
 
 def test_concurrent_relays_never_hold_the_same_bucket_and_a_dead_ones_expire(
