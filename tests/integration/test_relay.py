@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import pytest
@@ -294,24 +296,39 @@ def test_the_looks_for_buckets_with_work_read_a_row_per_bucket_whatever_the_stat
         assert rows_read(plan, "outbox_messages") <= relay_settings.buckets
 
 
-def test_the_lingering_relay_s_look_for_due_rows_skips_what_a_backlog_left_behind(
-    relay_settings, engine, session, topic
-):
-    _register(session, topic)
-    publisher = Publisher(relay_settings)
+@contextlib.contextmanager
+def _sent_rows_kept(session: Session, engine, publisher: Publisher, topic: str) -> Iterator[int]:
+    """3,000 rows sent while a transaction open elsewhere (a lane task's, a slow reader's)
+    keeps their old versions, and those versions' entries in the index of waiting rows,
+    from being cleaned up; yields the newest row's id."""
     publisher.publish_batch(session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(3000)])
     session.commit()
-    # A transaction open elsewhere (a lane task's, a slow reader's) keeps the sent rows' old
-    # versions, and their entries in the index of waiting rows, from being cleaned up
+    newest = session.execute(text("SELECT max(id) FROM outbox_messages")).scalar_one()
     with engine.connect() as elsewhere:
         elsewhere.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
         elsewhere.execute(text("SELECT count(*) FROM outbox_messages")).scalar_one()
         session.execute(text("UPDATE outbox_messages SET status = 'sent', sent_at = now()"))
         session.commit()
-        # while new rows wait
+        yield newest
+
+
+def _pages(plan: dict) -> int:
+    """The buffers a plan (``EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)``) read."""
+    return plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"]
+
+
+def test_the_lingering_relay_s_look_for_due_rows_skips_what_a_backlog_left_behind(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    with _sent_rows_kept(session, engine, publisher, topic):
+        # while new rows wait, and statistics are fresh
         publisher.publish_batch(
             session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(100)]
         )
+        session.commit()
+        session.execute(text("ANALYZE outbox_messages"))
         session.commit()
         (plan,) = session.execute(
             text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queries.RELAY_ANY_DUE.text)
@@ -319,9 +336,10 @@ def test_the_lingering_relay_s_look_for_due_rows_skips_what_a_backlog_left_behin
         session.rollback()
     assert session.execute(queries.RELAY_ANY_DUE).scalar_one() is True
     # The look finds the newest waiting row at once: it does not walk the 3,000 entries
-    # of sent rows first (a page of the index holds a few hundred)
-    top = plan["Plan"]
-    assert top["Shared Hit Blocks"] + top["Shared Read Blocks"] <= 10, top
+    # of sent rows first (a page of the index holds a few hundred). (With statistics taken
+    # before the backlog, PostgreSQL 15 reads the index in a bitmap instead, every entry;
+    # the look at rows newer than the relay claimed, below, holds whatever they say.)
+    assert _pages(plan) <= 10
 
 
 def test_the_look_at_rows_newer_than_a_relay_claimed_skips_what_was_sent_before(
@@ -329,15 +347,7 @@ def test_the_look_at_rows_newer_than_a_relay_claimed_skips_what_was_sent_before(
 ):
     _register(session, topic)
     publisher = Publisher(relay_settings)
-    publisher.publish_batch(session, [Message(topic, {"n": i}, key=f"k{i}") for i in range(3000)])
-    session.commit()
-    newest = session.execute(text("SELECT max(id) FROM outbox_messages")).scalar_one()
-    with engine.connect() as elsewhere, engine.connect() as conn:
-        # The sent rows' old versions stay, as an open transaction keeps them
-        elsewhere.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
-        elsewhere.execute(text("SELECT count(*) FROM outbox_messages")).scalar_one()
-        session.execute(text("UPDATE outbox_messages SET status = 'sent', sent_at = now()"))
-        session.commit()
+    with _sent_rows_kept(session, engine, publisher, topic) as newest, engine.connect() as conn:
         # Prepared and run as the relay runs them, past the plans PostgreSQL tries first
         for _ in range(6):
             execute(conn, queries.RELAY_ANY_NEW, {"after": newest}, prepare=True).scalar_one()
@@ -350,7 +360,7 @@ def test_the_look_at_rows_newer_than_a_relay_claimed_skips_what_was_sent_before(
                 {"a": newest},
             ).scalar_one()
             conn.rollback()
-            return found, plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"]
+            return found, _pages(plan)
 
         # Nothing new: the look at newer rows says so without the 3,000 sent rows' entries
         # (at most a page or two for each bucket), which the look at every row walks
