@@ -199,7 +199,9 @@ _BUCKET_HAS_WORK = f"""(
 # the look would first pass every row sent since the last vacuum, whose old versions keep
 # their entries in that index while any transaction older than their mark is open: a
 # few milliseconds a look in a busy system, many times a second. (Written as EXISTS,
-# PostgreSQL drops the order and picks its own path.)
+# PostgreSQL drops the order and picks its own path. With statistics of a table that had
+# few rows waiting, PostgreSQL 15 may read the index in a bitmap all the same: the relay
+# takes RELAY_ANY_NEW between these looks.)
 RELAY_ANY_DUE = _prepared(
     "outbox_relay_any_due",
     """
@@ -210,9 +212,10 @@ SELECT (
 """,
 )
 
-# The same look at rows newer than :after (the newest a relay claimed), through the
-# primary key: they are the rows committed since, which a sent row's leftover entries do
-# not stand before, however many there are. A relay takes it between its looks at the
+# The same look at rows newer than :after (the newest a relay claimed), from :after on
+# (in the primary key, or in the claim index bucket by bucket): they are the rows
+# committed since, which a sent row's leftover entries do not stand before, however many
+# there are. A relay takes it between its looks at the
 # whole index (RELAY_ANY_DUE), which find what this one cannot: a row that committed after
 # a newer one (its id was taken first), and one whose backoff has ended.
 RELAY_ANY_NEW = _prepared(
