@@ -53,10 +53,10 @@ def ping_idle_connections(engine: Engine, idle_s: float) -> None:
     connection cut while idle); with ``idle_s`` 0, every checkout, as SQLAlchemy's
     ``pool_pre_ping``.
 
-    A busy process checks a connection out for every transaction, milliseconds apart:
-    a ping each time would cost a round trip and a statement of the server's per
-    transaction, on the path of every message. A connection whose server went away in the last
-    ``idle_s`` fails its next statement instead, as the statements in flight at that
+    A busy process checks a connection out for every transaction, milliseconds apart: a
+    ping each time would cost a round trip and a statement of the server's per
+    transaction, on the path of every message. A connection whose server went away in the
+    last ``idle_s`` fails its next statement instead, as the statements in flight at that
     moment fail anyway; SQLAlchemy then reconnects every connection of the pool that is
     older than the failure, and the caller's retry finds a fresh one."""
 

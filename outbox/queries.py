@@ -215,9 +215,9 @@ SELECT (
 # The same look at rows newer than :after (the newest a relay claimed), from :after on
 # (in the primary key, or in the claim index bucket by bucket): they are the rows
 # committed since, which a sent row's leftover entries do not stand before, however many
-# there are. A relay takes it between its looks at the
-# whole index (RELAY_ANY_DUE), which find what this one cannot: a row that committed after
-# a newer one (its id was taken first), and one whose backoff has ended.
+# there are. A relay takes it between its looks at the whole index (RELAY_ANY_DUE), which
+# find what this one cannot: a row that committed after a newer one (its id was taken
+# first), and one whose backoff has ended.
 RELAY_ANY_NEW = _prepared(
     "outbox_relay_any_new",
     """

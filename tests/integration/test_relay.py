@@ -28,7 +28,7 @@ from outbox.registry import register_topic
 from outbox.relay import Claim, Relay, RelayReport
 from outbox.settings import Settings
 from tests.kafka_helpers import consume_all
-from tests.plans import as_written, rows_read
+from tests.plans import as_written, pages_read, rows_read
 
 
 @pytest.fixture
@@ -312,11 +312,6 @@ def _sent_rows_kept(session: Session, engine, publisher: Publisher, topic: str) 
         yield newest
 
 
-def _pages(plan: dict) -> int:
-    """The buffers a plan (``EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)``) read."""
-    return plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"]
-
-
 def test_the_lingering_relay_s_look_for_due_rows_skips_what_a_backlog_left_behind(
     relay_settings, engine, session, topic
 ):
@@ -339,7 +334,7 @@ def test_the_lingering_relay_s_look_for_due_rows_skips_what_a_backlog_left_behin
     # of sent rows first (a page of the index holds a few hundred). (With statistics taken
     # before the backlog, PostgreSQL 15 reads the index in a bitmap instead, every entry;
     # the look at rows newer than the relay claimed, below, holds whatever they say.)
-    assert _pages(plan) <= 10
+    assert pages_read(plan) <= 10
 
 
 def test_the_look_at_rows_newer_than_a_relay_claimed_skips_what_was_sent_before(
@@ -360,7 +355,7 @@ def test_the_look_at_rows_newer_than_a_relay_claimed_skips_what_was_sent_before(
                 {"a": newest},
             ).scalar_one()
             conn.rollback()
-            return found, _pages(plan)
+            return found, pages_read(plan)
 
         # Nothing new: the look at newer rows says so without the 3,000 sent rows' entries
         # (at most a page or two for each bucket), which the look at every row walks
