@@ -14,6 +14,7 @@ import click
 
 from outbox.bench.cli import bench
 from outbox.errors import OutboxError
+from outbox.heap import freeze_startup_objects
 from outbox.logs import setup_logging
 from outbox.settings import Settings, describe, env_name
 
@@ -335,6 +336,7 @@ def consume(ctx: click.Context, group: str, topics: str) -> None:
 
     consumer = Consumer(settings, group, names, on_recorded=kick, on_targeted=route)
     consumer.install_signal_handlers()
+    freeze_startup_objects()
     consumer.run()
 
 

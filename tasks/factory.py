@@ -6,11 +6,12 @@ import sys
 from typing import Any
 
 from celery import Celery, current_task
-from celery.signals import beat_init
+from celery.signals import beat_init, worker_process_init, worker_ready
 from celery.signals import setup_logging as setup_logging_signal
 
 import celeryconfig
 from consumer.handlers import import_handler_modules
+from outbox.heap import freeze_startup_objects
 from outbox.logs import set_task_context, setup_logging
 from outbox.settings import Settings
 from tasks.single_beat import hold_beat_lock
@@ -40,9 +41,20 @@ def make_celery(settings: Settings) -> Celery:
     def _logging(**_: Any) -> None:
         setup_logging(settings, celery_role(sys.argv))
 
+    # Each process of a worker, and beat, once it is set up (outbox.heap): the pool's
+    # processes as they start, the main process once it takes tasks.
+    @worker_process_init.connect(weak=False)
+    def _pool_process_ready(**_: Any) -> None:
+        freeze_startup_objects()
+
+    @worker_ready.connect(weak=False)
+    def _worker_ready(**_: Any) -> None:
+        freeze_startup_objects()
+
     @beat_init.connect(weak=False)
     def _one_beat(**_: Any) -> None:
         hold_beat_lock(settings)  # its watcher thread keeps the connection, and the lock
+        freeze_startup_objects()
 
     from tasks import beat, lanes, relay, shutdown
 
