@@ -170,12 +170,14 @@ def apply_acks(messages: list[Message], session: Session) -> None:
         if params["ok"]:
             successes.setdefault((params["group"], params["topic"], params["message_id"]), params)
     if successes:
-        document = json.dumps(list(successes.values()))
-        applied = {
-            (row.group, row.topic, str(row.message_id))
-            for row in session.execute(queries.APPLY_SUCCESS_ACKS, {"acks": document})
+        # What the statements read of each ack, and nothing else.
+        fields = {
+            k: {"message_id": k[2], "group": k[0], "topic": k[1], "instance": v["instance"]}
+            for k, v in successes.items()
         }
-        rest = [v for k, v in successes.items() if k not in applied]
+        document = json.dumps(list(fields.values()))
+        applied = set(map(tuple, session.execute(queries.APPLY_SUCCESS_ACKS, {"acks": document})))
+        rest = [v for k, v in fields.items() if k not in applied]
         if rest:
             # The relay's mark opened their deliveries meanwhile (or there are none to
             # move): apply them now.

@@ -837,7 +837,7 @@ opened AS (
 -- Every step finds its rows by index, none by scanning another step's rows (the planner
 -- takes a JSON document for one row, and a scan of the applied rows per ack was
 -- quadratic: 0.2 s for 2,000 acks).
-SELECT done.message_id, g.name AS "group", g.topic
+SELECT g.name AS "group", g.topic, CAST(done.message_id AS text) AS message_id
 FROM (SELECT * FROM applied UNION ALL SELECT * FROM opened) done
 JOIN consumer_groups g ON g.id = done.consumer_group_id
 """)  # noqa: S608 (composed of constants only)

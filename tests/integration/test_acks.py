@@ -8,11 +8,11 @@ import collections
 import json
 import uuid
 
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session
 
 import consumer
-from consumer.acks import apply_ack, register_ack_topic, write_acks
+from consumer.acks import apply_ack, apply_acks, register_ack_topic, write_acks
 from consumer.lanes import LaneProcessor
 from outbox import Publisher, queries
 from outbox.db import make_sessionmaker
@@ -324,3 +324,30 @@ def test_a_burst_of_acks_reads_each_delivery_once_whatever_the_statistics_say(
     assert rows_read(plan, "deliveries") <= 3 * len(acks)
     acked = select(func.count()).select_from(Delivery).where(Delivery.instance_id == "w1")
     assert session.scalar(acked) == 500
+
+
+def test_a_batch_of_success_acks_moves_its_waiting_deliveries_in_one_statement(
+    engine, session: Session, topic: str
+):
+    _topic_with_groups(session, topic)
+    billing = session.scalars(select(ConsumerGroup.id).where(ConsumerGroup.name == "billing")).one()
+    waiting = [uuid.uuid4() for _ in range(50)]
+    session.add_all(Delivery(message_id=m, consumer_group_id=billing) for m in waiting)
+    session.commit()
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        apply_acks([_ack(m, topic, "success", "w1") for m in waiting], session)
+        session.commit()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+
+    # Every delivery was found and moved by the first statement: none is tried again
+    assert sum("UPDATE deliveries" in s for s in statements) == 1
+    session.expire_all()
+    moved = session.execute(select(Delivery.status, Delivery.instance_id)).all()
+    assert collections.Counter(moved) == {("acked", "w1"): 50}
