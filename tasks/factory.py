@@ -31,6 +31,18 @@ def _running_task() -> tuple[str | None, str | None]:
 set_task_context(_running_task)
 
 
+# Each process of a worker, once it is set up (outbox.heap): the pool's processes as they
+# start, the main process once it takes tasks. Connected once, whatever the apps made.
+@worker_process_init.connect(weak=False)
+def freeze_pool_process(**_: Any) -> None:
+    freeze_startup_objects()
+
+
+@worker_ready.connect(weak=False)
+def freeze_worker(**_: Any) -> None:
+    freeze_startup_objects()
+
+
 def make_celery(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``, with every task registered."""
     app = Celery("outbox")
@@ -41,20 +53,10 @@ def make_celery(settings: Settings) -> Celery:
     def _logging(**_: Any) -> None:
         setup_logging(settings, celery_role(sys.argv))
 
-    # Each process of a worker, and beat, once it is set up (outbox.heap): the pool's
-    # processes as they start, the main process once it takes tasks.
-    @worker_process_init.connect(weak=False)
-    def _pool_process_ready(**_: Any) -> None:
-        freeze_startup_objects()
-
-    @worker_ready.connect(weak=False)
-    def _worker_ready(**_: Any) -> None:
-        freeze_startup_objects()
-
     @beat_init.connect(weak=False)
     def _one_beat(**_: Any) -> None:
         hold_beat_lock(settings)  # its watcher thread keeps the connection, and the lock
-        freeze_startup_objects()
+        freeze_startup_objects()  # beat is set up (outbox.heap)
 
     from tasks import beat, lanes, relay, shutdown
 

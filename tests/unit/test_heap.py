@@ -2,16 +2,14 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from celery.signals import worker_process_init, worker_ready
+from celery.utils.dispatch import Signal
 
 from outbox.heap import freeze_startup_objects
-from outbox.settings import Settings
-from tasks.factory import make_celery
-
-SETTINGS = Settings.from_env({"OUTBOX_REDIS_URL": "redis://127.0.0.1:1/0"})
+from tasks.factory import freeze_pool_process, freeze_worker
 
 
 class _Node:
@@ -47,11 +45,17 @@ def test_a_set_up_process_leaves_its_live_objects_out_of_collections_and_keeps_n
     assert any(o is made_after for o in gc.get_objects())
 
 
-@pytest.mark.parametrize("signal", [worker_process_init, worker_ready], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    ("signal", "receiver"),
+    [(worker_process_init, freeze_pool_process), (worker_ready, freeze_worker)],
+    ids=["pool process", "main process"],
+)
 def test_each_worker_process_freezes_what_it_built_once_it_is_set_up(
-    unfrozen: None, signal: object
+    unfrozen: None, signal: Signal, receiver: Callable[..., None]
 ) -> None:
-    make_celery(SETTINGS)
+    # Connected to the signal for every sender (sent here, it would run the receivers of
+    # every app this test process made, heartbeats included)
+    assert any(ref is receiver for _, ref in signal.receivers)
     assert gc.get_freeze_count() == 0
-    signal.send(sender="bench1@host")  # type: ignore[attr-defined]
+    receiver(signal=signal, sender="bench1@host")
     assert gc.get_freeze_count() > 0
