@@ -83,8 +83,8 @@ def ack_key(group: str, lane: int) -> str:
     return f"{group}/{lane}"
 
 
-# A success ack as compact JSON, non-ASCII escaped, but for its texts and attempt (each
-# in its place: the fields in the order success_ack makes them).
+# What a success ack takes as compact JSON besides its four texts and its attempt: the
+# names, the punctuation, its status and its null error (in whatever order its fields).
 _SUCCESS_FRAME_BYTES = len(
     '{"message_id":,"topic":,"group":,"status":"success","instance":,"attempt":,"error":null}'
 )
