@@ -35,11 +35,13 @@ set_task_context(_running_task)
 # start, the main process once it takes tasks. Connected once, whatever the apps made.
 @worker_process_init.connect(weak=False)
 def freeze_pool_process(**_: Any) -> None:
+    """Freeze a pool process's start-up objects (:mod:`outbox.heap`) as it starts."""
     freeze_startup_objects()
 
 
 @worker_ready.connect(weak=False)
 def freeze_worker(**_: Any) -> None:
+    """Freeze a worker's main process's start-up objects once it takes tasks."""
     freeze_startup_objects()
 
 
