@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
-import uuid
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -34,7 +32,7 @@ from outbox.models import MAX_ERROR_CHARS
 from outbox.publishing import Message as OutboxMessage
 from outbox.publishing import Publisher
 from outbox.retry import RetryPolicy
-from outbox.wire import ACK_TOPIC
+from outbox.wire import ACK_TOPIC, canonical_message_id
 
 
 def ack_payload(
@@ -45,11 +43,6 @@ def ack_payload(
     if error is not None:
         ack.update(status="failure", error=error[:MAX_ERROR_CHARS])
     return ack
-
-
-_SUCCESS_FIELDS = frozenset(
-    ("message_id", "topic", "group", "status", "instance", "attempt", "error")
-)
 
 
 def success_ack(
@@ -83,10 +76,12 @@ def ack_key(group: str, lane: int) -> str:
     return f"{group}/{lane}"
 
 
-# What a success ack takes as compact JSON besides its four texts and its attempt: the
-# names, the punctuation, its status and its null error (in whatever order its fields).
-_SUCCESS_FRAME_BYTES = len(
-    '{"message_id":,"topic":,"group":,"status":"success","instance":,"attempt":,"error":null}'
+# A success ack's fields, and what it takes as compact JSON besides its four texts and
+# its attempt (the names, the punctuation, its status and its null error): an ack with
+# empty texts and a one-digit attempt, less those.
+_SUCCESS_FIELDS = frozenset(success_ack("", "", "", "", 0))
+_SUCCESS_FRAME_BYTES = (
+    len(json.dumps(success_ack("", "", "", "", 0), separators=(",", ":"))) - 4 * len('""') - 1
 )
 
 
@@ -208,9 +203,7 @@ def _acks_in(message: Message) -> list[dict[str, Any]]:
 def _ack_params(ack: Any) -> dict[str, Any]:
     """The statement parameters of an ack; :class:`Permanent` if it is not one."""
     try:
-        message_id = ack["message_id"]
-        if not (type(message_id) is str and _CANONICAL_ID.fullmatch(message_id)):
-            message_id = str(uuid.UUID(message_id))
+        message_id = canonical_message_id(ack["message_id"])
         params = {
             "ok": ack["status"] == "success",
             "error": ack.get("error"),
@@ -231,10 +224,6 @@ def _ack_params(ack: Any) -> dict[str, Any]:
     ):
         raise Permanent(f"not an ack: {ack!r}"[:MAX_ERROR_CHARS])
     return params
-
-
-# A message id as success_ack writes it (str(uuid.UUID)): taken as it is, without parsing.
-_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _apply(params: dict[str, Any], session: Session) -> None:

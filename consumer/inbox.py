@@ -6,7 +6,6 @@ import base64
 import json
 import math
 import re
-import uuid
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -23,6 +22,7 @@ from outbox.wire import (
     HEADER_MESSAGE_ID,
     HEADER_TARGET_INSTANCE,
     bucket_for,
+    canonical_message_id,
     foreign_message_id,
 )
 
@@ -106,18 +106,12 @@ def _row(
     }
 
 
-# A message id as this project writes it (str(uuid.UUID)): taken as it is, without parsing.
-_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
 def _message_id(header: str | None, topic: str, partition: int, offset: int) -> str:
     """The row's message id, in canonical form: the ``message_id`` header's UUID, or for a
     record without a valid one, an id derived from its position."""
     if header is not None:
-        if _CANONICAL_ID.fullmatch(header):
-            return header
         try:
-            return str(uuid.UUID(header))
+            return canonical_message_id(header)
         except ValueError:
             pass
     return str(foreign_message_id(topic, partition, offset))

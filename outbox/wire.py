@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 import zlib
 from collections.abc import Mapping
@@ -58,3 +59,16 @@ def message_headers(message_id: str, stored: Mapping[str, str]) -> dict[str, str
 def foreign_message_id(topic: str, partition: int, offset: int) -> uuid.UUID:
     """A deterministic id for a message that carries none, so redelivery dedupes."""
     return uuid.uuid5(_FOREIGN_NAMESPACE, f"{topic}/{partition}/{offset}")
+
+
+# A message id as this project writes it (str(uuid.UUID)): taken as it is, without parsing.
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def canonical_message_id(text: str) -> str:
+    """A message id written as text, in canonical form (``str(uuid.UUID(text))``); the
+    canonical form itself, as this project writes ids, is taken without parsing.
+    ValueError (or TypeError, for what is not text) if it is not a UUID."""
+    if type(text) is str and _CANONICAL_ID.fullmatch(text):
+        return text
+    return str(uuid.UUID(text))
