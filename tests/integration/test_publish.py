@@ -1,4 +1,5 @@
-"""``publish()`` against a real PostgreSQL: one INSERT in the caller's transaction."""
+"""``publish()`` against a real PostgreSQL: one INSERT, or for a large batch one COPY, in
+the caller's transaction."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 import uuid
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import Connection, event, func, select, text
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
@@ -22,6 +23,7 @@ from outbox.errors import (
 )
 from outbox.message_reads import message_view
 from outbox.models import OutboxMessage
+from outbox.publishing import COPY_MIN_ROWS
 from outbox.registry import register_topic
 from outbox.settings import Settings
 from outbox.wire import bucket_for
@@ -104,6 +106,60 @@ def test_a_batch_keeps_its_order_in_ids(publisher, session, orders):
     assert [r.payload["n"] for r in rows] == list(range(50))
 
 
+# Text that COPY's format and JSON each read specially, in keys, payloads and headers.
+AWKWARD = ["tab\there", "new\nline", "cr\rhere", "back\\slash", "\\N", "\\.", "\\", "é☃𝄞", ""]
+
+
+@pytest.mark.parametrize(
+    "size", [COPY_MIN_ROWS - 1, COPY_MIN_ROWS, 300], ids=["insert", "copy", "copy-300"]
+)
+@pytest.mark.parametrize("caller", ["session", "connection"])
+def test_a_batch_is_stored_as_given_whichever_statement_writes_it(
+    publisher, session, orders, size, caller
+):
+    messages = [
+        Message(
+            orders,
+            {"n": i, "text": AWKWARD[i % len(AWKWARD)], AWKWARD[i % len(AWKWARD)]: [i, None]},
+            key=None if i % 4 == 3 else AWKWARD[i % len(AWKWARD)],
+            headers={"causation_id": AWKWARD[i % len(AWKWARD)]} if i % 2 else None,
+        )
+        for i in range(size)
+    ]
+
+    def target() -> Session | Connection:
+        # The session's connection, as a caller on a Connection holds one
+        return session if caller == "session" else session.connection()
+
+    statements: list[str] = []
+    engine = session.get_bind()
+
+    def seen(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        publisher.publish_batch(target(), messages)
+        session.rollback()
+        assert _count(session) == 0  # nothing of it outlives the caller's rollback
+        statements.clear()
+        ids = publisher.publish_batch(target(), messages)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    inserted = any("INSERT INTO outbox_messages" in s for s in statements)
+    assert inserted == (size < COPY_MIN_ROWS)
+    session.commit()
+    rows = session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+    assert [r.message_id for r in rows] == ids
+    assert [(r.topic, r.key, r.payload, r.headers) for r in rows] == [
+        (m.topic, m.key, m.payload, dict(m.headers or {})) for m in messages
+    ]
+    assert [r.bucket for r in rows] == [
+        bucket_for(m.key, i, publisher.settings.buckets) for m, i in zip(messages, ids, strict=True)
+    ]
+    assert {(r.status, r.attempts) for r in rows} == {("pending", 0)}
+
+
 def test_a_batch_stores_each_message_s_headers_its_own_or_the_caller_s(publisher, session, orders):
     own, given = publisher.publish_batch(
         session,
@@ -146,13 +202,14 @@ def test_a_batch_stores_each_message_s_headers_its_own_or_the_caller_s(publisher
         ),
     ],
 )
+@pytest.mark.parametrize("before", [2, COPY_MIN_ROWS], ids=["small", "large"])
 def test_a_bad_message_in_a_batch_refuses_the_batch(
-    publisher, session, orders, message, error, field
+    publisher, session, orders, message, error, field, before
 ):
     good = Message(orders, {"ok": True})
     with pytest.raises(error) as info:
-        publisher.publish_batch(session, [good, good, message])
-    assert info.value.index == 2
+        publisher.publish_batch(session, [good] * before + [message])
+    assert info.value.index == before
     assert info.value.field == field
     assert _count(session) == 0
 
@@ -183,11 +240,28 @@ def test_a_batch_naming_a_new_topic_is_written_whole_and_in_order_once_it_is_reg
     assert _count(session) == 9
 
 
-def test_a_batch_with_an_inactive_topic_writes_nothing_even_when_new_topics_register(
+def test_a_large_batch_naming_a_new_topic_is_copied_whole_and_in_order_once_it_is_registered(
     settings, session, orders
 ):
     publisher = Publisher(settings.replace(auto_register_topics=True))
+    size = 2 * COPY_MIN_ROWS
+    messages = [Message(orders if i % 3 else "fresh.topic", {"n": i}) for i in range(size)]
+    ids = publisher.publish_batch(session, messages)
+    session.commit()
+    rows = session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+    assert [r.message_id for r in rows] == ids
+    assert [(r.topic, r.payload["n"]) for r in rows] == [
+        (m.topic, m.payload["n"]) for m in messages
+    ]
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_batch_with_an_inactive_topic_writes_nothing_even_when_new_topics_register(
+    settings, session, orders, size
+):
+    publisher = Publisher(settings.replace(auto_register_topics=True))
     batch = [Message(orders, {}), Message("fresh.topic", {}), Message("retired", {})]
+    batch = batch * (1 if size == "small" else COPY_MIN_ROWS)
     with pytest.raises(InactiveTopic) as info:
         publisher.publish_batch(session, batch)
     assert (info.value.index, info.value.field) == (2, "topic")
