@@ -152,6 +152,7 @@ def run(
                 "caught up": caught_up is not None,
                 "processes restarted": len(restarted),
                 "publisher retries": publishers.retries,
+                "acknowledged in COPY batches": publishers.copied,
             },
             committed=committed_offsets(engine, GROUP, TOPIC),
         )

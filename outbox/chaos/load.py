@@ -1,11 +1,14 @@
-"""The fault ledger's publishers: over HTTP in batches, and through ``publish()`` in
-application transactions, each at its share of a steady rate.
+"""The fault ledger's publishers: over HTTP in batches, through ``publish()`` in
+application transactions, and through ``publish_batch()`` in batches large enough to go
+in by COPY, each at its share of a steady rate.
 
 Each publisher owns its keys and numbers each key's messages from 0; a message is
 *acknowledged* once the publisher knows it was committed (a 202, a commit that
-returned). A publisher retries as a real client that never knows whether a timed-out
+returned). The first two retry as a real client that never knows whether a timed-out
 request landed: with the same idempotency keys, until it is acknowledged, so an
-acknowledged message has one id however many times it was sent.
+acknowledged message has one id however many times it was sent. The batches without
+idempotency keys cannot be retried safely: a batch whose commit failed is given up, as
+such a client would, and may have landed (its effects are counted apart).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 from outbox.chaos.handlers import TOPIC
-from outbox.publishing import Publisher
+from outbox.publishing import COPY_MIN_ROWS, Message, Publisher
 from outbox.settings import Settings
 
 BATCH = 20
+assert BATCH >= COPY_MIN_ROWS, "the keyless batches are to go in by COPY"
 RETRY_PAUSE_S = 0.2
 HTTP_TIMEOUT_S = 5.0
 
@@ -40,7 +44,7 @@ class Acked:
 
 
 class Publishers:
-    """Runs the HTTP and the library publisher threads until :meth:`stop`."""
+    """Runs the publisher threads (HTTP, ``publish()``, COPY batches) until :meth:`stop`."""
 
     def __init__(
         self, settings: Settings, engine: Engine, api_port: int, rate: float, keys: int
@@ -52,11 +56,13 @@ class Publishers:
         self.keys = keys
         self.acked: list[Acked] = []
         self.retries = 0
+        self.copied = 0  # acknowledged messages of the batches without idempotency keys
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._http, daemon=True),
             threading.Thread(target=self._library, daemon=True),
+            threading.Thread(target=self._copied, daemon=True),
         ]
 
     def start(self) -> None:
@@ -92,7 +98,7 @@ class Publishers:
 
     def _http(self) -> None:
         token = self.settings.api_tokens[0]
-        for batch in self._batches("h", self.rate / 2):
+        for batch in self._batches("h", self.rate / 3):
             body = json.dumps(
                 {"messages": [{"topic": TOPIC, "key": k, "payload": {"seq": n}} for k, n in batch]}
             ).encode()
@@ -126,7 +132,7 @@ class Publishers:
 
     def _library(self) -> None:
         publisher = Publisher(self.settings)
-        for batch in self._batches("p", self.rate / 2):
+        for batch in self._batches("p", self.rate / 3):
             # One application transaction per message, the way most services publish.
             for key, seq in batch:
                 idempotency_key = uuid.uuid4().hex
@@ -144,3 +150,17 @@ class Publishers:
                     break
                 if self._stop.is_set():
                     return
+
+    def _copied(self) -> None:
+        publisher = Publisher(self.settings)
+        for batch in self._batches("c", self.rate / 3):
+            messages = [Message(TOPIC, {"seq": seq}, key=key) for key, seq in batch]
+            try:
+                with self.engine.begin() as conn:
+                    ids = publisher.publish_batch(conn, messages)
+            except Exception:  # the database restarts: the batch may have landed, or not
+                self.retries += 1
+                time.sleep(RETRY_PAUSE_S)
+                continue
+            self._ack([str(i) for i in ids], batch)
+            self.copied += len(ids)
