@@ -86,9 +86,10 @@ INSERT_MESSAGES_ONCE = _sql(
 )
 
 # A large batch without idempotency keys goes in by COPY, once a look at its topics
-# (TOPIC_STATES) found them all registered and active. COPY writes its rows a page at a
-# time (one WAL record a page, where an INSERT writes one a row) and the server parses no
-# JSON document around them. Rows take their ids in the order they come: the batch's.
+# (TOPIC_STATES) found them all registered and active. COPY writes the table's rows a page
+# at a time (one WAL record a page, where an INSERT writes one a row; index entries are
+# still one a row) and the server parses no JSON document around them. Rows take their
+# ids in the order they come: the batch's.
 COPY_MESSAGES = "COPY outbox_messages (message_id, topic, key, payload, headers, bucket) FROM STDIN"
 
 # Which of a batch's new ids the transaction wrote (a fresh id exists nowhere else).
