@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from api import create_app
 from outbox.models import OutboxMessage
+from outbox.publishing import COPY_MIN_ROWS
 from outbox.settings import Settings
 
 TOKEN = "test-token"
@@ -81,6 +82,33 @@ def test_a_batch_is_accepted_whole(client, session):
     assert response.status_code == 202
     assert len(response.get_json()["message_ids"]) == 5
     assert _rows(session) == 5
+
+
+def test_a_batch_large_enough_for_copy_is_stored_as_sent_or_refused_whole(
+    client, settings, session
+):
+    large = create_app(settings.replace(api_tokens=(TOKEN,), max_batch=2 * COPY_MIN_ROWS))
+    big = large.test_client()
+    messages = [
+        {"topic": "orders", "key": f"k\t{i}\\", "payload": {"n": i, "s": "a\nb\\c"}}
+        for i in range(2 * COPY_MIN_ROWS)
+    ]
+    response = _post(big, {"messages": messages})
+    assert response.status_code == 202
+    ids = response.get_json()["message_ids"]
+    for message_id, sent in zip(ids, messages, strict=True):
+        detail = big.get(f"/v1/messages/{message_id}", headers=AUTH).get_json()
+        assert (detail["topic"], detail["key"], detail["payload"]) == (
+            sent["topic"],
+            sent["key"],
+            sent["payload"],
+        )
+    refused = _post(big, {"messages": [*messages[1:], {"topic": "retired", "payload": {}}]})
+    assert refused.status_code == 422
+    error = refused.get_json()["error"]
+    assert error["code"] == "inactive_topic"
+    assert error["details"]["field"] == f"messages[{len(messages) - 1}].topic"
+    assert _rows(session) == len(messages)
 
 
 BIG = "x" * 5000
