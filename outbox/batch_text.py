@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from psycopg2.extensions import encodings
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from outbox import queries
@@ -89,6 +90,23 @@ def copy_rows(session: Session | Connection, rows: list[PreparedRow]) -> int:
     # Encoded before COPY starts: a string the connection cannot carry fails here, with
     # nothing sent, as a parameter would.
     data = _copy_data(rows).encode(encodings[driver.encoding])
-    with contextlib.closing(driver.cursor()) as cursor:
-        cursor.copy_expert(queries.COPY_MESSAGES, io.BytesIO(data))
-        return int(cursor.rowcount)
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    try:
+        with contextlib.closing(driver.cursor()) as cursor:
+            cursor.copy_expert(queries.COPY_MESSAGES, io.BytesIO(data))
+            return int(cursor.rowcount)
+    except dbapi_error as exc:
+        # As SQLAlchemy does with the statements it runs: a connection that broke leaves
+        # the pool, and the error comes as SQLAlchemy's (DataError, OperationalError...).
+        invalidated = conn.dialect.is_disconnect(exc, driver, None)
+        if invalidated:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            queries.COPY_MESSAGES,
+            None,
+            exc,
+            dbapi_error,
+            hide_parameters=True,
+            connection_invalidated=invalidated,
+            dialect=conn.dialect,
+        ) from exc

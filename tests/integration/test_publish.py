@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from sqlalchemy import Connection, event, func, select, text
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher
@@ -238,6 +239,50 @@ def test_a_batch_naming_a_new_topic_is_written_whole_and_in_order_once_it_is_reg
     assert publisher.publish_batch(session, messages) == ids
     session.commit()
     assert _count(session) == 9
+
+
+@pytest.mark.parametrize("size", [2, COPY_MIN_ROWS], ids=["insert", "copy"])
+@pytest.mark.parametrize("where", ["key", "payload"])
+def test_a_nul_is_refused_by_the_database_as_sqlalchemy_s_data_error_either_way(
+    publisher, session, orders, size, where
+):
+    bad = (
+        Message(orders, {"x": "a\x00b"}) if where == "payload" else Message(orders, {}, key="a\x00")
+    )
+    with pytest.raises(DataError):
+        publisher.publish_batch(session, [Message(orders, {"ok": True})] * (size - 1) + [bad])
+    session.rollback()
+    publisher.publish_batch(session, [Message(orders, {"ok": True})] * size)
+    session.commit()
+    assert _count(session) == size
+
+
+def test_a_connection_cut_during_a_copy_leaves_the_pool_and_the_session_goes_on(
+    publisher, session, orders, admin_engine
+):
+    engine = session.get_bind()
+    cut: list[int] = []
+
+    def cut_after_the_topic_look(conn, cursor, statement, *args):
+        # the server ends this connection between the look at the topics and the COPY
+        if "FROM topics WHERE name = ANY" in statement and not cut:
+            cut.append(cursor.connection.get_backend_pid())
+            with admin_engine.connect() as admin:
+                admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": cut[0]})
+
+    batch = [Message(orders, {"n": i}, key="k") for i in range(COPY_MIN_ROWS)]
+    event.listen(engine, "after_cursor_execute", cut_after_the_topic_look)
+    try:
+        with pytest.raises(OperationalError) as info:
+            publisher.publish_batch(session, batch)
+    finally:
+        event.remove(engine, "after_cursor_execute", cut_after_the_topic_look)
+    assert cut and info.value.connection_invalidated
+    session.rollback()
+    ids = publisher.publish_batch(session, batch)
+    session.commit()
+    assert session.scalar(text("SELECT pg_backend_pid()")) != cut[0]
+    assert set(session.scalars(select(OutboxMessage.message_id))) == set(ids)
 
 
 def test_a_large_batch_naming_a_new_topic_is_copied_whole_and_in_order_once_it_is_registered(
