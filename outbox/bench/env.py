@@ -28,7 +28,7 @@ def fresh_broker(settings: Settings) -> bool:
     one; False (nothing done) for a configured broker.
 
     The embedded broker keeps every message, offset commit and producer of the run in
-    memory, and costs more CPU per request as they pile up (docs/BENCHMARKS.md, "The
+    memory, and costs more CPU per request as they pile up (docs/BENCHMARKS-HISTORY.md, "The
     broker's part"): without a restart a benchmark's later phases would measure the phases
     before them. Topics and consumer groups go with it: the caller makes the topics again.
     """
