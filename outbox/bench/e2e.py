@@ -530,10 +530,10 @@ def _report(
     }
     for side in labels:
         for role, value in sorted(per_message.get(side, {}).items()):
-            add(f"CPU per message at {rate:g} msg/s, {side}: {role}", value, "ms")
+            add(f"CPU per message at {rate:g} msg/s, {side}: {role}", value, "ms of CPU")
     for side in labels:
         every = sum(per_message.get(side, {}).values())
-        add(f"CPU per message at {rate:g} msg/s, {side}, every process", every, "ms")
+        add(f"CPU per message at {rate:g} msg/s, {side}, every process", every, "ms of CPU")
     cpu_bare = report.value(f"CPU per message at {rate:g} msg/s, bare, every process")
     cpu_system = report.value(f"CPU per message at {rate:g} msg/s, system, every process")
     report.series.update(latencies)

@@ -91,7 +91,8 @@ class Report:
         import matplotlib.pyplot as plt
 
         panels = 1 + bool(self.series) + len(self.breakdown)
-        # A latency report shows its percentiles; a throughput report its rates.
+        # A latency report shows its percentiles; a throughput report its rates (figures
+        # in other units, such as CPU time, are in the breakdowns' panels).
         unit = "ms" if self.series else "/s"
         rates = [f for f in self.figures if f.unit.endswith(unit)]
         # Tall enough for one readable label per bar.
@@ -103,7 +104,13 @@ class Report:
         ax.set_title(f"outbox bench {self.scenario}")
         ax.invert_yaxis()
         for i, f in enumerate(rates):
-            ax.text(f.value, i, f" {f.value:,.0f}", va="center", fontsize=8)
+            ax.text(
+                f.value,
+                i,
+                f" {f.value:,.1f}" if f.value < 100 else f" {f.value:,.0f}",
+                va="center",
+                fontsize=8,
+            )
         if self.series:
             ax2 = axes[0][1]
             # In name order, as the breakdowns' groups: a side has one colour in both.
