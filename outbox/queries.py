@@ -188,13 +188,21 @@ _NOT_HELD_BACK = """NOT EXISTS (
 # Whether bucket ``b`` holds a row to send now: due, and not held back behind a failed row
 # of its key (see RELAY_HAS_WORK for why a scalar subquery). Newest first, for the reason
 # RELAY_ANY_DUE gives.
-_BUCKET_HAS_WORK = f"""(
+_BUCKET_HAS_WORK_AFTER = f"""(
     SELECT true FROM outbox_messages m
-    WHERE m.status = 'pending' AND m.bucket = b AND m.available_at <= now()
+    -- the bucket as a range, and the claim index's order: PostgreSQL takes the claim
+    -- index then, in which a bucket with no waiting row costs one probe. Given an
+    -- equality, it may walk the primary key from its end instead, through every waiting
+    -- row of the other buckets (its statistics give a backlog in a few buckets as many
+    -- rows in each).
+    WHERE m.status = 'pending' AND m.bucket >= b AND m.bucket <= b
+      AND m.available_at <= now()
+      AND m.id > {{after}}
       AND {_NOT_HELD_BACK}
-    ORDER BY m.id DESC
+    ORDER BY m.bucket DESC, m.id DESC
     LIMIT 1
 )"""  # noqa: S608 (composed of constants only)
+_BUCKET_HAS_WORK = _BUCKET_HAS_WORK_AFTER.format(after="0")
 
 # A lingering relay's first look, and most often its only one: whether any row could be
 # sent now, wherever it is (a probe of the claim index, cheaper to plan and run than
@@ -246,6 +254,11 @@ SELECT (
 # semi join, which reads every waiting row of the table: the plan PostgreSQL picks when
 # its statistics were taken with few rows waiting, and then each look costs a scan of
 # the whole backlog (a test checks the plan).
+#
+# Only rows after :after are looked at (0: every row), and the newest row's id comes with
+# the answer, read in the same snapshot: a look that finds nothing to send tells its
+# relay that no row up to that id could be sent then, so that its next looks need read
+# only the rows after it (see outbox.relay.RECHECK_S).
 RELAY_HAS_WORK = _sql(f"""
 SELECT EXISTS (
     SELECT 1 FROM generate_series(0, :buckets - 1) AS b
@@ -254,8 +267,9 @@ SELECT EXISTS (
         WHERE l.scope = :scope AND l.bucket = b AND l.owner <> :owner
           AND l.expires_at > now()
     )
-    AND {_BUCKET_HAS_WORK}
-)
+    AND {_BUCKET_HAS_WORK_AFTER.format(after="CAST(:after AS bigint)")}
+) AS has_work,
+(SELECT max(id) FROM outbox_messages) AS newest
 """)  # noqa: S608 (composed of constants only)
 
 # A process that stops cleanly leaves at once rather than when it goes silent.

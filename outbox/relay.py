@@ -63,6 +63,13 @@ IDLE_PROBE_S = 5.0
 # often once it has claimed rows; between those looks, at rows newer than the newest it
 # claimed (RELAY_ANY_NEW), which costs the same however many sent rows wait for vacuum.
 FULL_LOOK_S = 0.05
+# A lingering relay whose look found due rows but none it may send (all held back behind
+# a failed row of their key, or in buckets other relays hold) looks again bucket by
+# bucket only at the rows newer than the newest there was then, and at every row at most
+# this often: held rows can be many, and reading them all at each poll kept a core of
+# PostgreSQL busy for as long as a failed row backed off. The next whole look finds a
+# backoff that ended, a lease that lapsed and a row that committed after a newer one.
+RECHECK_S = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +201,10 @@ class Relay:
         # is due (see FULL_LOOK_S).
         self._newest: int | None = None
         self._full_look_at = 0.0
+        # Up to which row this relay's last look bucket by bucket found nothing it may
+        # send, and until when its looks may start after that row (see RECHECK_S).
+        self._unsendable_upto = 0
+        self._recheck_at = 0.0
 
     def run(
         self,
@@ -266,11 +277,24 @@ class Relay:
                 if wait:
                     time.sleep(poll_s)
                 wait = True
-                if self._any_due(conn, prepare) and (
-                    probe_enough or conn.execute(queries.RELAY_HAS_WORK, params).scalar_one()
-                ):
+                if self._any_due(conn, prepare) and (probe_enough or self._has_work(conn, params)):
                     return True
         return False
+
+    def _has_work(self, conn: Connection, params: dict[str, Any]) -> bool:
+        """The look bucket by bucket (:data:`queries.RELAY_HAS_WORK`): after one that found
+        nothing to send, at rows newer than it saw, and at every row once per
+        :data:`RECHECK_S`."""
+        now = time.monotonic()
+        after = self._unsendable_upto if now < self._recheck_at else 0
+        found, newest = conn.execute(queries.RELAY_HAS_WORK, {**params, "after": after}).one()
+        if found:
+            self._unsendable_upto, self._recheck_at = 0, 0.0
+        else:
+            self._unsendable_upto = newest or 0
+            if after == 0:
+                self._recheck_at = now + RECHECK_S
+        return bool(found)
 
     def _any_due(self, conn: Connection, prepare: bool) -> bool:
         """Whether any row could be sent now: a look at rows newer than the newest this

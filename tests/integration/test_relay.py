@@ -285,6 +285,7 @@ def test_the_looks_for_buckets_with_work_read_a_row_per_bucket_whatever_the_stat
         "buckets": relay_settings.buckets,
         "limit": relay_settings.buckets,
         "lease_s": 30,
+        "after": 0,
     }
 
     for query in (queries.RELAY_LEASE, queries.RELAY_HAS_WORK):
@@ -292,8 +293,41 @@ def test_the_looks_for_buckets_with_work_read_a_row_per_bucket_whatever_the_stat
             text("EXPLAIN (ANALYZE, FORMAT JSON) " + query.text), params
         ).scalar_one()
         session.rollback()
-        # Each bucket's probe reads its first row: not a scan of the whole backlog
-        assert rows_read(plan, "outbox_messages") <= relay_settings.buckets
+        # Each bucket's probe reads its first row: not a scan of the whole backlog (and
+        # the look bucket by bucket reads the newest row's id besides)
+        assert rows_read(plan, "outbox_messages") <= relay_settings.buckets + 1
+
+
+def test_the_looks_for_buckets_with_work_read_no_row_of_a_backlog_in_other_buckets(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    # A backlog of 20,000 rows over three keys, with statistics taken then: to PostgreSQL,
+    # every bucket looks as full as theirs
+    for _ in range(20):
+        publisher.publish_batch(
+            session, [Message(topic, {"n": i}, key=f"hot{i % 3}") for i in range(1000)]
+        )
+        session.commit()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE outbox_messages"))
+    params = {
+        "scope": leases.RELAY_SCOPE,
+        "owner": "relay-under-test",
+        "buckets": relay_settings.buckets,
+        "limit": relay_settings.buckets,
+        "lease_s": 30,
+        "after": 0,
+    }
+
+    for query in (queries.RELAY_LEASE, queries.RELAY_HAS_WORK):
+        (plan,) = session.execute(
+            text("EXPLAIN (ANALYZE, FORMAT JSON) " + query.text), params
+        ).scalar_one()
+        session.rollback()
+        # A bucket with no waiting row costs a probe, not a walk through the others' rows
+        assert rows_read(plan, "outbox_messages") <= relay_settings.buckets + 1
 
 
 @contextlib.contextmanager
@@ -775,6 +809,86 @@ def test_a_row_held_back_by_its_key_costs_a_lingering_relay_no_lease_every_poll(
     session.expire_all()
     waiting = session.scalars(select(OutboxMessage).where(OutboxMessage.message_id == second))
     assert waiting.one().status == "pending"  # and the later row still waits its turn
+
+
+def _held_backlog(
+    session: Session, publisher: Publisher, topic: str, rows: int, retry_in_s: float
+) -> uuid.UUID:
+    """A failed row of key ``k``, retried in ``retry_in_s``, and ``rows`` rows of that key
+    behind it; returns the failed row's id."""
+    _register(session, topic)
+    first = publisher.publish(session, topic, {"n": 0}, key="k")
+    session.commit()
+    _failed(session, first, retry_in_s=retry_in_s)
+    publisher.publish_batch(
+        session, [Message(topic, {"n": n}, key="k") for n in range(1, rows + 1)]
+    )
+    session.commit()
+    return first
+
+
+def test_a_lingering_relay_reads_rows_held_behind_a_failed_row_once_per_recheck_not_every_poll(
+    relay_settings, engine, session, topic
+):
+    publisher = Publisher(relay_settings)
+    _held_backlog(session, publisher, topic, rows=2000, retry_in_s=60)
+    executed: list[tuple[str, object]] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: executed.append((a[2], a[3])))
+    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
+
+    # Every wait commits one more row of the failed key: the probe finds a due row at each
+    # poll, and nothing may be sent
+    linger = _Arriving(engine, publisher, topic, 40, waits=40)
+    started = time.monotonic()
+    report = relay.run(budget_s=30, linger=linger)
+    elapsed = time.monotonic() - started
+
+    assert report.sent == 0 and linger.waits == 0
+    looks = [params for sql, params in executed if _is_bucket_by_bucket_look(sql)]
+    assert looks
+    # The looks that read every held row (from the first, after = 0) came at most once a
+    # RECHECK_S; the others read only the rows committed since the look before
+    whole = [params for params in looks if params.get("after", 0) == 0]  # type: ignore[attr-defined]
+    assert 1 <= len(whole) <= elapsed / relay_module.RECHECK_S + 1
+    assert len(looks) > len(whole)
+    # and such a look reads the rows after its start, not the backlog
+    newest = session.execute(text("SELECT max(id) FROM outbox_messages")).scalar_one()
+    params = {
+        "scope": leases.RELAY_SCOPE,
+        "owner": "relay-under-test",
+        "buckets": relay_settings.buckets,
+        "after": newest - 1,
+    }
+    (plan,) = session.execute(
+        text("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.RELAY_HAS_WORK.text), params
+    ).scalar_one()
+    session.rollback()
+    assert rows_read(plan, "outbox_messages") <= relay_settings.buckets + 1
+    (plan,) = session.execute(
+        text("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.RELAY_HAS_WORK.text),
+        {**params, "after": 0},
+    ).scalar_one()
+    session.rollback()
+    assert rows_read(plan, "outbox_messages") >= 2000
+
+
+def test_rows_held_behind_a_failed_row_go_out_in_order_once_its_backoff_ends_while_a_relay_lingers(
+    relay_settings, engine, session, topic
+):
+    publisher = Publisher(relay_settings)
+    _held_backlog(session, publisher, topic, rows=200, retry_in_s=1.0)
+
+    class Linger(_Arriving):
+        def keep_waiting(self, idle_s: float) -> bool:
+            return idle_s < 3.0
+
+    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=make_sessionmaker(engine))
+    report = relay.run(budget_s=30, linger=Linger(engine, publisher, topic, 0, waits=0))
+
+    # The failed row and the 200 behind it went out while the relay lingered, in order
+    assert report.sent == 201
+    received = consume_all(relay_settings.kafka_bootstrap, topic, 201)
+    assert [m.value["n"] for m in received] == list(range(201))
 
 
 def test_a_bucket_whose_due_rows_all_wait_behind_a_failed_row_of_their_key_is_not_leased(
