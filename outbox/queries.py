@@ -255,10 +255,11 @@ SELECT (
 # its statistics were taken with few rows waiting, and then each look costs a scan of
 # the whole backlog (a test checks the plan).
 #
-# Only rows after :after are looked at (0: every row), and the newest row's id comes with
-# the answer, read in the same snapshot: a look that finds nothing to send tells its
-# relay that no row up to that id could be sent then, so that its next looks need read
-# only the rows after it (see outbox.relay.RECHECK_S).
+# Only rows after :after are looked at (0: every row). The newest row's id comes with the
+# answer, read in the same snapshot, and whether another relay holds a bucket: a look
+# that finds nothing to send while no other relay holds one tells its relay that every
+# due row up to that id waits behind a failed row of its key, so that its next looks
+# need read only the rows after it (see outbox.relay.RECHECK_S).
 RELAY_HAS_WORK = _sql(f"""
 SELECT EXISTS (
     SELECT 1 FROM generate_series(0, :buckets - 1) AS b
@@ -269,7 +270,11 @@ SELECT EXISTS (
     )
     AND {_BUCKET_HAS_WORK_AFTER.format(after="CAST(:after AS bigint)")}
 ) AS has_work,
-(SELECT max(id) FROM outbox_messages) AS newest
+(SELECT max(id) FROM outbox_messages) AS newest,
+EXISTS (
+    SELECT 1 FROM leases l
+    WHERE l.scope = :scope AND l.owner <> :owner AND l.expires_at > now()
+) AS others_hold
 """)  # noqa: S608 (composed of constants only)
 
 # A process that stops cleanly leaves at once rather than when it goes silent.

@@ -63,12 +63,14 @@ IDLE_PROBE_S = 5.0
 # often once it has claimed rows; between those looks, at rows newer than the newest it
 # claimed (RELAY_ANY_NEW), which costs the same however many sent rows wait for vacuum.
 FULL_LOOK_S = 0.05
-# A lingering relay whose look found due rows but none it may send (all held back behind
-# a failed row of their key, or in buckets other relays hold) looks again bucket by
-# bucket only at the rows newer than the newest there was then, and at every row at most
-# this often: held rows can be many, and reading them all at each poll kept a core of
-# PostgreSQL busy for as long as a failed row backed off. The next whole look finds a
-# backoff that ended, a lease that lapsed and a row that committed after a newer one.
+# A lingering relay whose look found due rows but none it may send, while no other relay
+# held a bucket (so all of them wait behind a failed row of their key), looks again
+# bucket by bucket only at the rows newer than the newest there was then, and at every
+# row at most this often: held rows can be many, and reading them all at each poll kept
+# a core of PostgreSQL busy for as long as a failed row backed off. The next whole look
+# finds a backoff that ended and a row that committed after a newer one. (Rows in
+# buckets other relays hold are looked at in every look: those relays give their
+# buckets back as soon as they have sent what they claimed.)
 RECHECK_S = 0.5
 
 
@@ -283,12 +285,14 @@ class Relay:
 
     def _has_work(self, conn: Connection, params: dict[str, Any]) -> bool:
         """The look bucket by bucket (:data:`queries.RELAY_HAS_WORK`): after one that found
-        nothing to send, at rows newer than it saw, and at every row once per
-        :data:`RECHECK_S`."""
+        nothing to send while no other relay held a bucket, at rows newer than it saw, and
+        at every row once per :data:`RECHECK_S`."""
         now = time.monotonic()
         after = self._unsendable_upto if now < self._recheck_at else 0
-        found, newest = conn.execute(queries.RELAY_HAS_WORK, {**params, "after": after}).one()
-        if found:
+        found, newest, others_hold = conn.execute(
+            queries.RELAY_HAS_WORK, {**params, "after": after}
+        ).one()
+        if found or others_hold:
             self._unsendable_upto, self._recheck_at = 0, 0.0
         else:
             self._unsendable_upto = newest or 0

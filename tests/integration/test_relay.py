@@ -872,6 +872,43 @@ def test_a_lingering_relay_reads_rows_held_behind_a_failed_row_once_per_recheck_
     assert rows_read(plan, "outbox_messages") >= 2000
 
 
+def test_a_row_in_a_bucket_another_relay_gives_back_goes_out_at_a_lingering_relays_next_look(
+    relay_settings, engine, session, topic
+):
+    _register(session, topic)
+    publisher = Publisher(relay_settings)
+    publisher.publish(session, topic, {"n": 0}, key="k")
+    session.commit()
+    sessions = make_sessionmaker(engine)
+    other = Relay(relay_settings, sessions=sessions)
+    taken = _lease(other, {})  # another relay holds the row's bucket
+    assert len(taken) == 1
+
+    class Linger(_Arriving):
+        def keep_waiting(self, idle_s: float) -> bool:
+            if self.waits == 380:
+                with sessions.begin() as tx:  # the other relay gives its bucket back
+                    leases.release(tx, leases.RELAY_SCOPE, other.owner, set(taken))
+            return super().keep_waiting(idle_s)
+
+    relay = Relay(relay_settings.replace(relay_poll_ms=1), sessions=sessions)
+    linger = Linger(engine, publisher, topic, 0, waits=400)
+    marked_at: list[int] = []
+    mark = relay._mark
+
+    def marked(*args, **kwargs):
+        marked_at.append(linger.waits)
+        return mark(*args, **kwargs)
+
+    relay._mark = marked  # type: ignore[method-assign]
+    report = relay.run(budget_s=30, linger=linger)
+
+    # It looked at the row at each poll while the bucket was held, and sent it at the
+    # first look after, not at a later look at every row
+    assert report.sent == 1
+    assert marked_at and marked_at[0] >= 370
+
+
 def test_rows_held_behind_a_failed_row_go_out_in_order_once_its_backoff_ends_while_a_relay_lingers(
     relay_settings, engine, session, topic
 ):
