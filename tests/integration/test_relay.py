@@ -263,6 +263,27 @@ def test_a_trickle_over_every_bucket_goes_out_in_one_pass_and_a_backlog_is_share
     assert not set(held_a) & set(held_b)
 
 
+def _rows_the_looks_read(session: Session, settings: Settings) -> list[float]:
+    """The rows of the outbox that the lease's and the lingering relay's looks for buckets
+    with work read, each taken from the first row (``EXPLAIN ANALYZE``, rolled back)."""
+    params = {
+        "scope": leases.RELAY_SCOPE,
+        "owner": "relay-under-test",
+        "buckets": settings.buckets,
+        "limit": settings.buckets,
+        "lease_s": 30,
+        "after": 0,
+    }
+    read = []
+    for query in (queries.RELAY_LEASE, queries.RELAY_HAS_WORK):
+        (plan,) = session.execute(
+            text("EXPLAIN (ANALYZE, FORMAT JSON) " + query.text), params
+        ).scalar_one()
+        session.rollback()
+        read.append(rows_read(plan, "outbox_messages"))
+    return read
+
+
 def test_the_looks_for_buckets_with_work_read_a_row_per_bucket_whatever_the_statistics_say(
     relay_settings, engine, session, topic
 ):
@@ -279,23 +300,9 @@ def test_the_looks_for_buckets_with_work_read_a_row_per_bucket_whatever_the_stat
         session, [Message(topic, {"n": i}, key=f"k{i % 100}") for i in range(3000)]
     )
     session.commit()
-    params = {
-        "scope": leases.RELAY_SCOPE,
-        "owner": "relay-under-test",
-        "buckets": relay_settings.buckets,
-        "limit": relay_settings.buckets,
-        "lease_s": 30,
-        "after": 0,
-    }
-
-    for query in (queries.RELAY_LEASE, queries.RELAY_HAS_WORK):
-        (plan,) = session.execute(
-            text("EXPLAIN (ANALYZE, FORMAT JSON) " + query.text), params
-        ).scalar_one()
-        session.rollback()
-        # Each bucket's probe reads its first row: not a scan of the whole backlog (and
-        # the look bucket by bucket reads the newest row's id besides)
-        assert rows_read(plan, "outbox_messages") <= relay_settings.buckets + 1
+    # Each bucket's probe reads its first row: not a scan of the whole backlog (and the
+    # look bucket by bucket reads the newest row's id besides)
+    assert max(_rows_the_looks_read(session, relay_settings)) <= relay_settings.buckets + 1
 
 
 def test_the_looks_for_buckets_with_work_read_no_row_of_a_backlog_in_other_buckets(
@@ -312,22 +319,8 @@ def test_the_looks_for_buckets_with_work_read_no_row_of_a_backlog_in_other_bucke
         session.commit()
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("ANALYZE outbox_messages"))
-    params = {
-        "scope": leases.RELAY_SCOPE,
-        "owner": "relay-under-test",
-        "buckets": relay_settings.buckets,
-        "limit": relay_settings.buckets,
-        "lease_s": 30,
-        "after": 0,
-    }
-
-    for query in (queries.RELAY_LEASE, queries.RELAY_HAS_WORK):
-        (plan,) = session.execute(
-            text("EXPLAIN (ANALYZE, FORMAT JSON) " + query.text), params
-        ).scalar_one()
-        session.rollback()
-        # A bucket with no waiting row costs a probe, not a walk through the others' rows
-        assert rows_read(plan, "outbox_messages") <= relay_settings.buckets + 1
+    # A bucket with no waiting row costs a probe, not a walk through the others' rows
+    assert max(_rows_the_looks_read(session, relay_settings)) <= relay_settings.buckets + 1
 
 
 @contextlib.contextmanager
