@@ -13,7 +13,7 @@ from typing import NamedTuple
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewTopic
-from sqlalchemy import event, select, text
+from sqlalchemy import TextClause, event, select, text
 from sqlalchemy.orm import Session
 
 from outbox import Message, Publisher, leases, queries
@@ -263,25 +263,33 @@ def test_a_trickle_over_every_bucket_goes_out_in_one_pass_and_a_backlog_is_share
     assert not set(held_a) & set(held_b)
 
 
-def _rows_the_looks_read(session: Session, settings: Settings) -> list[float]:
-    """The rows of the outbox that the lease's and the lingering relay's looks for buckets
-    with work read, each taken from the first row (``EXPLAIN ANALYZE``, rolled back)."""
+def _rows_the_look_reads(
+    session: Session, settings: Settings, query: TextClause, after: int = 0
+) -> float:
+    """The rows of the outbox that a look for buckets with work (the lease's, or the
+    lingering relay's from the row after ``after``) reads (``EXPLAIN ANALYZE``, rolled
+    back)."""
     params = {
         "scope": leases.RELAY_SCOPE,
         "owner": "relay-under-test",
         "buckets": settings.buckets,
         "limit": settings.buckets,
         "lease_s": 30,
-        "after": 0,
+        "after": after,
     }
-    read = []
-    for query in (queries.RELAY_LEASE, queries.RELAY_HAS_WORK):
-        (plan,) = session.execute(
-            text("EXPLAIN (ANALYZE, FORMAT JSON) " + query.text), params
-        ).scalar_one()
-        session.rollback()
-        read.append(rows_read(plan, "outbox_messages"))
-    return read
+    (plan,) = session.execute(
+        text("EXPLAIN (ANALYZE, FORMAT JSON) " + query.text), params
+    ).scalar_one()
+    session.rollback()
+    return rows_read(plan, "outbox_messages")
+
+
+def _rows_the_looks_read(session: Session, settings: Settings) -> list[float]:
+    """The rows that the lease's and the lingering relay's looks read from the first row."""
+    return [
+        _rows_the_look_reads(session, settings, query)
+        for query in (queries.RELAY_LEASE, queries.RELAY_HAS_WORK)
+    ]
 
 
 def test_the_looks_for_buckets_with_work_read_a_row_per_bucket_whatever_the_statistics_say(
@@ -846,23 +854,11 @@ def test_a_lingering_relay_reads_rows_held_behind_a_failed_row_once_per_recheck_
     assert len(looks) > len(whole)
     # and such a look reads the rows after its start, not the backlog
     newest = session.execute(text("SELECT max(id) FROM outbox_messages")).scalar_one()
-    params = {
-        "scope": leases.RELAY_SCOPE,
-        "owner": "relay-under-test",
-        "buckets": relay_settings.buckets,
-        "after": newest - 1,
-    }
-    (plan,) = session.execute(
-        text("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.RELAY_HAS_WORK.text), params
-    ).scalar_one()
-    session.rollback()
-    assert rows_read(plan, "outbox_messages") <= relay_settings.buckets + 1
-    (plan,) = session.execute(
-        text("EXPLAIN (ANALYZE, FORMAT JSON) " + queries.RELAY_HAS_WORK.text),
-        {**params, "after": 0},
-    ).scalar_one()
-    session.rollback()
-    assert rows_read(plan, "outbox_messages") >= 2000
+    look = queries.RELAY_HAS_WORK
+    assert _rows_the_look_reads(session, relay_settings, look, after=newest - 1) <= (
+        relay_settings.buckets + 1
+    )
+    assert _rows_the_look_reads(session, relay_settings, look) >= 2000
 
 
 def test_a_row_in_a_bucket_another_relay_gives_back_goes_out_at_a_lingering_relays_next_look(
